@@ -1,0 +1,198 @@
+"""Distributed bootstrap: process group from torchrun/SLURM, device, seed, and the one dp x sp mesh.
+
+Every function takes the mesh (or a process group) explicitly; nothing here is a module-level
+singleton, so two meshes can coexist in one process (tests build several).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ringtrain.log import get_logger
+
+logger = get_logger(__name__)
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split: data parallel x sequence parallel."""
+
+    sp_size: int = 1
+    """Sequence-parallel degree: how many ranks share (and shard) one sequence."""
+    dp_size: int = 0
+    """Data-parallel degree; 0 means world_size // sp_size."""
+    layout: str = "zigzag"
+    """How a sequence is split over the SP ranks: 'zigzag' (balanced for causal masks) or 'contiguous'."""
+    timeout_s: float = 600.0
+    """Collective timeout in seconds: a dead or stuck rank makes the others fail after this long."""
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.sp_size < 1:
+            problems.append(("sp_size", f"sp_size={self.sp_size} must be >= 1"))
+        if self.dp_size < 0:
+            problems.append(("dp_size", f"dp_size={self.dp_size} must be >= 1, or 0 for world_size // sp_size"))
+        if self.layout not in LAYOUTS:
+            problems.append(("layout", f"layout={self.layout!r} is not one of {', '.join(LAYOUTS)}"))
+        if self.timeout_s <= 0:
+            problems.append(("timeout_s", f"timeout_s={self.timeout_s} must be > 0 seconds"))
+        return problems
+
+
+def resolve_parallel_sizes(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
+    """(dp, sp) for `world_size`, or ValueError naming the key, the value and the fix."""
+    sp = parallel.sp_size
+    if sp < 1 or world_size % sp:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"parallel.sp_size={sp} does not divide world size {world_size}: "
+            f"choose sp_size among {', '.join(map(str, divisors))}"
+        )
+    dp = parallel.dp_size or world_size // sp
+    if dp * sp != world_size:
+        raise ValueError(
+            f"parallel.dp_size={parallel.dp_size} x parallel.sp_size={sp} = {dp * sp} "
+            f"!= world size {world_size}: set dp_size={world_size // sp} or dp_size=0 (auto)"
+        )
+    return dp, sp
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The one named ('dp', 'sp') device mesh of a run, with the groups code needs."""
+
+    device_mesh: DeviceMesh
+    device: torch.device
+
+    @property
+    def dp_size(self) -> int:
+        return self.device_mesh.size(0)
+
+    @property
+    def sp_size(self) -> int:
+        return self.device_mesh.size(1)
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup:
+        return self.device_mesh.get_group("sp")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.device_mesh.get_group("dp")
+
+    @property
+    def sp_rank(self) -> int:
+        return self.device_mesh.get_local_rank("sp")
+
+    @property
+    def dp_rank(self) -> int:
+        return self.device_mesh.get_local_rank("dp")
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+
+def build_mesh(parallel: ParallelConfig, device: torch.device | None = None) -> Mesh:
+    """Build the ('dp', 'sp') mesh over the initialised default group; SP ranks are adjacent.
+
+    SP groups take consecutive ranks so that, on a multi-GPU node, the ring runs over NVLink and
+    only the (rarer) data-parallel reductions cross nodes.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("build_mesh needs torch.distributed to be initialised: call init_distributed first")
+    world = dist.get_world_size()
+    dp, sp = resolve_parallel_sizes(parallel, world)
+    device = device or default_device()
+    device_mesh = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
+    return Mesh(device_mesh=device_mesh, device=device)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _env_from_slurm() -> None:
+    """Fill torchrun's variables from SLURM's when a job step was started by `srun` without torchrun."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise RuntimeError(
+            "started by srun without torchrun: export MASTER_ADDR (the first node of the allocation) "
+            "and MASTER_PORT in the job script, or launch through launch/slurm/train.sbatch"
+        )
+
+
+def init_distributed(parallel: ParallelConfig, seed: int | None = None) -> Mesh:
+    """Initialise torch.distributed from the torchrun (or SLURM) environment and build the mesh.
+
+    NCCL on CUDA, gloo on CPU, both with `parallel.timeout_s` so a dead peer turns into an error
+    instead of a hang. A plain `python` start (no launcher) becomes a world of one.
+    """
+    _env_from_slurm()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
+        os.environ["MASTER_PORT"] = str(free_port())
+    device = default_device()
+    timeout = timedelta(seconds=parallel.timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # Surface NCCL failures as exceptions (and tear the process down) instead of blocking forever.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+    if seed is not None:
+        seed_everything(seed)
+    mesh = build_mesh(parallel, device)
+    logger.info(
+        "initialised %s world=%d dp=%d sp=%d device=%s",
+        dist.get_backend(), dist.get_world_size(), mesh.dp_size, mesh.sp_size, device,
+    )
+    return mesh
+
+
+def teardown_distributed() -> None:
+    """Destroy the default process group if there is one (idempotent)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, torch CPU and CUDA RNGs with the same seed on every rank (identical model init)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago, for a local rendezvous."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
