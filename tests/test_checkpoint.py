@@ -1,0 +1,256 @@
+"""Checkpoints: bitwise resume with FSDP2, atomicity under a killed rank, pruning, resume rules, signals."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import ringtrain.checkpoint as ckpt
+from ringtrain.checkpoint import CheckpointConfig, CheckpointManager, StopSignal, is_complete
+from ringtrain.testing import RankFailedError, run_distributed
+
+EXTRA = {"step": 3, "data": {"epoch": 0, "position": 96}, "wandb_run_id": "abc123"}
+
+
+def _build(init_seed: int, shard: bool):
+    """Tiny MLP with dropout (so training consumes the torch RNG), AdamW and a LambdaLR schedule."""
+    torch.manual_seed(init_seed)  # same on every rank: fully_shard keeps each rank's slice of the same init
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 4))
+    if shard:
+        fsdp_mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        fully_shard(model[0], mesh=fsdp_mesh)
+        fully_shard(model[3], mesh=fsdp_mesh)
+        fully_shard(model, mesh=fsdp_mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
+    return model, opt, sched
+
+
+def _train(model, opt, sched, steps: int) -> list[float]:
+    """Steps whose data, dropout masks and loss scale all come from this rank's RNG streams."""
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 8)
+        y = torch.randn(16, 4)
+        scale = 1.0 + random.random()
+        loss = ((model(x) - y) ** 2).mean() * scale
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _full_params(model) -> dict[str, torch.Tensor]:
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _rng_draws() -> tuple[list[float], float]:
+    return torch.rand(4).tolist(), random.random()
+
+
+def _save_then_resume(mesh, out_dir: Path):
+    rank = mesh.rank
+    mgr = CheckpointManager(CheckpointConfig(keep_last=2), out_dir, mesh)
+    model, opt, sched = _build(0, shard=True)
+    torch.manual_seed(100 + rank)
+    random.seed(200 + rank)
+    _train(model, opt, sched, 3)
+    path = mgr.save(3, model, opt, sched, extra=EXTRA)
+    params_at_save = _full_params(model)
+    draws_after_save = _rng_draws()
+    losses_ref = _train(model, opt, sched, 3)
+    params_ref = _full_params(model)
+    lr_ref = sched.get_last_lr()
+
+    # A fresh process state: other init, other RNG streams, no optimizer state.
+    model2, opt2, sched2 = _build(1, shard=True)
+    torch.manual_seed(999)
+    random.seed(999)
+    extra = mgr.load(mgr.resume_path(), model2, opt2, sched2)
+    draws_after_load = _rng_draws()
+    losses = _train(model2, opt2, sched2, 3)
+    return {
+        "path": str(path), "latest": str(mgr.latest()), "extra": extra,
+        "draws": (draws_after_save, draws_after_load), "losses": (losses_ref, losses),
+        "params": (params_ref, _full_params(model2)), "lr": (lr_ref, sched2.get_last_lr()),
+        "params_at_save": params_at_save,
+    }
+
+
+def test_resume_is_bitwise_identical_with_fsdp2(tmp_path):
+    out = run_distributed(_save_then_resume, 2, tmp_path, timeout=90)
+    for r in out:
+        assert r["path"] == r["latest"] == str(tmp_path / "checkpoints" / "step_00000003")
+        assert r["extra"] == EXTRA
+        assert r["draws"][0] == r["draws"][1]  # this rank's RNG streams continue exactly where they were
+        assert r["losses"][0] == r["losses"][1]  # bitwise
+        assert r["lr"][0] == r["lr"][1]
+        ref, got = r["params"]
+        assert ref.keys() == got.keys()
+        assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert out[0]["draws"][0] != out[1]["draws"][0]  # RNG states really are per rank
+    assert out[0]["losses"][0] != out[1]["losses"][0]
+    ckpt_dir = tmp_path / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in (ckpt_dir / "rng").iterdir()) == ["rank_0.pt", "rank_1.pt"]
+
+
+def _load_on_other_world_size(mesh, out_dir: Path):
+    mgr = CheckpointManager(CheckpointConfig(), out_dir, mesh)
+    model, opt, sched = _build(1, shard=False)  # one rank, no FSDP: DCP reshards the 2-rank shards
+    extra = mgr.load(mgr.latest(), model, opt, sched)
+    step = {k: v["step"].item() for k, v in opt.state_dict()["state"].items()}
+    return {"extra": extra, "params": {k: v.clone() for k, v in model.state_dict().items()}, "opt_steps": step}
+
+
+def test_model_and_optimizer_reshard_to_another_world_size(tmp_path):
+    saved = run_distributed(_save_then_resume, 2, tmp_path, timeout=90)[0]
+    (one,) = run_distributed(_load_on_other_world_size, 1, tmp_path, timeout=60)
+    assert one["extra"] == EXTRA
+    assert set(one["opt_steps"].values()) == {3.0}
+    ref = saved["params_at_save"]
+    assert one["params"].keys() == ref.keys()
+    assert all(torch.equal(one["params"][k], ref[k]) for k in ref)
+
+
+def _save_and_kill_rank_one(mesh, out_dir: Path):
+    mgr = CheckpointManager(CheckpointConfig(keep_last=3), out_dir, mesh)
+    model, opt, sched = _build(0, shard=True)
+    torch.manual_seed(100 + mesh.rank)
+    _train(model, opt, sched, 2)
+    mgr.save(2, model, opt, sched, extra={"step": 2})
+    _train(model, opt, sched, 2)
+    if mesh.rank == 1:
+        # Die like a SIGKILLed process after DCP wrote every shard and its metadata, before the commit.
+        ckpt._rng_state = lambda: os._exit(9)
+    mgr.save(4, model, opt, sched, extra={"step": 4})
+
+
+def _inspect_after_crash(mesh, out_dir: Path):
+    root = out_dir / "checkpoints"
+    results = {"dirs_before": sorted(p.name for p in root.iterdir())}
+    mgr = CheckpointManager(CheckpointConfig(keep_last=3), out_dir, mesh)
+    results["latest"] = mgr.latest().name
+    results["auto"] = mgr.resume_path().name
+    errors = {}
+    for name in [d for d in results["dirs_before"] if ".tmp-" in d] + ["step_00000006", "nowhere"]:
+        try:
+            CheckpointManager(CheckpointConfig(resume=str(root / name)), out_dir, mesh).resume_path()
+        except ValueError as err:
+            errors[name.split(".")[0] if ".tmp-" in name else name] = str(err)
+    results["errors"] = errors
+    model, opt, sched = _build(1, shard=True)
+    results["extra"] = mgr.load(results["auto"] and root / results["auto"], model, opt, sched)
+    mgr.save(3, model, opt, sched, extra={"step": 3})  # the next successful save sweeps the debris
+    results["dirs_after"] = sorted(p.name for p in root.iterdir())
+    return results
+
+
+def test_interrupted_checkpoint_is_never_used(tmp_path):
+    with pytest.raises(RankFailedError, match="rank 1 exited with code 9"):
+        run_distributed(_save_and_kill_rank_one, 2, tmp_path, timeout=60)
+    root = tmp_path / "checkpoints"
+    (tmp,) = [p for p in root.iterdir() if ".tmp-" in p.name]
+    assert tmp.name.startswith("step_00000004.tmp-")
+    assert (tmp / ".metadata").exists() and not is_complete(tmp)  # DCP finished; the commit did not happen
+    # A second kind of debris: a step folder that lost its completion marker.
+    shutil.copytree(root / "step_00000002", root / "step_00000006")
+    (root / "step_00000006" / "COMPLETE").unlink()
+
+    out = run_distributed(_inspect_after_crash, 2, tmp_path, timeout=90)
+    for r in out:
+        assert r["latest"] == r["auto"] == "step_00000002"
+        assert r["extra"] == {"step": 2}
+        assert "never finished (interrupted while being written)" in r["errors"]["step_00000004"]
+        assert "has no COMPLETE marker" in r["errors"]["step_00000006"]
+        assert "does not exist" in r["errors"]["nowhere"]
+        assert all("checkpoint.resume=" in e and "step_00000002" in e for e in r["errors"].values() if "nowhere" not in e)
+        assert r["dirs_after"] == ["step_00000002", "step_00000003", "step_00000006"]
+
+
+def _keep_last_and_resume_modes(mesh, out_dir: Path):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mgr = CheckpointManager(CheckpointConfig(keep_last=2, resume="none"), out_dir, mesh)
+    before = mgr.resume_path()
+    nothing_yet = CheckpointManager(CheckpointConfig(resume="auto"), out_dir, mesh).resume_path()
+    for step in range(1, 5):
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+        mgr.save(step, model, opt, extra={"step": step})
+    again = mgr.save(4, model, opt, extra={"step": 4})
+    bad = CheckpointManager(CheckpointConfig(resume=str(out_dir / "checkpoints")), out_dir, mesh)
+    try:
+        bad.resume_path()
+        error = None
+    except ValueError as err:
+        error = str(err)
+    return {
+        "none": before, "auto_empty": nothing_yet, "again": again.name, "error": error,
+        "dirs": sorted(p.name for p in (out_dir / "checkpoints").iterdir()),
+        "should_save": [mgr.should_save(s) for s in range(4)],
+    }
+
+
+def test_keep_last_and_resume_modes(tmp_path):
+    out = run_distributed(_keep_last_and_resume_modes, 2, tmp_path, timeout=60)
+    for r in out:
+        assert r["none"] is None and r["auto_empty"] is None
+        assert r["dirs"] == ["step_00000003", "step_00000004"]
+        assert r["again"] == "step_00000004"
+        assert r["error"] == (
+            f"checkpoint.resume={str(tmp_path / 'checkpoints')!r} is not a step_* checkpoint folder: "
+            "set checkpoint.resume=auto (newest complete checkpoint), none, or a complete step_* folder, "
+            f"e.g. {tmp_path / 'checkpoints' / 'step_00000004'}"
+        )
+        assert r["should_save"] == [False, False, False, False]  # every_steps=0: end of run and signals only
+
+
+def test_should_save_schedule():
+    mgr = CheckpointManager(CheckpointConfig(every_steps=3), "unused", mesh=None)
+    assert [s for s in range(10) if mgr.should_save(s)] == [3, 6, 9]
+
+
+def test_config_validation_names_value_and_fix():
+    assert CheckpointConfig()._validate() == []
+    problems = dict(CheckpointConfig(every_steps=-5, keep_last=0, resume=" ")._validate())
+    assert problems == {
+        "every_steps": "every_steps=-5 must be >= 1, or 0 to save only at the end / on signal",
+        "keep_last": "keep_last=0 must be >= 1 (the newest checkpoint is always kept)",
+        "resume": "resume=' ' must be 'auto', 'none' or the path of a step_* checkpoint folder",
+    }
+    with pytest.raises(ValueError, match=r"checkpoint\.every_steps=-5 .*; checkpoint\.keep_last=0 "):
+        CheckpointManager(CheckpointConfig(every_steps=-5, keep_last=0), "unused", mesh=None)
+
+
+def _signal_on_one_rank(mesh, sig: int, sender: int):
+    previous = signal.getsignal(sig)
+    with StopSignal() as stop:
+        before = stop.should_save_and_exit(mesh)
+        if mesh.rank == sender:
+            os.kill(os.getpid(), sig)
+        after = stop.should_save_and_exit(mesh)
+        local = stop.local_flag
+    return {"before": before, "after": after, "local": local, "restored": signal.getsignal(sig) == previous}
+
+
+@pytest.mark.parametrize("sig,sender", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
+def test_signal_on_one_rank_stops_every_rank(sig, sender):
+    out = run_distributed(_signal_on_one_rank, 2, sig, sender, timeout=60)
+    assert [r["before"] for r in out] == [False, False]
+    assert [r["after"] for r in out] == [True, True]
+    assert [r["local"] for r in out] == [r == sender for r in range(2)]
+    assert all(r["restored"] for r in out)
