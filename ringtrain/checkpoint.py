@@ -202,8 +202,9 @@ class CheckpointManager:
             return final
         tmp = self.root / f"{final.name}{_TMP_INFIX}{nonce}"
         start = time.monotonic()
+        extra = self._agree_on_extra(extra or {})
 
-        state: dict[str, Any] = {"train": _TrainState(model, optimizer), "extra": _pickled(extra or {})}
+        state: dict[str, Any] = {"train": _TrainState(model, optimizer), "extra": _pickled(extra)}
         if scheduler is not None:
             state["scheduler"] = scheduler  # LR schedulers are Stateful; their small state is pickled by DCP
         dcp.save(state, checkpoint_id=tmp)
@@ -219,6 +220,28 @@ class CheckpointManager:
         dist.barrier()
         logger.info("saved checkpoint %s in %.1fs", final, time.monotonic() - start)
         return final
+
+    def _agree_on_extra(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0's `extra`, after checking that every rank passed the same one.
+
+        DCP keeps one copy of a non-tensor entry saved by all ranks (from whichever rank it picks),
+        so per-rank trainer state would silently come back as another rank's; fail loudly instead.
+        """
+        ref = [extra]
+        dist.broadcast_object_list(ref, src=0)
+        try:
+            same = bool(ref[0] == extra)
+        except Exception:  # noqa: BLE001 - e.g. tensors inside: cannot compare cheaply, rank 0's copy is saved
+            same = True
+        flags: list[Any] = [None] * self.mesh.world_size
+        dist.all_gather_object(flags, same)
+        differ = [r for r, ok in enumerate(flags) if not ok]
+        if differ:
+            raise ValueError(
+                f"checkpoint extra differs between rank 0 and rank(s) {differ}: trainer state passed to "
+                "CheckpointManager.save must be identical on all ranks (derive per-rank positions from it on load)"
+            )
+        return ref[0]
 
     def _finalize(self, tmp: Path, final: Path, step: int) -> None:
         meta = {
@@ -389,26 +412,28 @@ def _fsync_dir(path: Path) -> None:
 # ---- save and exit on signal --------------------------------------------------------------------
 
 
-class StopSignal:
+class SignalFlag:
     """Turns SIGTERM / SIGUSR1 into a flag that the training loop polls at step boundaries.
 
     The handler only records the signal (no I/O, no collectives: it can interrupt anything);
-    `should_save_and_exit` makes all ranks agree, because schedulers often signal one node or one
+    `agreed` makes all ranks decide together, because launchers often signal one node or one
     process first, and ranks that disagree on the step to stop at hang in the next collective.
-    Use as a context manager, or call `install` and `restore`.
+    Use as a context manager (handlers are restored on exit), or call `install` and `restore`.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
+    def __init__(self, enabled: bool = True, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
+        self.enabled = enabled
         self.signals = signals
-        self.received: int | None = None
+        self.received = 0
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> StopSignal:
-        """Install the handlers (main thread only), remembering the previous ones."""
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+    def install(self) -> SignalFlag:
+        """Install the handlers (main thread only), remembering the previous ones; a no-op when disabled."""
+        if self.enabled:
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def restore(self) -> None:
@@ -420,21 +445,24 @@ class StopSignal:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
 
-    @property
-    def local_flag(self) -> bool:
-        """Whether this process received a signal (no communication)."""
-        return self.received is not None
+    def agreed(self, mesh: Mesh) -> int:
+        """The signal number if any rank received one, else 0; the same on every rank.
+
+        Collective (one tiny all_reduce): call it on all ranks at every step boundary. Without
+        `enabled` it returns 0 without communicating, which is consistent since every rank shares
+        the config.
+        """
+        if not self.enabled:
+            return 0
+        flag = torch.tensor([self.received], dtype=torch.int64, device=mesh.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
     def should_save_and_exit(self, mesh: Mesh) -> bool:
-        """True on every rank if any rank received a signal (collective: call on all ranks each step)."""
-        flag = torch.tensor([1 if self.local_flag else 0], dtype=torch.int32, device=mesh.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-        if stop and self.received is not None:
-            logger.warning("received %s: saving a checkpoint and exiting", signal.Signals(self.received).name)
-        return stop
+        """Whether any rank received SIGTERM or SIGUSR1 (collective, like `agreed`)."""
+        return self.agreed(mesh) != 0
 
-    def __enter__(self) -> StopSignal:
+    def __enter__(self) -> SignalFlag:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import ringtrain.checkpoint as ckpt
-from ringtrain.checkpoint import CheckpointConfig, CheckpointManager, StopSignal, is_complete
+from ringtrain.checkpoint import CheckpointConfig, CheckpointManager, SignalFlag, is_complete
 from ringtrain.testing import RankFailedError, run_distributed
 
 EXTRA = {"step": 3, "data": {"epoch": 0, "position": 96}, "wandb_run_id": "abc123"}
@@ -198,8 +198,13 @@ def _keep_last_and_resume_modes(mesh, out_dir: Path):
         error = None
     except ValueError as err:
         error = str(err)
+    try:
+        mgr.save(5, model, opt, extra={"step": 5, "data": {"position": 10 * mesh.rank}})
+        mismatch = None
+    except ValueError as err:
+        mismatch = str(err)
     return {
-        "none": before, "auto_empty": nothing_yet, "again": again.name, "error": error,
+        "mismatch": mismatch, "none": before, "auto_empty": nothing_yet, "again": again.name, "error": error,
         "dirs": sorted(p.name for p in (out_dir / "checkpoints").iterdir()),
         "should_save": [mgr.should_save(s) for s in range(4)],
     }
@@ -215,6 +220,10 @@ def test_keep_last_and_resume_modes(tmp_path):
             f"checkpoint.resume={str(tmp_path / 'checkpoints')!r} is not a step_* checkpoint folder: "
             "set checkpoint.resume=auto (newest complete checkpoint), none, or a complete step_* folder, "
             f"e.g. {tmp_path / 'checkpoints' / 'step_00000004'}"
+        )
+        assert r["mismatch"] == (
+            "checkpoint extra differs between rank 0 and rank(s) [1]: trainer state passed to "
+            "CheckpointManager.save must be identical on all ranks (derive per-rank positions from it on load)"
         )
         assert r["should_save"] == [False, False, False, False]  # every_steps=0: end of run and signals only
 
@@ -238,13 +247,19 @@ def test_config_validation_names_value_and_fix():
 
 def _signal_on_one_rank(mesh, sig: int, sender: int):
     previous = signal.getsignal(sig)
-    with StopSignal() as stop:
-        before = stop.should_save_and_exit(mesh)
+    with SignalFlag() as flag:
+        before = flag.should_save_and_exit(mesh)
         if mesh.rank == sender:
             os.kill(os.getpid(), sig)
-        after = stop.should_save_and_exit(mesh)
-        local = stop.local_flag
-    return {"before": before, "after": after, "local": local, "restored": signal.getsignal(sig) == previous}
+        after = flag.should_save_and_exit(mesh)
+        agreed = flag.agreed(mesh)
+        local = flag.received
+    with SignalFlag(enabled=False) as off:
+        disabled = (off.agreed(mesh), signal.getsignal(sig) == previous)  # no handler, no collective
+    return {
+        "before": before, "after": after, "agreed": agreed, "local": local, "disabled": disabled,
+        "restored": signal.getsignal(sig) == previous,
+    }
 
 
 @pytest.mark.parametrize("sig,sender", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
@@ -252,5 +267,7 @@ def test_signal_on_one_rank_stops_every_rank(sig, sender):
     out = run_distributed(_signal_on_one_rank, 2, sig, sender, timeout=60)
     assert [r["before"] for r in out] == [False, False]
     assert [r["after"] for r in out] == [True, True]
-    assert [r["local"] for r in out] == [r == sender for r in range(2)]
+    assert [r["agreed"] for r in out] == [sig, sig]  # the signal number, so the trainer can log it
+    assert [r["local"] for r in out] == [sig if r == sender else 0 for r in range(2)]
+    assert [r["disabled"] for r in out] == [(0, True), (0, True)]
     assert all(r["restored"] for r in out)
