@@ -1,0 +1,116 @@
+"""DataConfig: where documents come from, how they are tokenized and packed, and the synthetic passkey task."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+SOURCES = ("passkey", "files", "hub")
+FORMATS = ("auto", "json", "parquet", "text")
+TEXT_SAMPLE_BY = ("line", "paragraph", "document")
+FILLERS = ("repeat", "random")
+# File extension -> datasets' packaged builder name; "auto" picks from this table.
+EXTENSION_FORMATS = {
+    ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text",
+}
+
+
+@dataclass
+class DataConfig:
+    """The data pipeline's settings; `seq_len` and the batch size belong to the trainer and are passed in."""
+
+    source: str = "passkey"
+    """'passkey' (synthetic needle-in-a-haystack documents, no files), 'files' (local files) or 'hub' (a hub name)."""
+    path: str = ""
+    """files: a file, a glob, a directory, or a comma-separated list of them; hub: the dataset name."""
+    subset: str | None = None
+    """hub: the dataset's configuration name (e.g. 'wikitext-103-raw-v1'); None for the default one."""
+    split: str = "train"
+    """Split to read; slicing works ('train[:1000]'). Local files are read as this split."""
+    text_field: str = "text"
+    """Column holding the document text (json / parquet / hub); text files always use 'text'."""
+    format: str = "auto"
+    """files: 'json' (.jsonl/.json), 'parquet', 'text' (.txt/.md), or 'auto' to pick from the extension."""
+    text_sample_by: str = "paragraph"
+    """Text files: what one document is: a 'line', a blank-line separated 'paragraph', or the whole 'document'."""
+    tokenizer: str = "bytes"
+    """'bytes' (transformers' ByT5Tokenizer: 1 byte = 1 token, 384 ids, needs no files) or a tokenizer folder / name."""
+    num_proc: int = 1
+    """Worker processes for tokenization (datasets' map); results are cached, so only the first run pays."""
+    cache_dir: str | None = None
+    """datasets' cache directory (converted files and tokenized shards); None: the HF default (~/.cache)."""
+    document_mask: bool = True
+    """Keep document boundaries: per-document ids (attention stays within a document) and no loss across them.
+    False: one document per sequence as far as attention and labels are concerned (plain causal LM on a stream)."""
+    split_documents: bool | None = None
+    """Let a document continue into the next sequence (every slot holds a token). False starts a document that does
+    not fit in a new sequence and pads the rest (longer documents are still split). None: False for
+    source='passkey' (a fragment cut off from its needle cannot be answered), True otherwise."""
+    shuffle: bool = True
+    """Shuffle the packed sequences each epoch, deterministically from (seed, epoch); False keeps file order."""
+    seed: int = 0
+    """Seed of the sequence order and of the synthetic documents."""
+    num_samples: int = 2048
+    """source='passkey': how many documents to generate."""
+    passkey_min_tokens: int = 0
+    """source='passkey': shortest document in tokens (EOS excluded); 0 means seq_len - 1 (one document per sequence)."""
+    passkey_max_tokens: int = 0
+    """source='passkey': longest document in tokens (EOS excluded); 0 means seq_len - 1."""
+    passkey_digits: int = 5
+    """source='passkey': digits of the pass key (the first one is never 0)."""
+    passkey_filler: str = "repeat"
+    """source='passkey': haystack text: 'repeat' (the classic 'The grass is green. ...' loop) or 'random'
+    (seeded random simple sentences, harder to memorise)."""
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        if self.source not in SOURCES:
+            problems.append(("source", f"source={self.source!r} is not one of {', '.join(SOURCES)}"))
+        if self.source == "hub" and not self.path:
+            problems.append(("path", "source='hub' needs data.path: a hub dataset name (or use source='files')"))
+        if self.source == "files":
+            if not self.path:
+                problems.append(("path", "source='files' needs data.path: a file, glob or directory"))
+            else:
+                missing = [p for p in split_paths(self.path) if not glob.glob(os.path.expanduser(p))]
+                if missing:
+                    problems.append(("path", f"path={self.path!r}: nothing matches {', '.join(missing)}; "
+                                             "give an existing file, glob or directory"))
+        if self.format not in FORMATS:
+            problems.append(("format", f"format={self.format!r} is not one of {', '.join(FORMATS)}"))
+        if self.text_sample_by not in TEXT_SAMPLE_BY:
+            problems.append(("text_sample_by", f"text_sample_by={self.text_sample_by!r} is not one of "
+                                               f"{', '.join(TEXT_SAMPLE_BY)}"))
+        if not self.text_field:
+            problems.append(("text_field", "text_field='' must name the column holding the text, e.g. 'text'"))
+        if not self.tokenizer:
+            problems.append(("tokenizer", "tokenizer='' must be 'bytes' or a tokenizer folder / name"))
+        if self.num_proc < 1:
+            problems.append(("num_proc", f"num_proc={self.num_proc} must be >= 1 (1 = tokenize in this process)"))
+        if self.num_samples < 1:
+            problems.append(("num_samples", f"num_samples={self.num_samples} must be >= 1"))
+        for name in ("passkey_min_tokens", "passkey_max_tokens"):
+            if getattr(self, name) < 0:
+                problems.append((name, f"{name}={getattr(self, name)} must be >= 0 (0 = seq_len - 1)"))
+        if 0 < self.passkey_max_tokens < self.passkey_min_tokens:
+            problems.append(("passkey_max_tokens", f"passkey_max_tokens={self.passkey_max_tokens} is below "
+                                                   f"passkey_min_tokens={self.passkey_min_tokens}: raise it"))
+        if not 1 <= self.passkey_digits <= 18:
+            problems.append(("passkey_digits", f"passkey_digits={self.passkey_digits} must be in 1..18"))
+        if self.passkey_filler not in FILLERS:
+            problems.append(("passkey_filler", f"passkey_filler={self.passkey_filler!r} is not one of "
+                                               f"{', '.join(FILLERS)}"))
+        return problems
+
+
+def split_paths(path: str) -> list[str]:
+    """The comma-separated entries of `DataConfig.path`, stripped, empty ones dropped."""
+    return [p.strip() for p in path.split(",") if p.strip()]
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Raise one ValueError listing every problem of `cfg` (each names the field, the value and the fix)."""
+    problems = cfg._validate()
+    if problems:
+        raise ValueError("invalid data config:\n" + "\n".join(f"  data.{k}: {msg}" for k, msg in problems))

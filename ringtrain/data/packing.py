@@ -1,0 +1,182 @@
+"""Packing tokenized documents into fixed-length sequences with EOS separators and per-document ids.
+
+Every token is kept: documents are concatenated, each followed by EOS (the EOS belongs to the document it
+ends), and the stream is cut every `seq_len` tokens; only the tail of the last sequence is padded (and, with
+`split_documents=False`, the tail of any sequence whose next document did not fit). Padding is always on the
+right of a sequence, gets its own document id and is masked out of labels and attention_mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ringtrain.log import get_logger
+
+logger = get_logger(__name__)
+
+IGNORE_INDEX = -100  # transformers' / torch's cross-entropy ignore_index
+
+
+class PackedDataset:
+    """Fixed-length packed sequences held as numpy arrays; `batch(indices)` returns the trainer's tensors.
+
+    `segments` numbers documents and padding runs globally and is non-decreasing along the stream: document k
+    is 2k, padding that follows it is 2k + 1 (so odd = padding). A batch turns it into per-sequence ids 0, 1, ...
+    """
+
+    def __init__(
+        self, input_ids: np.ndarray, segments: np.ndarray, *, document_mask: bool = True,
+        answer_mask: np.ndarray | None = None, num_documents: int = 0,
+    ) -> None:
+        self.input_ids = input_ids  # [N, S] int32
+        self.segments = segments  # [N, S] int64, see the class docstring
+        self.answer_mask = answer_mask  # [N, S] bool or None
+        self.document_mask = document_mask
+        self.num_documents = num_documents
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens, EOS included."""
+        return int((self.segments % 2 == 0).sum())
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.batch([i]).items()}
+
+    def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch dict for these sequence indices; every tensor is [B, S].
+
+        input_ids, labels (input_ids with -100 on padding and, with document_mask, on each document's first
+        token: predicting it from the previous document is not part of any document's loss), document_ids
+        (0, 1, ... per sequence, non-decreasing; all 0 without document_mask), attention_mask (1 real, 0
+        padding), all int64; answer_mask (bool, True on passkey answer tokens) when the source provides it.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        input_ids = self.input_ids[idx].astype(np.int64)
+        seg = self.segments[idx]
+        padding = seg % 2 == 1
+        starts = np.zeros_like(padding)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        labels = input_ids.copy()
+        labels[padding] = IGNORE_INDEX
+        if self.document_mask:
+            document_ids = np.cumsum(starts, axis=1, dtype=np.int64)
+            labels[starts] = IGNORE_INDEX
+        else:
+            document_ids = np.zeros_like(input_ids)
+        out = {
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "document_ids": torch.from_numpy(document_ids),
+            "attention_mask": torch.from_numpy((~padding).astype(np.int64)),
+        }
+        if self.answer_mask is not None:
+            out["answer_mask"] = torch.from_numpy(self.answer_mask[idx] & ~padding)
+        return out
+
+
+def pack_documents(
+    documents: Sequence[np.ndarray] | tuple[np.ndarray, np.ndarray],
+    seq_len: int,
+    eos_id: int,
+    pad_id: int,
+    *,
+    split_documents: bool = True,
+    document_mask: bool = True,
+    answer_masks: Sequence[np.ndarray] | None = None,
+) -> PackedDataset:
+    """Pack token documents into `seq_len` sequences: each document then EOS, cut every `seq_len` tokens.
+
+    `documents` is a list of 1-D token arrays, or (flat tokens, lengths) as read from an Arrow list column.
+    Empty documents are dropped (they would be a lone EOS). With `split_documents=False` a document that does
+    not fit in the rest of the current sequence starts the next one (the rest is padded); a document longer
+    than `seq_len` is still split. `answer_masks` (same shapes as the documents) marks tokens to weight.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be >= 2")
+    if isinstance(documents, tuple):
+        flat, lengths = documents
+        flat = np.asarray(flat, dtype=np.int32)
+        lengths = np.asarray(lengths, dtype=np.int64)
+    else:
+        lengths = np.asarray([len(d) for d in documents], dtype=np.int64)
+        flat = np.concatenate([np.asarray(d, dtype=np.int32) for d in documents]) if len(documents) else \
+            np.zeros(0, np.int32)
+    flat_answer = None
+    if answer_masks is not None:
+        flat_answer = np.concatenate([np.asarray(m, dtype=bool) for m in answer_masks]) if len(answer_masks) \
+            else np.zeros(0, bool)
+        if flat_answer.shape != flat.shape:
+            raise ValueError(f"answer_masks hold {flat_answer.size} entries for {flat.size} tokens")
+    if lengths.sum() != flat.size:
+        raise ValueError(f"document lengths sum to {lengths.sum()} but {flat.size} tokens were given")
+    lengths = lengths[lengths > 0]  # empty documents contribute no tokens, so `flat` is unchanged
+    if lengths.size == 0:
+        raise ValueError("no tokens to pack: every document is empty (check data.text_field and the files)")
+
+    with_eos = lengths + 1  # EOS closes (and belongs to) each document
+    n_docs, total = lengths.size, int(with_eos.sum())
+    stream_start = np.concatenate([[0], np.cumsum(with_eos)[:-1]])
+    doc_of_token = np.repeat(np.arange(n_docs), with_eos)
+    within = np.arange(total) - np.repeat(stream_start, with_eos)
+    is_eos = within == np.repeat(lengths, with_eos)
+    stream = np.empty(total, dtype=np.int32)
+    stream[~is_eos] = flat
+    stream[is_eos] = eos_id
+
+    if split_documents:
+        dest_start = stream_start
+    else:
+        dest_start = np.empty(n_docs, dtype=np.int64)
+        pos = 0
+        for d, n in enumerate(with_eos.tolist()):  # sequential by nature; one step per document
+            used = pos % seq_len
+            if used and n <= seq_len and used + n > seq_len:
+                pos += seq_len - used
+            dest_start[d] = pos
+            pos += n
+    dest = np.repeat(dest_start, with_eos) + within
+    num_sequences = -(-int(dest[-1] + 1) // seq_len)
+
+    input_ids = np.full(num_sequences * seq_len, pad_id, dtype=np.int32)
+    input_ids[dest] = stream
+    segments = np.full(num_sequences * seq_len, -1, dtype=np.int64)
+    segments[dest] = 2 * doc_of_token
+    padding = segments < 0
+    # Padding inherits the id of the document before it, +1: odd, and still below the next document's 2k + 2.
+    segments = np.maximum.accumulate(segments) + padding
+    answer = None
+    if flat_answer is not None:
+        stream_answer = np.zeros(total, dtype=bool)
+        stream_answer[~is_eos] = flat_answer
+        answer = np.zeros(num_sequences * seq_len, dtype=bool)
+        answer[dest] = stream_answer
+        answer = answer.reshape(num_sequences, seq_len)
+    logger.info(
+        "packed %d documents (%d tokens with EOS) into %d sequences of %d (%.1f%% padding)",
+        n_docs, total, num_sequences, seq_len, 100.0 * padding.sum() / padding.size,
+    )
+    return PackedDataset(
+        input_ids.reshape(num_sequences, seq_len), segments.reshape(num_sequences, seq_len),
+        document_mask=document_mask, answer_mask=answer, num_documents=n_docs,
+    )
+
+
+def document_position_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 at each document: [B, S] document ids -> [B, S] int64 positions."""
+    s = document_ids.shape[-1]
+    pos = torch.arange(s, device=document_ids.device).expand_as(document_ids)
+    new_doc = torch.ones_like(document_ids, dtype=torch.bool)
+    new_doc[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+    # Position of the most recent document start at or before each token, by a running max.
+    start = torch.where(new_doc, pos, torch.zeros_like(pos)).cummax(dim=-1).values
+    return pos - start
