@@ -71,6 +71,9 @@ class Mesh:
     """The one named ('dp', 'sp') device mesh of a run, with the groups code needs."""
 
     device_mesh: DeviceMesh
+    """2-D, dims ('dp', 'sp'); SP ranks are adjacent."""
+    world_mesh: DeviceMesh
+    """The same ranks as one 1-D 'world' dim: FSDP shards over all of them (dp x sp)."""
     device: torch.device
 
     @property
@@ -118,7 +121,8 @@ def build_mesh(parallel: ParallelConfig, device: torch.device | None = None) -> 
     dp, sp = resolve_parallel_sizes(parallel, world)
     device = device or default_device()
     device_mesh = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
-    return Mesh(device_mesh=device_mesh, device=device)
+    world_mesh = DeviceMesh(device.type, torch.arange(world), mesh_dim_names=("world",))
+    return Mesh(device_mesh=device_mesh, world_mesh=world_mesh, device=device)
 
 
 def default_device() -> torch.device:

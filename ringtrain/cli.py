@@ -1,0 +1,75 @@
+"""The `ringtrain` command: validate, train, rope. A user mistake prints a message and exits 2, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringtrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("config", help="YAML config file (see docs/configuration.md)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, applied after the file")
+        return p
+
+    v = add("validate", "check a config and print the resolved values, starting nothing")
+    v.add_argument("--world-size", type=int, default=None,
+                   help="also check the parallel sizes against this many ranks (default: $WORLD_SIZE if set)")
+    add("train", "train (run under torchrun; see README)")
+    r = add("rope", "print the effective RoPE parameters: wavelengths against the target length")
+    r.add_argument("--target-length", type=int, default=None, help="length to compare against (default: seq_len)")
+    return parser
+
+
+def _load(args: argparse.Namespace, world_size: int | None):
+    from ringtrain.config import load_config
+
+    return load_config(args.config, args.overrides, world_size=world_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Options may come after the overrides; argparse leaves such trailing overrides unparsed.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    from ringtrain.config import ConfigError
+
+    env_world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+    try:
+        if args.command == "validate":
+            from ringtrain.config import dump_config
+
+            cfg = _load(args, args.world_size if args.world_size is not None else env_world)
+            sys.stdout.write(dump_config(cfg))
+            return 0
+        if args.command == "rope":
+            from ringtrain.hf.rope import describe_rope
+
+            cfg = _load(args, None)
+            sys.stdout.write(describe_rope(cfg.model, cfg.rope, args.target_length or cfg.train.seq_len) + "\n")
+            return 0
+        if args.command == "train":
+            from ringtrain.trainer import train
+
+            cfg = _load(args, env_world)
+            train(cfg)
+            return 0
+    except ConfigError as e:
+        for problem in e.problems:
+            sys.stderr.write(f"error: {problem}\n")
+        return EXIT_CONFIG
+    raise AssertionError(f"unhandled command {args.command}")  # argparse guarantees a known command
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Typed configuration: one dataclass per component, composed into TrainConfig, loaded with fixed precedence.
+
+Precedence: dataclass defaults < YAML file < command-line `section.key=value` overrides. Every problem
+(unknown key, wrong type, bad value, inconsistent sizes) is collected first and raised together as a
+ConfigError whose lines each name the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ringtrain.checkpoint import CheckpointConfig
+from ringtrain.data import DataConfig
+from ringtrain.distributed import ParallelConfig, resolve_parallel_sizes
+from ringtrain.eval import EvalConfig
+from ringtrain.hf.rope import RopeConfig
+from ringtrain.metrics import LoggingConfig
+from ringtrain.model import ModelConfig
+from ringtrain.optim import OptimConfig
+from ringtrain.trainer import TrainLoopConfig
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; `problems` holds one self-contained line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Each section is documented next to the code that uses it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        sp, seq_len = self.parallel.sp_size, self.train.seq_len
+        multiple = 2 * sp if self.parallel.layout == "zigzag" else sp
+        if sp >= 1 and seq_len >= 1 and seq_len % multiple:
+            fixed = (seq_len // multiple + 1) * multiple
+            problems.append((
+                "train.seq_len",
+                f"train.seq_len={seq_len} is not a multiple of {multiple} "
+                f"({'2 x ' if self.parallel.layout == 'zigzag' else ''}parallel.sp_size={sp}, "
+                f"{self.parallel.layout} layout): use train.seq_len={fixed}",
+            ))
+        return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic dataclass <-> mapping machinery
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " (or null)"
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_name(arg)}"
+    if origin is dict:
+        return "a mapping"
+    if tp is Any:
+        return "any value"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """`value` converted to `tp`, or _NO. Strings from the command line are parsed as YAML scalars first."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            out = _coerce(value, arg)
+            if out is not _NO:
+                return out
+        return _NO
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            return _NO
+        items = [_coerce(v, arg) for v in value]
+        return _NO if any(i is _NO for i in items) else items
+    if origin is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                return _NO
+        return dict(value) if isinstance(value, dict) else _NO
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        return _NO
+    if tp is int:
+        if isinstance(value, bool):
+            return _NO
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    return _NO
+                return int(f) if f.is_integer() else _NO
+        return _NO
+    if tp is float:
+        if isinstance(value, bool):
+            return _NO
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _NO
+        return _NO
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        return _NO
+    return value
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _hints(cls).items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if _is_dataclass_type(tp):
+            keys.extend(_all_keys(tp, dotted + "."))
+    return keys
+
+
+def _unknown_key_message(cls: type, path: str, key: str, root: type) -> str:
+    here = [f.name for f in dataclasses.fields(cls)]
+    dotted = f"{path}{key}"
+    close = difflib.get_close_matches(key, here, n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean '{path}{close[0]}'?"
+    else:
+        # A known key in another section ("train.lr" for "optim.lr") is a common slip.
+        leaves = [k for k in _all_keys(root) if k.rsplit(".", 1)[-1] == key]
+        close_any = leaves or difflib.get_close_matches(dotted, _all_keys(root), n=1, cutoff=0.6)
+        hint = f"did you mean '{close_any[0]}'?" if close_any else f"valid keys here: {', '.join(here)}"
+    return f"unknown key '{dotted}': {hint}"
+
+
+def _build(cls: type, data: dict, path: str, problems: list[str], root: type) -> Any:
+    """Instantiate dataclass `cls` from `data`, appending every problem found to `problems`."""
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(_unknown_key_message(cls, path, str(key), root))
+            continue
+        tp = hints[key]
+        dotted = f"{path}{key}"
+        if _is_dataclass_type(tp):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                problems.append(f"{dotted} must be a mapping of keys, got {value!r}")
+                continue
+            kwargs[key] = _build(tp, value, dotted + ".", problems, root)
+            continue
+        coerced = _coerce(value, tp)
+        if coerced is _NO:
+            problems.append(f"{dotted}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+            continue
+        kwargs[key] = coerced
+    for name, f in fields.items():
+        if name in kwargs:
+            continue
+        if _is_dataclass_type(hints[name]):
+            # An absent section is built from defaults, so its own required keys are reported.
+            kwargs[name] = _build(hints[name], {}, f"{path}{name}.", problems, root)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"missing required key '{path}{name}': set it in the YAML file or as {path}{name}=...")
+    try:
+        obj = cls(**kwargs)
+    except TypeError:
+        return None  # a required key is missing: already reported above
+    return obj
+
+
+def _validate_tree(obj: Any, path: str, problems: list[str]) -> None:
+    """Run each section's `_validate()`, children first."""
+    if obj is None:
+        return
+    complete = True
+    for f in dataclasses.fields(obj):
+        child = getattr(obj, f.name)
+        if dataclasses.is_dataclass(child):
+            _validate_tree(child, f"{path}{f.name}.", problems)
+        elif child is None and _is_dataclass_type(_hints(type(obj))[f.name]):
+            complete = False  # a section that could not be built: its problems are already reported
+    check = getattr(obj, "_validate", None)
+    if check is not None and complete:
+        # Protocol: `_validate()` returns (key, message) pairs, the message starting with the key
+        # relative to its section ("lr=-1 must be > 0"); the section path is prefixed here.
+        for _key, message in check():
+            problems.append(f"{path}{message}")
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str], problems: list[str]) -> list[tuple[str, Any]]:
+    """`section.key=value` strings -> (dotted key, value). Values are YAML scalars ('3', 'true', 'null')."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p.isidentifier() for p in key.split(".")):
+            problems.append(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key, value))
+    return parsed
+
+
+def read_yaml(path: str | Path, problems: list[str]) -> dict:
+    """The YAML mapping in `path`, or {} with a problem describing why it could not be read."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        problems.append(f"config file '{path}' does not exist: check the path")
+        return {}
+    except OSError as e:
+        problems.append(f"config file '{path}' cannot be read: {e.strerror}")
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problems.append(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+        return {}
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), world_size: int | None = None
+) -> TrainConfig:
+    """Defaults < YAML at `path` < `overrides`; validated (against `world_size` too, when given)."""
+    problems: list[str] = []
+    data = read_yaml(path, problems) if path is not None else {}
+    for key, value in parse_overrides(list(overrides), problems):
+        _set_dotted(data, key, value)
+    cfg = _build(TrainConfig, data, "", problems, TrainConfig)
+    # Values are checked even when some keys were rejected (those keep their defaults), so one run
+    # of `ringtrain validate` lists every problem.
+    _validate_tree(cfg, "", problems)
+    if cfg is not None and cfg.parallel is not None and world_size is not None:
+        try:
+            resolve_parallel_sizes(cfg.parallel, world_size)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (the run's record of what it actually used)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(cfg))
+    return path

@@ -1,0 +1,129 @@
+"""Training feedback: metrics.jsonl, Weights & Biases, and a progress bar, all written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ringtrain.log import get_logger
+
+logger = get_logger(__name__)
+
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    wandb_mode: str = "disabled"
+    """Weights & Biases: disabled, offline (files under output_dir/wandb, `wandb sync` later) or online."""
+    wandb_project: str = "ringtrain"
+    """W&B project name."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); unset uses your default."""
+    run_name: str | None = None
+    """Display name of the run; unset lets W&B choose."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    log_every: int = 1
+    """Write metrics every N optimizer steps (metrics.jsonl always gets every step)."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0 (step, loss, tokens/s, ETA)."""
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.wandb_mode not in WANDB_MODES:
+            problems.append(("wandb_mode", f"wandb_mode={self.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}"))
+        if self.log_every < 1:
+            problems.append(("log_every", f"log_every={self.log_every} must be >= 1"))
+        return problems
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks construct it with enabled=False and every call is a no-op.
+
+    On resume, lines of metrics.jsonl past the resumed step (written after the last checkpoint by
+    the interrupted run) are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        output_dir: str | Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int = 0,
+        run_config: dict[str, Any] | None = None,
+        wandb_run_id: str | None = None,
+    ):
+        self.cfg = cfg
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.wandb_run_id = wandb_run_id
+        self._wandb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        if cfg.wandb_mode != "disabled":
+            self._start_wandb(output_dir, run_config or {})
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._t0 = time.monotonic()
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def _start_wandb(self, output_dir: str | Path, run_config: dict[str, Any]) -> None:
+        import wandb
+
+        if self.wandb_run_id is None:
+            self.wandb_run_id = wandb.util.generate_id()
+        # resume="allow" with a stored id makes a requeued or resumed job continue the same W&B run.
+        self._wandb = wandb.init(
+            project=self.cfg.wandb_project,
+            entity=self.cfg.wandb_entity,
+            name=self.cfg.run_name,
+            tags=self.cfg.tags or None,
+            mode=self.cfg.wandb_mode,
+            dir=str(output_dir),
+            id=self.wandb_run_id,
+            resume="allow",
+            config=run_config,
+        )
+        logger.info("W&B run %s (%s)", self.wandb_run_id, self.cfg.wandb_mode)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record optimizer step `step` (1-based: the number of steps completed)."""
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None and step % self.cfg.log_every == 0:
+            self._wandb.log(metrics, step=step)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            postfix = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+            if "tokens_per_s" in metrics:
+                postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
+            self._bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

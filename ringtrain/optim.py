@@ -1,0 +1,85 @@
+"""AdamW and the learning-rate schedule (linear warmup, then cosine, linear or constant)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of warmup."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW) on matrices; biases and norms are not decayed."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam beta1, beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    schedule: str = "cosine"
+    """After warmup: cosine, linear (decay to min_lr_ratio x lr at the last step) or constant."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine and linear)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (across the whole mesh) to this; 0 disables clipping."""
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.lr <= 0:
+            problems.append(("lr", f"lr={self.lr} must be > 0 (e.g. 3e-4)"))
+        if self.weight_decay < 0:
+            problems.append(("weight_decay", f"weight_decay={self.weight_decay} must be >= 0"))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(("betas", f"betas={self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]"))
+        if self.eps <= 0:
+            problems.append(("eps", f"eps={self.eps} must be > 0"))
+        if self.warmup_steps < 0:
+            problems.append(("warmup_steps", f"warmup_steps={self.warmup_steps} must be >= 0"))
+        if self.schedule not in SCHEDULES:
+            problems.append(("schedule", f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(("min_lr_ratio", f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"))
+        if self.grad_clip < 0:
+            problems.append(("grad_clip", f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)"))
+        return problems
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on >= 2-D parameters only (the usual LM practice)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Multiplier of cfg.lr for optimizer step `step` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    """A LambdaLR (its state_dict is what checkpoints store) following `lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))

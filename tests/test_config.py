@@ -1,0 +1,165 @@
+"""Config loading: precedence, every shipped YAML validates, and each class of mistake gets a one-line message."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ringtrain.cli import main
+from ringtrain.config import ConfigError, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("**/*.yaml"))
+GOOD = {"model": {"arch": "llama"}, "train": {"output_dir": "runs/test", "seq_len": 64}}
+
+
+def _write(tmp_path: Path, data, name="cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def _validate(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(["validate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path, capsys):
+    rc, out, err = _validate(capsys, path)
+    assert rc == 0, err
+    resolved = yaml.safe_load(out)
+    assert set(resolved) == {"model", "rope", "parallel", "data", "optim", "train", "checkpoint", "logging", "eval"}
+    assert resolved == yaml.safe_load(yaml.safe_dump(resolved))  # printable and reloadable
+
+
+def test_shipped_configs_exist():
+    assert any(p.name == "tiny_cpu.yaml" for p in SHIPPED)
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    path = _write(tmp_path, {**GOOD, "optim": {"lr": 1e-3, "warmup_steps": 7}})
+    cfg = load_config(path, ["optim.lr=5e-4", "parallel.sp_size=2", "model.config={hidden_size: 32}"])
+    assert cfg.optim.lr == 5e-4  # override beats file
+    assert cfg.optim.warmup_steps == 7  # file beats default
+    assert cfg.optim.schedule == "cosine"  # default
+    assert cfg.parallel.sp_size == 2
+    assert cfg.model.config == {"hidden_size": 32}
+
+
+def test_override_coercion(tmp_path):
+    path = _write(tmp_path, GOOD)
+    cfg = load_config(path, ["train.fsdp=false", "optim.betas=[0.8,0.9]", "logging.tags=a,b", "model.path=null",
+                             "train.max_steps=1_000", "optim.lr=1"])
+    assert cfg.train.fsdp is False and cfg.optim.betas == [0.8, 0.9] and cfg.logging.tags == ["a", "b"]
+    assert cfg.model.path is None and cfg.train.max_steps == 1000 and cfg.optim.lr == 1.0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(_write(tmp_path, GOOD), ["optim.lr=2e-4"])
+    saved = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(saved) == cfg
+
+
+BAD_FILES = [
+    ("unknown-section", {**GOOD, "optimizer": {"lr": 1}}, [], r"unknown key 'optimizer': did you mean 'optim'\?"),
+    ("typo-key", {**GOOD, "optim": {"lrr": 1e-3}}, [], r"unknown key 'optim\.lrr': did you mean 'optim\.lr'\?"),
+    ("misplaced-key", {**GOOD, "train": {**GOOD["train"], "lr": 1e-3}}, [],
+     r"unknown key 'train\.lr': did you mean 'optim\.lr'\?"),
+    ("section-not-mapping", {**GOOD, "optim": 3}, [], r"optim must be a mapping of keys, got 3"),
+    ("missing-required", {"model": {"arch": "llama"}}, [],
+     r"missing required key 'train\.output_dir': set it in the YAML file or as train\.output_dir=\.\.\."),
+    ("missing-model", {"train": GOOD["train"]}, [], r"model\.path is missing: set model\.path .* or model\.arch"),
+    ("bad-arch", {**GOOD, "model": {"arch": "lama"}}, [], r"model\.arch='lama' is not a transformers model type: "
+                                                          r"did you mean 'llama'\?"),
+    ("seq-len-multiple", {**GOOD, "parallel": {"sp_size": 2}, "train": {"output_dir": "x", "seq_len": 510}}, [],
+     r"train\.seq_len=510 is not a multiple of 4 \(2 x parallel\.sp_size=2, zigzag layout\): use train\.seq_len=512"),
+]
+
+BAD_OVERRIDES = [
+    ("wrong-type-number", ["optim.lr=fast"], r"optim\.lr='fast': expected a number, got str"),
+    ("wrong-type-int", ["train.max_steps=1.5"], r"train\.max_steps=1\.5: expected an integer, got float"),
+    ("wrong-type-bool", ["train.fsdp=maybe"], r"train\.fsdp='maybe': expected true or false, got str"),
+    ("bad-enum", ["optim.schedule=cosin"], r"optim\.schedule='cosin' is not one of cosine, linear, constant"),
+    ("negative-lr", ["optim.lr=-0.001"], r"optim\.lr=-0\.001 must be > 0"),
+    ("bad-layout", ["parallel.layout=ring"], r"parallel\.layout='ring' is not one of zigzag, contiguous"),
+    ("bad-wandb-mode", ["logging.wandb_mode=cloud"], r"logging\.wandb_mode='cloud' is not one of disabled"),
+    ("bad-rope-method", ["rope.method=yarnn"], r"rope\.method='yarnn'"),
+    ("bad-keep-last", ["checkpoint.keep_last=0"], r"checkpoint\.keep_last=0"),
+    ("offload-without-ac", ["train.offload_activations=true"],
+     r"train\.offload_activations=true needs train\.activation_checkpointing=true"),
+    ("override-syntax", ["optim.lr"], r"override 'optim\.lr' must look like section\.key=value"),
+    ("override-unknown", ["optim.learning_rate=1e-3"], r"unknown key 'optim\.learning_rate'"),
+    ("bad-depth", ["eval.depths=[0.5,1.5]"], r"eval\.depths=\[0\.5, 1\.5\] must lie in \[0, 1\]"),
+]
+
+
+@pytest.mark.parametrize("name,data,overrides,pattern", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_file_is_one_line_exit_2(tmp_path, capsys, name, data, overrides, pattern):
+    rc, out, err = _validate(capsys, _write(tmp_path, data), *overrides)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("name,overrides,pattern", BAD_OVERRIDES, ids=[b[0] for b in BAD_OVERRIDES])
+def test_bad_override_is_one_line_exit_2(tmp_path, capsys, name, overrides, pattern):
+    import re
+
+    rc, out, err = _validate(capsys, _write(tmp_path, GOOD), *overrides)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("world,overrides,pattern", [
+    (4, ["parallel.sp_size=3"], r"parallel\.sp_size=3 does not divide world size 4: choose sp_size among 1, 2, 4"),
+    (4, ["parallel.sp_size=2", "parallel.dp_size=3"],
+     r"parallel\.dp_size=3 x parallel\.sp_size=2 = 6 != world size 4: set dp_size=2 or dp_size=0 \(auto\)"),
+])
+def test_parallel_sizes_against_world(tmp_path, capsys, world, overrides, pattern):
+    import re
+
+    rc, _, err = _validate(capsys, _write(tmp_path, GOOD), f"--world-size={world}", *overrides)
+    assert rc == 2
+    assert re.search(pattern, err), err
+
+
+@pytest.mark.parametrize("content,pattern", [
+    ("model: {arch: llama\ntrain: [", r"is not valid YAML at line \d+, column \d+"),
+    ("- a\n- b\n", r"must hold a mapping of sections, got list"),
+])
+def test_unparseable_files(tmp_path, capsys, content, pattern):
+    import re
+
+    rc, _, err = _validate(capsys, _write(tmp_path, content))
+    assert rc == 2 and re.search(pattern, err), err
+
+
+def test_missing_file(tmp_path, capsys):
+    rc, _, err = _validate(capsys, tmp_path / "nope.yaml")
+    assert rc == 2 and "nope.yaml' does not exist: check the path" in err
+
+
+def test_every_problem_is_collected(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, {**GOOD, "optim": {"lrr": 1, "schedule": 5}}), ["train.max_steps=x"])
+    joined = "\n".join(info.value.problems)
+    assert len(info.value.problems) == 3, joined
+    assert "optim.lrr" in joined and "optim.schedule" in joined and "train.max_steps" in joined
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ringtrain.cli", "validate", str(_write(tmp_path, GOOD)), "optim.lr=-1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: optim.lr=-1.0 must be > 0 (e.g. 3e-4)"
+    assert "Traceback" not in proc.stderr
