@@ -1,0 +1,354 @@
+"""The training loop: sequence-parallel forward/backward, chunked loss, FSDP2, checkpoints, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NONFINITE_ACTIONS = ("skip", "stop")
+
+
+@dataclass
+class TrainLoopConfig:
+    """The shape of the run: how long, how big a step, where it writes."""
+
+    output_dir: str
+    """Run folder: resolved config, metrics.jsonl, checkpoints/, the exported model in final_model/."""
+    seq_len: int = 1024
+    """Tokens per sequence (the context length trained); sharded over parallel.sp_size ranks."""
+    micro_batch_size: int = 1
+    """Sequences per data-parallel rank per forward/backward."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    seed: int = 0
+    """Seed for model init (identical on every rank) and data order."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward instead of storing its activations."""
+    offload_activations: bool = False
+    """With activation checkpointing, keep the saved layer inputs in CPU memory (long contexts on GPU)."""
+    loss_chunk_tokens: int = 2048
+    """Tokens per chunk of the cross-entropy: full [tokens, vocab] logits are never materialised."""
+    on_nonfinite: str = "skip"
+    """A non-finite loss or gradient norm: skip the optimizer step, or stop the run with an error."""
+    fsdp: bool = True
+    """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (fully_shard)."""
+    threads: int = 0
+    """torch intra-op threads per rank; 0 keeps torch's default."""
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps", "loss_chunk_tokens"):
+            value = getattr(self, name)
+            if value < 1:
+                problems.append((name, f"{name}={value} must be >= 1"))
+        if self.threads < 0:
+            problems.append(("threads", f"threads={self.threads} must be >= 0 (0 = torch's default)"))
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            problems.append(("on_nonfinite", f"on_nonfinite={self.on_nonfinite!r} is not one of skip, stop"))
+        if self.offload_activations and not self.activation_checkpointing:
+            problems.append(("offload_activations", "offload_activations=true needs "
+                                                    "train.activation_checkpointing=true"))
+        return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer. Assembled from small build_*/apply_* functions, called in one documented order.
+
+import contextlib  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ringtrain.log import get_logger, setup_logging  # noqa: E402
+from ringtrain.loss import chunked_cross_entropy_sum, count_valid_tokens  # noqa: E402
+
+if TYPE_CHECKING:
+    from ringtrain.config import TrainConfig
+    from ringtrain.distributed import Mesh
+
+logger = get_logger(__name__)
+
+
+class CausalLMWithChunkedLoss(nn.Module):
+    """The HF model, untouched, plus the chunked loss: forward returns the *sum* of token losses.
+
+    Owning the loss in one module lets FSDP's root unit gather the embedding, final norm and
+    lm_head once per step, while the decoder runs with no [tokens, vocab] logits ever built.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(lm.config, attr, None) not in (None, 1.0):
+                raise ValueError(
+                    f"{type(lm).__name__} uses {attr}={getattr(lm.config, attr)}, which the chunked loss does not "
+                    "apply: this model is not supported by the trainer yet"
+                )
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+        weight = self.lm.get_output_embeddings().weight
+        return chunked_cross_entropy_sum(hidden, weight, labels, chunk_tokens=self.chunk_tokens,
+                                         token_weights=token_weights)
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, found through HF's public `_no_split_modules` (what accelerate wraps too)."""
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(lm).__name__} declares no _no_split_modules: cannot find its decoder layers")
+    return layers
+
+
+def apply_activation_checkpointing(lm: nn.Module, cfg: TrainLoopConfig) -> None:
+    """Recompute each decoder layer in backward (HF's public switch; non-reentrant, FSDP2-safe)."""
+    if cfg.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_fsdp(model: CausalLMWithChunkedLoss, mesh: Mesh) -> None:
+    """FSDP2 over every rank of the mesh (dp x sp): each decoder layer is a unit, the rest is the root.
+
+    SP ranks hold different tokens of the same sequences, so their gradients are partial sums just
+    like DP ranks': FSDP must SUM over the whole world. The loss is already divided by the global
+    token count, hence a divide factor of 1 instead of FSDP's default mean over ranks.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model.lm):
+        fully_shard(layer, mesh=mesh.world_mesh)
+    fully_shard(model, mesh=mesh.world_mesh)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+
+
+def all_reduce_gradients(model: nn.Module, mesh: Mesh) -> None:
+    """Without FSDP: sum gradients over the world (the same contract apply_fsdp sets up)."""
+    if mesh.world_size == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def model_flops_per_token(lm: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x parameters + causal attention (6 x layers x seq_len x hidden)."""
+    cfg = lm.config
+    n_params = sum(p.numel() for p in lm.parameters())
+    layers = getattr(cfg, "num_hidden_layers", 0)
+    hidden = getattr(cfg, "hidden_size", 0)
+    return 6.0 * n_params + 6.0 * layers * seq_len * hidden
+
+
+class Trainer:
+    """One training run. Build it with `build_trainer`; `fit()` runs to max_steps or to a stop signal."""
+
+    def __init__(self, cfg: TrainConfig, mesh: Mesh, model: CausalLMWithChunkedLoss, lm: nn.Module,
+                 tokenizer: Any, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 checkpoints: Any, flops_per_token: float):
+        self.cfg, self.mesh, self.model, self.lm, self.tokenizer = cfg, mesh, model, lm, tokenizer
+        self.loader, self.optimizer, self.scheduler, self.checkpoints = loader, optimizer, scheduler, checkpoints
+        self.flops_per_token = flops_per_token
+        self.step = 0
+        self.wandb_run_id: str | None = None
+        self.stopped_by_signal: int | None = None
+
+    # -- state ---------------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {"step": self.step, "data": self.loader.state_dict(), "wandb_run_id": self.wandb_run_id}
+
+    def resume(self) -> None:
+        path = self.checkpoints.resume_path()
+        if path is None:
+            return
+        extra = self.checkpoints.load(path, self.model, self.optimizer, self.scheduler)
+        self.step = extra["step"]
+        self.loader.load_state_dict(extra["data"])
+        self.wandb_run_id = extra.get("wandb_run_id")
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> None:
+        self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.extra_state())
+
+    # -- one optimizer step --------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        from ringtrain.hf import shard_batch
+
+        tcfg, mesh = self.cfg.train, self.mesh
+        t0 = time.perf_counter()
+        micro = [self.loader.next_batch() for _ in range(tcfg.grad_accum_steps)]
+        local = [shard_batch(b, group=mesh.sp_group, layout=self.cfg.parallel.layout) for b in micro]
+        # Normalise by the valid tokens of the whole step (all micro-batches, SP and DP ranks), so the
+        # gradient is that of the mean token loss over the global batch, whatever the mesh or accumulation.
+        weights = [b.get("token_weights") for b in local]
+        n_local = sum(count_valid_tokens(b["labels"], w) for b, w in zip(local, weights))
+        n_global = n_local.detach().clone().to(mesh.device)
+        dist.all_reduce(n_global)
+        loss_sum = torch.zeros((), device=mesh.device)
+        offload = (torch.autograd.graph.save_on_cpu(pin_memory=mesh.device.type == "cuda")
+                   if tcfg.offload_activations else contextlib.nullcontext())
+        for i, batch in enumerate(local):
+            if tcfg.fsdp:
+                self.model.set_requires_gradient_sync(i == len(local) - 1)
+            with offload:
+                part = self.model(
+                    batch["input_ids"].to(mesh.device), batch["position_ids"].to(mesh.device),
+                    batch["labels"].to(mesh.device),
+                    None if weights[i] is None else weights[i].to(mesh.device),
+                )
+            (part / n_global.clamp(min=1.0)).backward()
+            loss_sum += part.detach()
+        if not tcfg.fsdp:
+            all_reduce_gradients(self.model, mesh)
+        dist.all_reduce(loss_sum)
+        loss = (loss_sum / n_global.clamp(min=1.0)).item()
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            if tcfg.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {self.step + 1}: "
+                    "lower optim.lr, or set train.on_nonfinite=skip to skip such steps"
+                )
+            logger.warning("step %d: non-finite loss %s / grad norm %s, update skipped", self.step + 1, loss, grad_norm)
+        else:
+            self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        tokens = tcfg.micro_batch_size * tcfg.seq_len * tcfg.grad_accum_steps * mesh.dp_size
+        return {
+            "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": int(skipped),
+            "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tokens / dt / mesh.world_size,
+            "tflops_per_gpu": tokens * self.flops_per_token / dt / mesh.world_size / 1e12,
+            "step_time_s": dt, "seq_len": tcfg.seq_len,
+            "peak_memory_gib": peak_memory_bytes(mesh.device) / 2**30,
+        }
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, float]]:
+        from ringtrain.checkpoint import StopSignal
+        from ringtrain.config import config_to_dict
+        from ringtrain.metrics import MetricsLogger
+
+        tcfg = self.cfg.train
+        self.resume()
+        metrics = MetricsLogger(
+            self.cfg.logging, tcfg.output_dir, enabled=self.mesh.rank == 0, total_steps=tcfg.max_steps,
+            start_step=self.step, run_config=config_to_dict(self.cfg), wandb_run_id=self.wandb_run_id,
+        )
+        self.wandb_run_id = metrics.wandb_run_id
+        history = []
+        ckpt_every = self.cfg.checkpoint.every_steps
+        signals = StopSignal() if self.cfg.checkpoint.save_on_signal else None
+        with signals if signals is not None else contextlib.nullcontext():
+            try:
+                while self.step < tcfg.max_steps:
+                    record = self.train_step()
+                    history.append(record)
+                    metrics.log(self.step, record)
+                    if signals is not None and signals.should_save_and_exit(self.mesh):
+                        self.save()
+                        # Ranks that were not signalled themselves report SIGTERM, the scheduler's usual one.
+                        self.stopped_by_signal = signals.received or 15
+                        logger.warning("stopped at step %d after a signal; resume with checkpoint.resume=auto",
+                                       self.step)
+                        break
+                    if ckpt_every and self.step % ckpt_every == 0 and self.step < tcfg.max_steps:
+                        self.save()
+            finally:
+                metrics.close()
+        if self.stopped_by_signal is None:
+            self.save()
+            if self.cfg.checkpoint.export_final:
+                self.export(Path(tcfg.output_dir) / "final_model")
+        return history
+
+    def export(self, out_dir: Path) -> None:
+        """Write the trained weights as a plain HF folder (safetensors) that `from_pretrained` loads."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.mesh.rank == 0:
+            prefix = "lm."
+            state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+            self.lm.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(out_dir)
+            logger.info("exported the model to %s", out_dir)
+        dist.barrier()
+
+
+def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
+    """Assemble a Trainer. The order of the apply_* calls matters and is explained inline."""
+    from ringtrain.checkpoint import CheckpointManager
+    from ringtrain.data import build_tokenizer, build_train_loader
+    from ringtrain.hf import apply_ring_attention
+    from ringtrain.hf.rope import apply_rope_scaling
+    from ringtrain.model import build_model, build_model_config
+    from ringtrain.optim import build_optimizer, build_scheduler
+
+    tcfg = cfg.train
+    tokenizer = build_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer != "model" else cfg.model.path)
+    model_config = build_model_config(cfg.model)
+    apply_rope_scaling(model_config, cfg.rope)  # before the model exists: rotary buffers are built from it
+    lm = build_model(cfg.model, model_config, mesh.device)
+    # 1. Ring attention first: it only swaps the attention function, so it must see plain HF modules.
+    apply_ring_attention(lm, group=mesh.sp_group, layout=cfg.parallel.layout)
+    # 2. Activation checkpointing before FSDP, so FSDP's unit boundaries wrap the checkpointed layers and
+    #    recomputation runs while a layer's parameters are gathered for its backward.
+    apply_activation_checkpointing(lm, tcfg)
+    lm.train()
+    model = CausalLMWithChunkedLoss(lm, tcfg.loss_chunk_tokens)
+    flops_per_token = model_flops_per_token(lm, tcfg.seq_len)
+    # 3. FSDP last: it replaces parameters by sharded DTensors, which the optimizer must then see.
+    if tcfg.fsdp:
+        apply_fsdp(model, mesh)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+    loader = build_train_loader(cfg.data, tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size,
+                                dp_rank=mesh.dp_rank, dp_size=mesh.dp_size)
+    checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, mesh)
+    return Trainer(cfg, mesh, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
+
+
+def train(cfg: TrainConfig) -> Trainer:
+    """The `ringtrain train` entry point: bootstrap, build, fit, tear down."""
+    from ringtrain.config import save_config
+    from ringtrain.distributed import init_distributed, teardown_distributed
+
+    setup_logging()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    mesh = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    try:
+        if mesh.rank == 0:
+            save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
+        trainer = build_trainer(cfg, mesh)
+        trainer.fit()
+        return trainer
+    finally:
+        teardown_distributed()
