@@ -1,0 +1,168 @@
+"""From a DataConfig to batches: load documents with `datasets`, tokenize with its cache, pack, sample."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ringtrain.data.config import EXTENSION_FORMATS, DataConfig, check_data_config, split_paths
+from ringtrain.data.loader import PackedDataLoader
+from ringtrain.data.packing import PackedDataset, pack_documents
+from ringtrain.data.passkey import generate_passkey_documents
+from ringtrain.data.tokenizer import build_tokenizer, encode_bytes, is_byte_tokenizer, pad_id_of
+from ringtrain.log import get_logger
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from ringtrain.distributed import Mesh
+
+logger = get_logger(__name__)
+
+
+def resolve_files(cfg: DataConfig) -> tuple[str, list[str]]:
+    """(datasets builder name, sorted file list) for source='files'; directories expand to known extensions."""
+    files: list[str] = []
+    for entry in split_paths(cfg.path):
+        for match in sorted(glob.glob(os.path.expanduser(entry))):
+            if os.path.isdir(match):
+                files += sorted(
+                    os.path.join(root, f) for root, _, names in os.walk(match) for f in names
+                    if os.path.splitext(f)[1].lower() in EXTENSION_FORMATS
+                )
+            else:
+                files.append(match)
+    if not files:
+        raise ValueError(f"data.path={cfg.path!r} matches no data file: give a file, glob or directory "
+                         f"holding {', '.join(EXTENSION_FORMATS)} files")
+    if cfg.format != "auto":
+        return cfg.format, files
+    formats = {EXTENSION_FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if None in formats:
+        unknown = [f for f in files if os.path.splitext(f)[1].lower() not in EXTENSION_FORMATS][:3]
+        raise ValueError(f"data.format='auto' cannot tell the format of {', '.join(unknown)}: set data.format "
+                         "to json, parquet or text")
+    if len(formats) > 1:
+        raise ValueError(f"data.path={cfg.path!r} mixes formats {sorted(formats)}: point it at one kind of file "
+                         "or set data.format")
+    return formats.pop(), files
+
+
+def load_documents(cfg: DataConfig) -> Dataset:
+    """The raw documents of source 'files' or 'hub' as a datasets.Dataset with a `cfg.text_field` column."""
+    from datasets import load_dataset
+
+    check_data_config(cfg)
+    if cfg.source == "files":
+        builder, files = resolve_files(cfg)
+        split_name = cfg.split.split("[")[0]  # 'train[:100]' reads the files as 'train', then slices
+        kwargs: dict[str, Any] = {"sample_by": cfg.text_sample_by} if builder == "text" else {}
+        ds = load_dataset(builder, data_files={split_name: files}, split=cfg.split, cache_dir=cfg.cache_dir,
+                          **kwargs)
+        logger.info("loaded %d documents from %d %s file(s)", len(ds), len(files), builder)
+    elif cfg.source == "hub":
+        ds = load_dataset(cfg.path, cfg.subset, split=cfg.split, cache_dir=cfg.cache_dir)
+        logger.info("loaded %d documents from %s (%s)", len(ds), cfg.path, cfg.split)
+    else:
+        raise ValueError(f"load_documents reads files or hub datasets, not source={cfg.source!r}")
+    text_field = "text" if cfg.source == "files" and ds.column_names == ["text"] else cfg.text_field
+    if text_field not in ds.column_names:
+        raise ValueError(f"data.text_field={cfg.text_field!r} is not a column of {cfg.path!r}: "
+                         f"choose one of {', '.join(ds.column_names)}")
+    return ds
+
+
+class _Tokenize:
+    """The map function: a class so datasets fingerprints its fields, and the cache key follows the tokenizer."""
+
+    def __init__(self, tokenizer: Any, text_field: str) -> None:
+        # The byte tokenizer is stateless: keep only its name, so the fingerprint is stable across processes.
+        self.tokenizer = None if is_byte_tokenizer(tokenizer) else tokenizer
+        self.text_field = text_field
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        texts = [t or "" for t in batch[self.text_field]]
+        if self.tokenizer is None:
+            return {"input_ids": [encode_bytes(t) for t in texts]}
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"input_ids": [np.asarray(x, dtype=np.int32) for x in ids]}
+
+
+def tokenize_documents(ds: Dataset, tokenizer: Any, cfg: DataConfig) -> Dataset:
+    """Tokenize the text column into an int32 `input_ids` column (no special tokens), cached by datasets.
+
+    The cache file lives next to the loaded data under cfg.cache_dir; a second run with the same files,
+    tokenizer and text field loads it instead of tokenizing again.
+    """
+    text_field = "text" if "text" in ds.column_names and cfg.text_field not in ds.column_names else cfg.text_field
+    return ds.map(
+        _Tokenize(tokenizer, text_field), batched=True, batch_size=256, num_proc=cfg.num_proc if cfg.num_proc > 1
+        else None, remove_columns=ds.column_names, desc="tokenizing",
+    )
+
+
+def _documents_from_tokenized(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(flat tokens, lengths) straight from the Arrow list column: no per-document Python objects."""
+    import pyarrow as pa
+
+    column = ds.with_format("arrow")[:]["input_ids"]
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    return flat, lengths
+
+
+def _main_process_first(mesh: Mesh | None, before: bool) -> None:
+    """Rank 0 fills the datasets cache while the others wait at a barrier, then they read it."""
+    if mesh is None or mesh.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    if (mesh.rank == 0) != before:
+        dist.barrier()
+
+
+def build_packed_dataset(
+    cfg: DataConfig, seq_len: int, tokenizer: Any | None = None, mesh: Mesh | None = None
+) -> PackedDataset:
+    """Load (or generate), tokenize and pack the documents of `cfg` into `seq_len`-token sequences.
+
+    `tokenizer` defaults to `build_tokenizer(cfg.tokenizer)`; pass the model's to keep one source of truth.
+    With a `mesh` of several ranks, rank 0 fills the datasets cache first and the others then read it.
+    """
+    check_data_config(cfg)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer)
+    split_documents = cfg.split_documents if cfg.split_documents is not None else cfg.source != "passkey"
+    eos_id, pad_id = tokenizer.eos_token_id, pad_id_of(tokenizer)
+    if cfg.source == "passkey":
+        lo = cfg.passkey_min_tokens or seq_len - 1
+        hi = cfg.passkey_max_tokens or seq_len - 1
+        if hi < lo:
+            raise ValueError(f"data.passkey_max_tokens resolves to {hi} < passkey_min_tokens={lo} "
+                             f"(0 means seq_len - 1 = {seq_len - 1}): set both explicitly")
+        docs, masks = generate_passkey_documents(
+            tokenizer, cfg.num_samples, lo, hi, cfg.seed, digits=cfg.passkey_digits, filler=cfg.passkey_filler,
+        )
+        return pack_documents(docs, seq_len, eos_id, pad_id, split_documents=split_documents,
+                              document_mask=cfg.document_mask, answer_masks=masks)
+    _main_process_first(mesh, before=True)
+    try:
+        tokenized = tokenize_documents(load_documents(cfg), tokenizer, cfg)
+    finally:
+        _main_process_first(mesh, before=False)
+    return pack_documents(_documents_from_tokenized(tokenized), seq_len, eos_id, pad_id,
+                          split_documents=split_documents, document_mask=cfg.document_mask)
+
+
+def build_dataloader(
+    cfg: DataConfig, *, seq_len: int, batch_size: int, mesh: Mesh | None = None, tokenizer: Any | None = None,
+    dataset: PackedDataset | None = None,
+) -> PackedDataLoader:
+    """The loader of this rank: `batch_size` sequences per step, DP slice from `mesh` (dp_rank, dp_size)."""
+    dataset = dataset if dataset is not None else build_packed_dataset(cfg, seq_len, tokenizer, mesh)
+    dp_rank, dp_size = (mesh.dp_rank, mesh.dp_size) if mesh is not None else (0, 1)
+    return PackedDataLoader(dataset, batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed,
+                            shuffle=cfg.shuffle)
