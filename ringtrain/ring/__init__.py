@@ -1,0 +1,34 @@
+# Sequence-parallel ring attention on plain tensors (no transformers import): the runtime the HF adapter wraps.
+
+from ringtrain.ring.attention import merge_partial, ring_attention
+from ringtrain.ring.kernels import KERNELS, LocalKernel, select_kernel
+from ringtrain.ring.layout import (
+    LAYOUTS,
+    check_seq_len,
+    group_world_rank,
+    local_chunk_ids,
+    num_chunks,
+    sequence_positions,
+    shard_sequence,
+    unshard_sequence,
+)
+from ringtrain.ring.plan import Block, plan_step, rank_work
+
+__all__ = [
+    "KERNELS",
+    "LAYOUTS",
+    "Block",
+    "LocalKernel",
+    "check_seq_len",
+    "group_world_rank",
+    "local_chunk_ids",
+    "merge_partial",
+    "num_chunks",
+    "plan_step",
+    "rank_work",
+    "ring_attention",
+    "select_kernel",
+    "sequence_positions",
+    "shard_sequence",
+    "unshard_sequence",
+]

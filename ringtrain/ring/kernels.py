@@ -1,0 +1,308 @@
+# Local attention kernels behind one interface: forward -> (out, lse), backward from a given (out, lse).
+#
+# Layout everywhere: q/out/dout [B, S_q, H, D], k/v [B, S_k, H_kv, D], lse [B, H, S_q] in the merge dtype
+# (fp32; fp64 for fp64 inputs). `causal` is top-left aligned; the ring only asks for it on blocks
+# whose q and kv lengths are equal (the diagonal), where every convention agrees.
+#
+# backward() receives the FINAL merged out and lse of the whole ring, not the block's own: with them
+# P = exp(s - lse) is the globally normalised probability and D = rowsum(dout * out) the global
+# correction term, so each block's dq/dk/dv are exact contributions that simply add up.
+# GQA: kernels that lack it repeat K/V here, locally, and sum dK/dV back over the query-head group;
+# only H_kv heads ever travel around the ring.
+
+from __future__ import annotations
+
+import inspect
+import math
+from functools import cache
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ringtrain.log import get_logger
+
+logger = get_logger(__name__)
+
+
+def merge_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for out/lse/dK/dV: fp32, or fp64 when the inputs are fp64 (references, tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LocalKernel(Protocol):
+    name: str
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out [B, S_q, H, D] in q's dtype, lse [B, H, S_q] in merge_dtype)."""
+        ...
+
+    def backward(
+        self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq [B, S_q, H, D], dk, dv [B, S_k, H_kv, D]) in any float dtype; the driver accumulates in fp32."""
+        ...
+
+
+def _expand_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    group = heads // k.shape[2]
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+
+
+def _reduce_kv(dk: torch.Tensor, dv: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum gradients of repeated K/V heads back onto their H_kv heads, in the merge dtype."""
+    if dk.shape[2] == kv_heads:
+        return dk, dv
+    acc = merge_dtype(dk.dtype)
+
+    def fold(g: torch.Tensor) -> torch.Tensor:
+        return g.unflatten(2, (kv_heads, g.shape[2] // kv_heads)).sum(3, dtype=acc)
+
+    return fold(dk), fold(dv)
+
+
+def _bhsd(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """[B, S, H, D] views as the [B, H, S, D] the aten ops take (no copy)."""
+    return [t.transpose(1, 2) for t in ts]
+
+
+class ReferenceKernel:
+    """Plain torch math in the merge dtype: any device, any dtype, any head_dim, native GQA. Slow, exact."""
+
+    name = "reference"
+
+    @staticmethod
+    def _probs_inputs(q, k, scale, causal, lse=None):
+        acc = merge_dtype(q.dtype)
+        b, sq, h, d = q.shape
+        hkv = k.shape[2]
+        qg = q.to(acc).unflatten(2, (hkv, h // hkv))  # [B, S_q, H_kv, G, D]
+        s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(acc)) * scale
+        if causal:
+            mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=q.device).triu(1)
+            s = s.masked_fill(mask, float("-inf"))
+        if lse is None:
+            lse = torch.logsumexp(s, dim=-1)  # [B, H_kv, G, S_q]
+        else:
+            lse = lse.to(acc).unflatten(1, (hkv, h // hkv))
+        return qg, torch.exp(s - lse.unsqueeze(-1)), lse
+
+    def forward(self, q, k, v, causal, scale):
+        b, sq, h, d = q.shape
+        _, p, lse = self._probs_inputs(q, k, scale, causal)
+        out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(p.dtype)).reshape(b, sq, h, v.shape[-1])
+        return out.to(q.dtype), lse.flatten(1, 2)
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        qg, p, _ = self._probs_inputs(q, k, scale, causal, lse)
+        acc = p.dtype
+        do = dout.to(acc).unflatten(2, qg.shape[2:4])
+        delta = (do * out.to(acc).unflatten(2, qg.shape[2:4])).sum(-1).permute(0, 2, 3, 1)  # [B, H_kv, G, S_q]
+        dv = torch.einsum("bhgqk,bqhgd->bkhd", p, do)
+        dp = torch.einsum("bqhgd,bkhd->bhgqk", do, v.to(acc))
+        ds = p * (dp - delta.unsqueeze(-1)) * scale
+        dq = torch.einsum("bhgqk,bkhd->bqhgd", ds, k.to(acc)).flatten(2, 3)
+        dk = torch.einsum("bhgqk,bqhgd->bkhd", ds, qg)
+        return dq, dk, dv
+
+
+class CpuFlashKernel:
+    """PyTorch's CPU flash-attention op (`_scaled_dot_product_flash_attention_for_cpu`), which returns the LSE."""
+
+    name = "cpu_flash"
+
+    def forward(self, q, k, v, causal, scale):
+        k, v = _expand_kv(k, v, q.shape[2])
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *_bhsd(q, k, v), 0.0, causal, attn_mask=None, scale=scale
+        )
+        return out.transpose(1, 2), lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        kv_heads = k.shape[2]
+        k, v = _expand_kv(k, v, q.shape[2])
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *_bhsd(dout, q, k, v, out), lse.contiguous(), 0.0, causal, attn_mask=None, scale=scale
+        )
+        dk, dv = _reduce_kv(dk.transpose(1, 2), dv.transpose(1, 2), kv_heads)
+        return dq.transpose(1, 2), dk, dv
+
+
+@cache
+def _rng_placeholders(op_name: str) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+    """Shapes/dtypes of the philox seed/offset a CUDA SDPA forward returns, read from its meta kernel.
+
+    With dropout_p=0 the backward never reads them, but it wants tensors of the kind the forward
+    made; asking the meta kernel keeps that right across torch versions.
+    """
+    t = torch.empty(1, 1, 8, 64, device="meta", dtype=torch.float16)
+    if op_name == "flash":
+        res = torch.ops.aten._scaled_dot_product_flash_attention(t, t, t, 0.0, False, False)
+        seed, offset = res[6], res[7]
+    else:
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(t, t, t, None, True, 0.0, False)
+        seed, offset = res[2], res[3]
+    return (tuple(seed.shape), seed.dtype), (tuple(offset.shape), offset.dtype)
+
+
+def _placeholders(op_name: str, device: torch.device) -> list[torch.Tensor]:
+    return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in _rng_placeholders(op_name)]
+
+
+class CudaFlashKernel:
+    """PyTorch's CUDA flash op (`_scaled_dot_product_flash_attention`): fp16/bf16, head_dim % 8 == 0, <= 256."""
+
+    name = "cuda_flash"
+
+    def forward(self, q, k, v, causal, scale):
+        k, v = _expand_kv(k, v, q.shape[2])
+        res = torch.ops.aten._scaled_dot_product_flash_attention(*_bhsd(q, k, v), 0.0, causal, False, scale=scale)
+        return res[0].transpose(1, 2), res[1]
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        kv_heads = k.shape[2]
+        k, v = _expand_kv(k, v, q.shape[2])
+        seed, offset = _placeholders("flash", q.device)
+        # cum_seq_q/k = None (undefined) selects the dense, non-varlen path; max_q/max_k are the lengths.
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            *_bhsd(dout, q, k, v, out), lse.contiguous(), None, None, q.shape[1], k.shape[1],
+            0.0, causal, seed, offset, scale=scale,
+        )
+        dk, dv = _reduce_kv(dk.transpose(1, 2), dv.transpose(1, 2), kv_heads)
+        return dq.transpose(1, 2), dk, dv
+
+
+class CudaEfficientKernel:
+    """PyTorch's CUDA memory-efficient op: also fp32, any head_dim % 8 == 0."""
+
+    name = "cuda_efficient"
+
+    def forward(self, q, k, v, causal, scale):
+        k, v = _expand_kv(k, v, q.shape[2])
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            *_bhsd(q, k, v), None, True, 0.0, causal, scale=scale
+        )
+        # The op pads the LSE's query dimension to a multiple of 32; the ring wants exactly S_q.
+        return out.transpose(1, 2), lse[:, :, : q.shape[1]]
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        kv_heads = k.shape[2]
+        k, v = _expand_kv(k, v, q.shape[2])
+        seed, offset = _placeholders("efficient", q.device)
+        sq = q.shape[1]
+        lse = F.pad(lse, (0, (-sq) % 32)).contiguous()  # back to the padded shape the forward produced
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            *_bhsd(dout, q, k, v), None, out.transpose(1, 2), lse, seed, offset,
+            0.0, [True, True, True, False], causal, scale=scale,
+        )
+        dk, dv = _reduce_kv(dk.transpose(1, 2), dv.transpose(1, 2), kv_heads)
+        return dq.transpose(1, 2), dk, dv
+
+
+class FlashAttnPackageKernel:
+    """The `flash_attn` package (>= 2.6): native GQA and [B, S, H, D] layout.
+
+    Forward uses the public `flash_attn_func(..., return_attn_probs=True)`, which also returns the LSE.
+    The package has no public backward that accepts an external LSE, so backward calls the private
+    `_flash_attn_backward`, bound by parameter name because its signature changed across releases
+    (window_size tuple before 2.6.x, window_size_left/right and softcap after).
+    """
+
+    name = "flash_attn"
+
+    def forward(self, q, k, v, causal, scale):
+        from flash_attn import flash_attn_func
+
+        out, lse, _ = flash_attn_func(
+            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True
+        )
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        from flash_attn.flash_attn_interface import _flash_attn_backward
+
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        candidates = dict(
+            dout=dout.contiguous(), q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), out=out.contiguous(),
+            softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv, dropout_p=0.0, softmax_scale=scale,
+            causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0,
+            alibi_slopes=None, deterministic=False, rng_state=None,
+        )
+        params = inspect.signature(_flash_attn_backward).parameters
+        missing = [p for p, spec in params.items() if p not in candidates and spec.default is inspect.Parameter.empty]
+        if missing:
+            raise RuntimeError(
+                f"flash_attn._flash_attn_backward wants {missing}, unknown to this shim: "
+                "use kernel='cuda_flash' or a flash-attn release between 2.6 and 2.8"
+            )
+        _flash_attn_backward(**{p: candidates[p] for p in params if p in candidates})
+        return dq, dk, dv
+
+
+KERNELS: dict[str, LocalKernel] = {
+    k.name: k
+    for k in (ReferenceKernel(), CpuFlashKernel(), CudaFlashKernel(), CudaEfficientKernel(), FlashAttnPackageKernel())
+}
+
+
+@cache
+def _flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _supports(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None if kernel `name` runs these inputs, else why not."""
+    if name == "reference":
+        return None
+    if name == "cpu_flash":
+        return None if device.type == "cpu" and dtype.is_floating_point else "needs CPU tensors"
+    if device.type != "cuda":
+        return "needs CUDA tensors"
+    if name == "cuda_efficient":
+        return None if head_dim % 8 == 0 and dtype in (torch.float32, *_HALF) else "needs fp32/fp16/bf16, head_dim % 8 == 0"
+    if dtype not in _HALF or head_dim % 8 or head_dim > 256:
+        return "needs fp16/bf16 and head_dim a multiple of 8 up to 256"
+    if name == "flash_attn" and not _flash_attn_available():
+        return "needs the flash-attn package (pip install 'ringtrain[flash]')"
+    return None
+
+
+def select_kernel(q: torch.Tensor, kernel: str | LocalKernel | None = "auto") -> LocalKernel:
+    """The local kernel for inputs like `q` [B, S, H, D]: by name, as given, or chosen from device/dtype/head_dim."""
+    if kernel is not None and not isinstance(kernel, str):
+        return kernel
+    head_dim = q.shape[-1]
+    if kernel in (None, "auto"):
+        if q.device.type == "cpu":
+            # fp64 goes to the reference: the CPU op would work, but references want exact fp64 math.
+            order = ["cpu_flash"] if q.dtype != torch.float64 else []
+        else:
+            order = ["flash_attn", "cuda_flash", "cuda_efficient"]
+        for name in [*order, "reference"]:
+            if _supports(name, q.device, q.dtype, head_dim) is None:
+                return KERNELS[name]
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of auto, {', '.join(KERNELS)}: pass one of those names")
+    why = _supports(kernel, q.device, q.dtype, head_dim)
+    if why is not None:
+        raise ValueError(
+            f"kernel={kernel!r} cannot run {q.dtype} on {q.device.type} with head_dim={head_dim}: it {why}; "
+            "pass kernel='auto' or 'reference'"
+        )
+    return KERNELS[kernel]
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
