@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
@@ -93,3 +94,19 @@ def test_passkey_source_length_range_never_cuts_a_document(byt5):
     assert all(b["input_ids"][i, real_len[i] - 1] == 1 for i in range(len(ds)))
     with pytest.raises(ValueError, match="passkey_min_tokens=10 is below the shortest passkey document"):
         build_packed_dataset(DataConfig(passkey_min_tokens=10, passkey_max_tokens=20), 128, byt5)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_answer_loss_fraction_gives_each_document_that_share(byt5, fraction):
+    cfg = DataConfig(num_samples=30, passkey_min_tokens=80, passkey_max_tokens=200, answer_loss_fraction=fraction)
+    ds = build_packed_dataset(cfg, seq_len=256, tokenizer=byt5)
+    b = ds.batch(np.arange(len(ds)))
+    w, answer, valid = b["token_weights"], b["answer_mask"], b["labels"] != -100
+    assert w.dtype == torch.float32 and (w[~valid] == 0).all() and (w[valid & ~answer] == 1).all()
+    for row in range(len(ds)):
+        for doc in b["document_ids"][row].unique():
+            in_doc = b["document_ids"][row] == doc
+            if (answer[row] & in_doc).any():
+                share = w[row][answer[row] & in_doc].sum() / w[row][in_doc].sum()
+                assert share.item() == pytest.approx(fraction, rel=1e-5)
+    assert "token_weights" not in build_packed_dataset(DataConfig(num_samples=4), 128, byt5).batch([0])

@@ -104,9 +104,9 @@ def test_parallel_tokenization_and_byte_fast_path_match_byt5(tmp_path):
 
 def test_config_problems_name_field_value_and_fix(tmp_path):
     cfg = DataConfig(source="web", format="xml", num_proc=0, passkey_min_tokens=90, passkey_max_tokens=80,
-                     passkey_filler="lorem")
+                     passkey_filler="lorem", answer_loss_fraction=1.0)
     fields = [f for f, _ in cfg._validate()]
-    assert fields == ["source", "format", "num_proc", "passkey_max_tokens", "passkey_filler"]
+    assert fields == ["source", "format", "num_proc", "passkey_max_tokens", "passkey_filler", "answer_loss_fraction"]
     with pytest.raises(ValueError) as err:
         check_data_config(cfg)
     msg = str(err.value)
@@ -142,7 +142,8 @@ def test_tokenizer_from_a_local_folder(tmp_path):
     bpe.train_from_iterator([SAMPLE.read_text()], trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>").save_pretrained(tmp_path / "tok")
-    cfg = DataConfig(source="files", path=str(SAMPLE), cache_dir=str(tmp_path / "cache"), tokenizer=str(tmp_path / "tok"))
+    cfg = DataConfig(source="files", path=str(SAMPLE), cache_dir=str(tmp_path / "cache"),
+                     tokenizer=str(tmp_path / "tok"))
     tok = build_tokenizer(cfg.tokenizer)
     ids = tokenize_documents(load_documents(cfg), tok, cfg)["input_ids"]
     texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]

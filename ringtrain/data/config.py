@@ -62,6 +62,9 @@ class DataConfig:
     passkey_filler: str = "repeat"
     """source='passkey': haystack text: 'repeat' (the classic 'The grass is green. ...' loop) or 'random'
     (seeded random simple sentences, harder to memorise)."""
+    answer_loss_fraction: float = 0.0
+    """source='passkey': share of each document's loss carried by its answer tokens, through per-token
+    `token_weights` in the batch (issue 8: plain weighting lets the filler dominate). 0: no token_weights."""
 
     def _validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -101,6 +104,9 @@ class DataConfig:
         if self.passkey_filler not in FILLERS:
             problems.append(("passkey_filler", f"passkey_filler={self.passkey_filler!r} is not one of "
                                                f"{', '.join(FILLERS)}"))
+        if not 0.0 <= self.answer_loss_fraction < 1.0:
+            problems.append(("answer_loss_fraction", f"answer_loss_fraction={self.answer_loss_fraction} must be in "
+                                                     "[0, 1): e.g. 0.5 for half of the loss on the answer"))
         return problems
 
 

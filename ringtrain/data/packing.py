@@ -29,13 +29,14 @@ class PackedDataset:
 
     def __init__(
         self, input_ids: np.ndarray, segments: np.ndarray, *, document_mask: bool = True,
-        answer_mask: np.ndarray | None = None, num_documents: int = 0,
+        answer_mask: np.ndarray | None = None, num_documents: int = 0, answer_loss_fraction: float = 0.0,
     ) -> None:
         self.input_ids = input_ids  # [N, S] int32
         self.segments = segments  # [N, S] int64, see the class docstring
         self.answer_mask = answer_mask  # [N, S] bool or None
         self.document_mask = document_mask
         self.num_documents = num_documents
+        self.answer_loss_fraction = answer_loss_fraction
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -58,7 +59,8 @@ class PackedDataset:
         input_ids, labels (input_ids with -100 on padding and, with document_mask, on each document's first
         token: predicting it from the previous document is not part of any document's loss), document_ids
         (0, 1, ... per sequence, non-decreasing; all 0 without document_mask), attention_mask (1 real, 0
-        padding), all int64; answer_mask (bool, True on passkey answer tokens) when the source provides it.
+        padding), all int64; answer_mask (bool, True on passkey answer tokens) when the source provides it;
+        token_weights (float32) when answer_loss_fraction > 0, see `answer_token_weights`.
         """
         idx = np.asarray(indices, dtype=np.int64)
         input_ids = self.input_ids[idx].astype(np.int64)
@@ -68,8 +70,9 @@ class PackedDataset:
         starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
         labels = input_ids.copy()
         labels[padding] = IGNORE_INDEX
+        segment_ids = np.cumsum(starts, axis=1, dtype=np.int64)
         if self.document_mask:
-            document_ids = np.cumsum(starts, axis=1, dtype=np.int64)
+            document_ids = segment_ids
             labels[starts] = IGNORE_INDEX
         else:
             document_ids = np.zeros_like(input_ids)
@@ -80,8 +83,31 @@ class PackedDataset:
             "attention_mask": torch.from_numpy((~padding).astype(np.int64)),
         }
         if self.answer_mask is not None:
-            out["answer_mask"] = torch.from_numpy(self.answer_mask[idx] & ~padding)
+            answer = self.answer_mask[idx] & ~padding
+            out["answer_mask"] = torch.from_numpy(answer)
+            if self.answer_loss_fraction > 0:
+                weights = answer_token_weights(labels != IGNORE_INDEX, answer, segment_ids, self.answer_loss_fraction)
+                out["token_weights"] = torch.from_numpy(weights)
         return out
+
+
+def answer_token_weights(
+    valid: np.ndarray, answer: np.ndarray, segment_ids: np.ndarray, fraction: float
+) -> np.ndarray:
+    """[B, S] float32 loss weights giving each document's answer tokens `fraction` of its weighted loss.
+
+    Other valid tokens weigh 1 and invalid ones 0; a document's n_answer answer tokens each weigh
+    fraction / (1 - fraction) * n_other / n_answer. Per document, so the share does not shrink with length.
+    """
+    b, s = valid.shape
+    group = np.arange(b)[:, None] * s + segment_ids  # one id per (sequence, document)
+    answer = answer & valid
+    n_answer = np.bincount(group[answer], minlength=b * s)
+    n_other = np.bincount(group[valid & ~answer], minlength=b * s)
+    per_answer = np.where(n_other > 0, fraction / (1.0 - fraction) * n_other / np.maximum(n_answer, 1), 1.0)
+    weights = valid.astype(np.float32)
+    weights[answer] = per_answer[group[answer]]
+    return weights
 
 
 def pack_documents(
@@ -93,13 +119,15 @@ def pack_documents(
     split_documents: bool = True,
     document_mask: bool = True,
     answer_masks: Sequence[np.ndarray] | None = None,
+    answer_loss_fraction: float = 0.0,
 ) -> PackedDataset:
     """Pack token documents into `seq_len` sequences: each document then EOS, cut every `seq_len` tokens.
 
     `documents` is a list of 1-D token arrays, or (flat tokens, lengths) as read from an Arrow list column.
     Empty documents are dropped (they would be a lone EOS). With `split_documents=False` a document that does
     not fit in the rest of the current sequence starts the next one (the rest is padded); a document longer
-    than `seq_len` is still split. `answer_masks` (same shapes as the documents) marks tokens to weight.
+    than `seq_len` is still split. `answer_masks` (same shapes as the documents) marks tokens to weight;
+    `answer_loss_fraction` > 0 then adds `token_weights` to each batch.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} must be >= 2")
@@ -168,6 +196,7 @@ def pack_documents(
     return PackedDataset(
         input_ids.reshape(num_sequences, seq_len), segments.reshape(num_sequences, seq_len),
         document_mask=document_mask, answer_mask=answer, num_documents=n_docs,
+        answer_loss_fraction=answer_loss_fraction,
     )
 
 

@@ -97,7 +97,7 @@ class PasskeyGenerator:
         return len(self._ids(NEEDLE.format(key=key))) + len(self._ids(QUESTION)) + len(self._ids(key))
 
     def document(self, num_tokens: int, depth: float, seed: int) -> PasskeyDocument:
-        """A document of exactly `num_tokens` tokens with the needle at `depth` (0: first, 1: just before the question)."""
+        """A document of exactly `num_tokens` tokens, the needle at `depth` (0: first, 1: right before the question)."""
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth={depth} must be in [0, 1]")
         rng = random.Random(seed)

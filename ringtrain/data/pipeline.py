@@ -147,7 +147,8 @@ def build_packed_dataset(
             tokenizer, cfg.num_samples, lo, hi, cfg.seed, digits=cfg.passkey_digits, filler=cfg.passkey_filler,
         )
         return pack_documents(docs, seq_len, eos_id, pad_id, split_documents=split_documents,
-                              document_mask=cfg.document_mask, answer_masks=masks)
+                              document_mask=cfg.document_mask, answer_masks=masks,
+                              answer_loss_fraction=cfg.answer_loss_fraction)
     _main_process_first(mesh, before=True)
     try:
         tokenized = tokenize_documents(load_documents(cfg), tokenizer, cfg)
