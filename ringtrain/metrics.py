@@ -114,11 +114,11 @@ class MetricsLogger:
         if self._wandb is not None and step % self.cfg.log_every == 0:
             self._wandb.log(metrics, step=step)
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
             postfix = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
             if "tokens_per_s" in metrics:
                 postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
-            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.set_postfix(postfix, refresh=False)  # shown by the update below
+            self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import resource
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ringtrain.log import get_logger, setup_logging
+from ringtrain.loss import chunked_cross_entropy_sum, count_valid_tokens
+
+if TYPE_CHECKING:
+    from ringtrain.config import TrainConfig
+    from ringtrain.distributed import Mesh
+
+logger = get_logger(__name__)
 
 NONFINITE_ACTIONS = ("skip", "stop")
 
@@ -55,26 +74,6 @@ class TrainLoopConfig:
 # --------------------------------------------------------------------------------------------------
 # The trainer. Assembled from small build_*/apply_* functions, called in one documented order.
 
-import contextlib  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-
-from ringtrain.log import get_logger, setup_logging  # noqa: E402
-from ringtrain.loss import chunked_cross_entropy_sum, count_valid_tokens  # noqa: E402
-
-if TYPE_CHECKING:
-    from ringtrain.config import TrainConfig
-    from ringtrain.distributed import Mesh
-
-logger = get_logger(__name__)
 
 
 class CausalLMWithChunkedLoss(nn.Module):
@@ -125,14 +124,16 @@ def apply_fsdp(model: CausalLMWithChunkedLoss, mesh: Mesh) -> None:
     like DP ranks': FSDP must SUM over the whole world. The loss is already divided by the global
     token count, hence a divide factor of 1 instead of FSDP's default mean over ranks.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for layer in decoder_layers(model.lm):
         fully_shard(layer, mesh=mesh.world_mesh)
     fully_shard(model, mesh=mesh.world_mesh)
     for module in model.modules():
-        if hasattr(module, "set_gradient_divide_factor"):
+        if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            # Plain SUM collectives: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling anyway.
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def all_reduce_gradients(model: nn.Module, mesh: Mesh) -> None:
@@ -190,37 +191,47 @@ class Trainer:
         self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.extra_state())
 
     # -- one optimizer step --------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
+    def forward_backward(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        """Accumulate the gradient of the global mean token loss over `micro` (full-sequence batches).
+
+        Returns that loss. Gradients end up summed over the whole mesh (FSDP reduce-scatter, or an
+        all-reduce without FSDP), so they equal the single-process gradient of the same global batch.
+        """
         from ringtrain.hf import shard_batch
 
         tcfg, mesh = self.cfg.train, self.mesh
-        t0 = time.perf_counter()
-        micro = [self.loader.next_batch() for _ in range(tcfg.grad_accum_steps)]
         local = [shard_batch(b, group=mesh.sp_group, layout=self.cfg.parallel.layout) for b in micro]
         # Normalise by the valid tokens of the whole step (all micro-batches, SP and DP ranks), so the
         # gradient is that of the mean token loss over the global batch, whatever the mesh or accumulation.
         weights = [b.get("token_weights") for b in local]
-        n_local = sum(count_valid_tokens(b["labels"], w) for b, w in zip(local, weights))
+        n_local = sum(count_valid_tokens(b["shift_labels"], w) for b, w in zip(local, weights, strict=True))
         n_global = n_local.detach().clone().to(mesh.device)
         dist.all_reduce(n_global)
+        n_global = n_global.clamp(min=1.0)
         loss_sum = torch.zeros((), device=mesh.device)
         offload = (torch.autograd.graph.save_on_cpu(pin_memory=mesh.device.type == "cuda")
                    if tcfg.offload_activations else contextlib.nullcontext())
         for i, batch in enumerate(local):
             if tcfg.fsdp:
+                # Reduce-scatter once, after the last micro-batch; earlier ones accumulate locally.
                 self.model.set_requires_gradient_sync(i == len(local) - 1)
             with offload:
                 part = self.model(
                     batch["input_ids"].to(mesh.device), batch["position_ids"].to(mesh.device),
-                    batch["labels"].to(mesh.device),
+                    batch["shift_labels"].to(mesh.device),
                     None if weights[i] is None else weights[i].to(mesh.device),
                 )
-            (part / n_global.clamp(min=1.0)).backward()
+            (part / n_global).backward()
             loss_sum += part.detach()
         if not tcfg.fsdp:
             all_reduce_gradients(self.model, mesh)
         dist.all_reduce(loss_sum)
-        loss = (loss_sum / n_global.clamp(min=1.0)).item()
+        return (loss_sum / n_global).item()
+
+    def train_step(self) -> dict[str, float]:
+        tcfg, mesh = self.cfg.train, self.mesh
+        t0 = time.perf_counter()
+        loss = self.forward_backward([next(self.loader) for _ in range(tcfg.grad_accum_steps)])
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -250,7 +261,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
-        from ringtrain.checkpoint import StopSignal
+        from ringtrain.checkpoint import SignalFlag
         from ringtrain.config import config_to_dict
         from ringtrain.metrics import MetricsLogger
 
@@ -263,17 +274,16 @@ class Trainer:
         self.wandb_run_id = metrics.wandb_run_id
         history = []
         ckpt_every = self.cfg.checkpoint.every_steps
-        signals = StopSignal() if self.cfg.checkpoint.save_on_signal else None
-        with signals if signals is not None else contextlib.nullcontext():
+        with SignalFlag(enabled=self.cfg.checkpoint.save_on_signal) as signals:
             try:
                 while self.step < tcfg.max_steps:
                     record = self.train_step()
                     history.append(record)
                     metrics.log(self.step, record)
-                    if signals is not None and signals.should_save_and_exit(self.mesh):
+                    signum = signals.agreed(self.mesh)
+                    if signum:
                         self.save()
-                        # Ranks that were not signalled themselves report SIGTERM, the scheduler's usual one.
-                        self.stopped_by_signal = signals.received or 15
+                        self.stopped_by_signal = signum
                         logger.warning("stopped at step %d after a signal; resume with checkpoint.resume=auto",
                                        self.step)
                         break
@@ -305,14 +315,17 @@ class Trainer:
 def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
     """Assemble a Trainer. The order of the apply_* calls matters and is explained inline."""
     from ringtrain.checkpoint import CheckpointManager
-    from ringtrain.data import build_tokenizer, build_train_loader
+    from ringtrain.data import build_dataloader, build_tokenizer
+    from ringtrain.distributed import seed_everything
     from ringtrain.hf import apply_ring_attention
     from ringtrain.hf.rope import apply_rope_scaling
     from ringtrain.model import build_model, build_model_config
     from ringtrain.optim import build_optimizer, build_scheduler
 
     tcfg = cfg.train
-    tokenizer = build_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer != "model" else cfg.model.path)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    # Every rank draws the same initial weights: FSDP keeps each rank's shard of what it initialised.
+    seed_everything(tcfg.seed)
     model_config = build_model_config(cfg.model)
     apply_rope_scaling(model_config, cfg.rope)  # before the model exists: rotary buffers are built from it
     lm = build_model(cfg.model, model_config, mesh.device)
@@ -329,8 +342,8 @@ def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
         apply_fsdp(model, mesh)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
-    loader = build_train_loader(cfg.data, tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size,
-                                dp_rank=mesh.dp_rank, dp_size=mesh.dp_size)
+    loader = build_dataloader(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size, mesh=mesh,
+                              tokenizer=tokenizer)
     checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, mesh)
     return Trainer(cfg, mesh, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
 
@@ -343,7 +356,7 @@ def train(cfg: TrainConfig) -> Trainer:
     setup_logging()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    mesh = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    mesh = init_distributed(cfg.parallel)
     try:
         if mesh.rank == 0:
             save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
