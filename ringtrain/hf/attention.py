@@ -1,0 +1,251 @@
+"""Run a transformers causal LM's attention through the ring runtime, via transformers' public AttentionInterface.
+
+One attention function is registered per `apply_ring_attention` call under its own name, closing over that call's
+process group and layout, and selected with `model.set_attn_implementation(name)`: no globals steer the ring, and
+two models on two groups can coexist. No attention mask is ever built: transformers 5.x returns no mask for an
+implementation that the AttentionMaskInterface does not know (`_preprocess_mask_arguments` early exit), and the
+causal mask is the ring's job. What the ring cannot compute (sliding windows, attention dropout, KV caches,
+left padding, positions that do not match the shard layout) raises instead of silently computing something else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ringtrain.hf.batch import check_right_padding
+from ringtrain.hf.rope import check_rotary_precision
+from ringtrain.log import get_logger
+from ringtrain.ring import LAYOUTS, group_world_rank, ring_attention, sequence_positions, unshard_sequence
+
+logger = get_logger(__name__)
+
+_names = itertools.count()
+# model -> its binding, so `remove_ring_attention` can undo exactly what was done (weak: models are not kept alive).
+_applied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(eq=False)
+class _RingBinding:
+    """The group and layout one registered attention function runs with, plus its first-forward sanity counter."""
+
+    name: str
+    group: dist.ProcessGroup | None
+    layout: str
+    validate_inputs: bool
+    calls: int = 0
+    hooks: dict = field(default_factory=dict)
+
+    def attention(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,  # [B, H, S_local, D]
+        key: torch.Tensor,  # [B, H_kv, S_local, D]
+        value: torch.Tensor,  # [B, H_kv, S_local, D]
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """The AttentionInterface signature; returns (output [B, S_local, H, D], no weights)."""
+        self.calls += 1
+        layer = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
+        if dropout:
+            raise ValueError(
+                f"{layer}: attention dropout={dropout} in training mode is not supported by ring attention: "
+                "set config.attention_dropout=0.0 (the usual value for LLM fine-tuning)"
+            )
+        if kwargs.get("sliding_window") is not None:
+            raise ValueError(
+                f"{layer}: sliding_window={kwargs['sliding_window']} is not supported by ring attention yet "
+                "(issue 7, window masks): disable the window in the model config"
+            )
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            raise ValueError(f"{layer}: attention logit soft-capping / sinks are not supported by ring attention")
+        if attention_mask is not None:
+            # The input hook drops 2-D masks and transformers builds none for us; a mask here is a 4-D or custom
+            # mask the caller prepared, which the ring would silently ignore.
+            raise ValueError(
+                f"{layer}: received an attention mask of shape {tuple(attention_mask.shape)}; ring attention applies "
+                "only the causal mask: pass no mask (right padding is handled by shard_batch's ignored labels)"
+            )
+        if key.shape[2] != query.shape[2]:
+            raise ValueError(
+                f"{layer}: {key.shape[2]} keys for {query.shape[2]} queries means a KV cache is in use: ring "
+                "attention trains on whole sharded sequences; call the model with use_cache=False and no cache"
+            )
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        out = ring_attention(  # q [B, S_local, H, D], k/v [B, S_local, H_kv, D]: GQA heads are not repeated
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            group=self.group, causal=bool(causal), layout=self.layout, scale=scaling,
+        )
+        return out, None
+
+    def check_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook on the base model: refuse caches, check positions and padding, drop the 2-D mask."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            raise ValueError(
+                "a KV cache (past_key_values) was passed to a model running ring attention: the cache would hold "
+                "only this rank's shard; train without a cache, and generate with the model reloaded without ringtrain"
+            )
+        if kwargs.get("use_cache"):
+            raise ValueError(
+                "use_cache=True with ring attention: a cache of sequence shards is useless and costs memory; "
+                "pass use_cache=False (or leave it unset)"
+            )
+        kwargs["use_cache"] = False  # config.use_cache defaults to True, which would build a DynamicCache
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+        if tokens is None:
+            return args, kwargs
+        s_local = tokens.shape[1]
+        world, _ = group_world_rank(self.group)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:  # checked even without validate_inputs: dropping a left-padding mask is silent harm
+            if mask.ndim != 2 or mask.shape[1] != s_local:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(mask.shape)} but this rank holds {s_local} tokens: pass the "
+                    "sharded 2-D padding mask, or none (shard_batch turns padding into ignored labels instead)"
+                )
+            # Every rank sees the same gathered mask, so every rank raises together instead of leaving peers
+            # waiting in the ring.
+            check_right_padding(unshard_sequence(mask.to(torch.int32), group=self.group, dim=1,
+                                                 layout=self.layout))
+            kwargs["attention_mask"] = None
+        if self.validate_inputs:
+            self._check_positions(module, kwargs.get("position_ids"), s_local, world, tokens.device)
+        return args, kwargs
+
+    def _check_positions(
+        self, module: torch.nn.Module, position_ids: torch.Tensor | None, s_local: int, world: int,
+        device: torch.device,
+    ) -> None:
+        """Positions must be this rank's global positions, and position-dependent RoPE must agree across ranks."""
+        if position_ids is None:
+            if world == 1:
+                return
+            raise ValueError(
+                "position_ids were not passed: transformers would number this rank's tokens 0..S_local-1 and RoPE "
+                "would be wrong on every rank but the first; pass the position_ids from shard_batch"
+            )
+        expected = sequence_positions(s_local * world, group=self.group, layout=self.layout, device=device)
+        bad = int(not bool((position_ids == expected).all()))
+        # transformers' dynamic and longrope RoPE pick their frequencies from max(position_ids) + 1, which differs
+        # between ranks: compare what each rank would pick.
+        params = getattr(module.config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type") if isinstance(params, dict) else None
+        pick = 0
+        if rope_type == "dynamic":
+            pick = max(int(position_ids.max()) + 1, module.config.max_position_embeddings)
+        elif rope_type == "longrope":
+            pick = int(int(position_ids.max()) + 1 > params["original_max_position_embeddings"])
+        flags = torch.tensor([bad, pick, -pick], dtype=torch.int64, device=device)
+        if world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        if flags[0]:
+            raise ValueError(
+                f"position_ids do not match the {self.layout} shard of a {s_local * world}-token sequence on at least "
+                "one rank: pass the position_ids from shard_batch with the same group and layout (packed documents "
+                "with restarting positions need document masks, issue 7)"
+            )
+        if flags[1] != -flags[2]:
+            raise ValueError(
+                f"rope_type={rope_type!r} chooses its frequencies from each rank's largest position, and the ranks "
+                f"disagree for a {s_local * world}-token sequence ({-int(flags[2])} vs {int(flags[1])}): "
+                "use rope.method=yarn, llama3 or linear for sequence-parallel training"
+            )
+
+    def check_called(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook, first forward only: the model really routed its attention through the ring."""
+        if self.calls == 0:
+            raise RuntimeError(
+                f"{type(module).__name__} ran a forward without calling the ring attention function {self.name!r}: "
+                "its attention bypasses transformers' AttentionInterface (or attn_implementation was changed after "
+                "apply_ring_attention), so each rank attended only to its own shard"
+            )
+        self.hooks.pop("check_called").remove()  # verified once; no per-step cost afterwards
+
+
+def _check_supported(model: torch.nn.Module) -> None:
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = [t for t in set(layer_types) if t != "full_attention"]
+    if windowed:
+        raise ValueError(
+            f"{type(model).__name__} has {', '.join(sorted(windowed))} layers (config.layer_types): ring attention "
+            "supports full causal attention only until window masks land (issue 7); for Qwen2/Qwen3 set "
+            "use_sliding_window=False"
+        )
+    window = getattr(config, "sliding_window", None)
+    if window is not None and not layer_types:
+        raise ValueError(
+            f"{type(model).__name__} has config.sliding_window={window}: ring attention does not apply windows yet "
+            "(issue 7); set sliding_window=None in the config to train with full causal attention"
+        )
+    if getattr(config, "attention_chunk_size", None):
+        raise ValueError(
+            f"config.attention_chunk_size={config.attention_chunk_size}: chunked attention is not supported by "
+            "ring attention"
+        )
+    check_rotary_precision(model)
+
+
+def apply_ring_attention(
+    model: torch.nn.Module,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "zigzag",
+    *,
+    validate_inputs: bool = True,
+) -> torch.nn.Module:
+    """Make a transformers causal LM compute attention with `ring_attention` over `group`; returns `model`.
+
+    Feed it the output of `shard_batch(batch, group, layout)` (same group and layout): `input_ids` and
+    `position_ids`, no `labels` (the pre-shifted `shift_labels` go to the loss). Call before FSDP wrapping and
+    activation checkpointing; neither touches the attention implementation. With `validate_inputs` (default),
+    each forward checks the positions against the layout (one tiny all_reduce over `group`) and any 2-D padding
+    mask (one all_gather); turn it off under torch.compile once the input pipeline is trusted.
+    The saved config does not mention ringtrain: `save_pretrained` output reloads with default (sdpa) attention.
+    """
+    from transformers import AttentionInterface
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    if model in _applied:
+        raise ValueError("apply_ring_attention was already applied to this model: call remove_ring_attention first")
+    _check_supported(model)
+    binding = _RingBinding(f"ringtrain_ring_{layout}_{next(_names)}", group, layout, validate_inputs)
+    AttentionInterface.register(binding.name, binding.attention)
+    model.set_attn_implementation(binding.name)
+    # `config._attn_implementation` is the attribute every modeling file dispatches on; transformers only logs a
+    # warning when a model cannot switch, so check that the switch happened.
+    if model.config._attn_implementation != binding.name:
+        raise ValueError(
+            f"{type(model).__name__} cannot switch its attention implementation (its attention does not go through "
+            "transformers' AttentionInterface), so ring attention cannot be applied to it"
+        )
+    base = getattr(model, "base_model", model)  # hook the decoder stack: the trainer may call it directly
+    binding.hooks["check_inputs"] = base.register_forward_pre_hook(binding.check_inputs, with_kwargs=True)
+    binding.hooks["check_called"] = base.register_forward_hook(binding.check_called, with_kwargs=True)
+    _applied[model] = binding
+    world, _ = group_world_rank(group)
+    logger.info("ring attention on %s: %s layout over %d ranks (%s)", type(model).__name__, layout, world,
+                binding.name)
+    return model
+
+
+def remove_ring_attention(model: torch.nn.Module, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """Undo `apply_ring_attention`: back to `attn_implementation` on full sequences (evaluation, generation)."""
+    binding = _applied.pop(model, None)
+    if binding is None:
+        raise ValueError("remove_ring_attention: apply_ring_attention was not applied to this model")
+    for hook in binding.hooks.values():
+        hook.remove()
+    model.set_attn_implementation(attn_implementation)
+    return model

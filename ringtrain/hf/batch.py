@@ -1,0 +1,104 @@
+"""Shard a full-sequence batch for sequence parallelism: global positions and next-token labels shifted before sharding.
+
+Shifting before sharding is what keeps the label of the last token of every shard: after sharding, token t+1
+usually lives on another rank. The returned labels are therefore already aligned with the logits
+(`shift_labels[:, t]` is the target of `logits[:, t]`) and must not be shifted again; that is why the key is
+`shift_labels` (transformers' own name for pre-shifted labels in `ForCausalLMLoss`) and never `labels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ringtrain.ring import sequence_positions, shard_sequence
+
+IGNORE_INDEX = -100
+
+
+def check_right_padding(attention_mask: torch.Tensor, what: str = "attention_mask") -> None:
+    """Raise unless every row of a 2-D 0/1 mask is real tokens followed by padding (right padding).
+
+    Right padding needs no attention mask under a causal ring (real tokens never look ahead at the pads);
+    left padding or holes would need a document mask that the ring does not apply yet (issue 7).
+    """
+    if attention_mask.ndim != 2:
+        raise ValueError(
+            f"{what} has shape {tuple(attention_mask.shape)}: ring attention takes a 2-D [batch, seq] padding mask "
+            "(or none); 4-D or custom masks are not supported"
+        )
+    mask = attention_mask.to(torch.bool)
+    holes = mask[:, 1:] & ~mask[:, :-1]  # a real token right after a pad
+    if bool(holes.any()):
+        row, col = (int(i) for i in holes.nonzero()[0])
+        raise ValueError(
+            f"{what} is not right padding: row {row} has a real token at position {col + 1} after padding "
+            "(left padding or a hole). Ring attention only supports right padding: tokenize with "
+            "padding_side='right', or pack documents without padding"
+        )
+
+
+def shard_batch(
+    batch: Mapping[str, torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    layout: str = "zigzag",
+    *,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, torch.Tensor]:
+    """This rank's shard of a full-sequence batch, ready for a model prepared with `apply_ring_attention`.
+
+    `batch`: `input_ids` [B, S] (the full sequence, identical on every rank of `group`), optional `labels` [B, S]
+    (unshifted, `ignore_index` where no loss is wanted; default: the input ids), optional `attention_mask` [B, S]
+    (right padding only). Returns
+      - `input_ids` [B, S_local]: this rank's tokens,
+      - `position_ids` [B, S_local]: their global positions (pass to the model: RoPE must see global positions),
+      - `shift_labels` [B, S_local]: the next-token target of each local token, shifted *before* sharding; the last
+        position of each sequence and every padding position hold `ignore_index`. Do not shift these again,
+      - `num_label_tokens` (0-d LongTensor): non-ignored labels in the full batch, the same on every rank of the
+        group: divide the summed local loss by it (and by its sum over data-parallel ranks) to get a mean.
+    No attention mask is returned: with right padding the causal ring needs none.
+    """
+    input_ids = batch["input_ids"]  # [B, S]
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: shard_batch takes [batch, seq]")
+    targets = batch.get("labels")
+    targets = input_ids if targets is None else targets
+    if targets.shape != input_ids.shape:
+        raise ValueError(f"labels shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    shift_labels = torch.full_like(targets, ignore_index)  # [B, S]
+    shift_labels[:, :-1] = targets[:, 1:]
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        if mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        check_right_padding(mask)
+        real = mask.to(torch.bool)
+        # A pad predicts nothing, and the last real token must not learn to predict the first pad.
+        shift_labels[~real] = ignore_index
+        shift_labels[:, :-1][~real[:, 1:]] = ignore_index
+    positions = sequence_positions(input_ids.shape[1], group=group, layout=layout, device=input_ids.device)
+    return {
+        "input_ids": shard_sequence(input_ids, group=group, dim=1, layout=layout),
+        "position_ids": positions.unsqueeze(0).expand(input_ids.shape[0], -1),
+        "shift_labels": shard_sequence(shift_labels, group=group, dim=1, layout=layout),
+        "num_label_tokens": (shift_labels != ignore_index).sum(),
+    }
+
+
+def token_loss_sum(
+    logits: torch.Tensor, shift_labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Summed next-token cross-entropy (fp32) of local `logits` [B, S_local, V] against `shift_labels`.
+
+    The reference form of the loss contract: divide by `num_label_tokens` (summed over data-parallel ranks) and
+    backpropagate; each SP rank's gradients are then partial sums that the data/sequence-parallel gradient
+    reduction adds up. A trainer with a large vocabulary computes the same sum in chunks of the hidden states.
+    """
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=ignore_index, reduction="sum"
+    )
