@@ -333,3 +333,15 @@ def test_shard_batch_labels_world_of_one():
     assert int(out["num_label_tokens"]) == 6 + 4
     torch.testing.assert_close(out["position_ids"], torch.arange(8).expand(2, 8))
     assert set(out) == {"input_ids", "position_ids", "shift_labels", "num_label_tokens"}
+
+    # per-label data keys shift with the labels; per-token ones do not; unknown keys are refused
+    weights = torch.rand(2, 8, generator=torch.Generator().manual_seed(4))
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]] * 2)
+    out = shard_batch({"input_ids": ids, "token_weights": weights, "answer_mask": weights > 0.5,
+                       "document_ids": docs})
+    torch.testing.assert_close(out["token_weights"][:, :7], weights[:, 1:])
+    assert (out["token_weights"][:, 7] == 0).all() and not out["answer_mask"][:, 7].any()
+    torch.testing.assert_close(out["answer_mask"][:, :7], weights[:, 1:] > 0.5)
+    torch.testing.assert_close(out["document_ids"], docs)
+    with pytest.raises(ValueError, match=r"does not know the batch keys \['segment_ids'\]"):
+        shard_batch({"input_ids": ids, "segment_ids": docs})

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from ringtrain.ring import sequence_positions, shard_sequence
 
 IGNORE_INDEX = -100
+# Per-token tensors the data pipeline may add (docs/data.md). Label-aligned ones describe the label at t (the
+# prediction of token t), so they shift with the labels; token-aligned ones describe token t and only shard.
+LABEL_ALIGNED_KEYS = ("token_weights", "answer_mask")
+TOKEN_ALIGNED_KEYS = ("document_ids",)
 
 
 def check_right_padding(attention_mask: torch.Tensor, what: str = "attention_mask") -> None:
@@ -58,12 +62,23 @@ def shard_batch(
       - `shift_labels` [B, S_local]: the next-token target of each local token, shifted *before* sharding; the last
         position of each sequence and every padding position hold `ignore_index`. Do not shift these again,
       - `num_label_tokens` (0-d LongTensor): non-ignored labels in the full batch, the same on every rank of the
-        group: divide the summed local loss by it (and by its sum over data-parallel ranks) to get a mean.
-    No attention mask is returned: with right padding the causal ring needs none.
+        group: divide the summed local loss by it (and by its sum over data-parallel ranks) to get a mean,
+      - `token_weights`, `answer_mask` if given: shifted exactly like the labels (aligned with `shift_labels`;
+        0 / False at the last position), and `document_ids` if given: sharded, not shifted (ring attention does
+        not apply document masks yet, issue 7).
+    No attention mask is returned: with right padding the causal ring needs none. Any other key is an error,
+    because whether it should shift cannot be guessed.
     """
     input_ids = batch["input_ids"]  # [B, S]
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: shard_batch takes [batch, seq]")
+    unknown = set(batch) - {"input_ids", "labels", "attention_mask", *LABEL_ALIGNED_KEYS, *TOKEN_ALIGNED_KEYS}
+    if unknown:
+        raise ValueError(
+            f"shard_batch does not know the batch keys {sorted(unknown)}: per-label keys "
+            f"({', '.join(LABEL_ALIGNED_KEYS)}) are shifted, per-token keys ({', '.join(TOKEN_ALIGNED_KEYS)}) only "
+            "sharded; drop other keys before sharding or add them to one of those lists"
+        )
     targets = batch.get("labels")
     targets = input_ids if targets is None else targets
     if targets.shape != input_ids.shape:
@@ -82,12 +97,24 @@ def shard_batch(
         shift_labels[~real] = ignore_index
         shift_labels[:, :-1][~real[:, 1:]] = ignore_index
     positions = sequence_positions(input_ids.shape[1], group=group, layout=layout, device=input_ids.device)
-    return {
+    out = {
         "input_ids": shard_sequence(input_ids, group=group, dim=1, layout=layout),
         "position_ids": positions.unsqueeze(0).expand(input_ids.shape[0], -1),
         "shift_labels": shard_sequence(shift_labels, group=group, dim=1, layout=layout),
         "num_label_tokens": (shift_labels != ignore_index).sum(),
     }
+    for key in LABEL_ALIGNED_KEYS:
+        if key in batch:
+            value = batch[key]
+            if value.shape != input_ids.shape:
+                raise ValueError(f"{key} shape {tuple(value.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            shifted = torch.zeros_like(value)  # 0 / False: the last position has no label
+            shifted[:, :-1] = value[:, 1:]
+            out[key] = shard_sequence(shifted, group=group, dim=1, layout=layout)
+    for key in TOKEN_ALIGNED_KEYS:
+        if key in batch:
+            out[key] = shard_sequence(batch[key], group=group, dim=1, layout=layout)
+    return out
 
 
 def token_loss_sum(
