@@ -88,9 +88,8 @@ class MetricsLogger:
     def _start_wandb(self, output_dir: str | Path, run_config: dict[str, Any]) -> None:
         import wandb
 
-        if self.wandb_run_id is None:
-            self.wandb_run_id = wandb.util.generate_id()
-        # resume="allow" with a stored id makes a requeued or resumed job continue the same W&B run.
+        # resume="allow" with the id stored in the checkpoint makes a requeued or resumed job continue
+        # the same W&B run; a fresh run lets W&B pick the id, which the next checkpoint then stores.
         self._wandb = wandb.init(
             project=self.cfg.wandb_project,
             entity=self.cfg.wandb_entity,
@@ -102,6 +101,7 @@ class MetricsLogger:
             resume="allow",
             config=run_config,
         )
+        self.wandb_run_id = self._wandb.id
         logger.info("W&B run %s (%s)", self.wandb_run_id, self.cfg.wandb_mode)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

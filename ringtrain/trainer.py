@@ -271,7 +271,10 @@ class Trainer:
             self.cfg.logging, tcfg.output_dir, enabled=self.mesh.rank == 0, total_steps=tcfg.max_steps,
             start_step=self.step, run_config=config_to_dict(self.cfg), wandb_run_id=self.wandb_run_id,
         )
-        self.wandb_run_id = metrics.wandb_run_id
+        # Only rank 0 talks to W&B, but the id goes into every rank's (identical) checkpoint state.
+        run_id = [metrics.wandb_run_id]
+        dist.broadcast_object_list(run_id, src=0)
+        self.wandb_run_id = run_id[0]
         history = []
         ckpt_every = self.cfg.checkpoint.every_steps
         with SignalFlag(enabled=self.cfg.checkpoint.save_on_signal) as signals:

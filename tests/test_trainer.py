@@ -54,7 +54,8 @@ def test_sp_gradients_equal_single_process(tmp_path):
     _compare(ref, sp2[0], 2e-4)
     _compare(ref, sp2[1], 2e-4)
     sp2_ac = run_distributed(_grads, 2, _cfg(tmp_path / "c", "parallel.sp_size=2", "train.activation_checkpointing=true",
-                                             "parallel.layout=contiguous"), 2, timeout=240)[0]
+                                             "train.offload_activations=true", "parallel.layout=contiguous"),
+                             2, timeout=240)[0]
     _compare(ref, sp2_ac, 2e-4)
     sp4_nofsdp = run_distributed(_grads, 4, _cfg(tmp_path / "d", "parallel.sp_size=4", "train.fsdp=false"), 2,
                                  timeout=240)[0]
@@ -107,3 +108,48 @@ def test_exported_model_loads_in_plain_transformers(tmp_path):
         logits = model(input_ids=ids).logits
     torch.testing.assert_close(logits, trainer_logits, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "final_model" / "model.safetensors").exists()
+
+
+def _wandb_run_ids(mesh, cfg_first, cfg_second):
+    from ringtrain.trainer import build_trainer
+
+    first = build_trainer(cfg_first, mesh)
+    first.fit()
+    second = build_trainer(cfg_second, mesh)
+    second.fit()
+    return first.wandb_run_id, second.wandb_run_id, second.step
+
+
+def test_wandb_offline_run_continues_after_resume(tmp_path):
+    common = ["logging.wandb_mode=offline", "checkpoint.export_final=false", "checkpoint.every_steps=1"]
+    first, second, step = run_distributed(
+        _wandb_run_ids, 2, _cfg(tmp_path, *common, "train.max_steps=2", "parallel.sp_size=2"),
+        _cfg(tmp_path, *common, "train.max_steps=3", "parallel.sp_size=2"), timeout=240)[0]
+    assert first and first == second and step == 3
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(first) for r in runs)
+
+
+def _nonfinite(mesh, cfg):
+    from ringtrain.trainer import build_trainer
+
+    trainer = build_trainer(cfg, mesh)
+    with torch.no_grad():
+        trainer.lm.get_input_embeddings().weight.fill_(float("nan"))  # every token embeds to NaN
+    before = {n: p.detach().clone() for n, p in trainer.lm.named_parameters()}
+    try:
+        record = trainer.train_step()
+    except FloatingPointError as e:
+        return str(e)
+    unchanged = all(torch.equal(p, before[n]) or n.endswith("embed_tokens.weight")
+                    for n, p in trainer.lm.named_parameters())
+    return record["skipped"], unchanged, trainer.step
+
+
+def test_nonfinite_loss_is_skipped_or_stops(tmp_path):
+    skipped, unchanged, step = run_distributed(
+        _nonfinite, 1, _cfg(tmp_path / "a", "train.fsdp=false", "train.on_nonfinite=skip"), timeout=240)[0]
+    assert skipped == 1 and unchanged and step == 1
+    message = run_distributed(
+        _nonfinite, 1, _cfg(tmp_path / "b", "train.fsdp=false", "train.on_nonfinite=stop"), timeout=240)[0]
+    assert message.startswith("non-finite loss (nan) or gradient norm (nan) at step 1: lower optim.lr")
