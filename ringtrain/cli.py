@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also check the parallel sizes against this many ranks (default: $WORLD_SIZE if set)")
     add("train", "train (run under torchrun; see README)")
     r = add("rope", "print the effective RoPE parameters: wavelengths against the target length")
-    r.add_argument("--target-length", type=int, default=None, help="length to compare against (default: seq_len)")
+    r.add_argument("--target-length", type=int, default=None,
+                   help="length to compare against (default: the scaled context length)")
     return parser
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             from ringtrain.hf.rope import describe_rope
 
             cfg = _load(args, None)
-            sys.stdout.write(describe_rope(cfg.model, cfg.rope, args.target_length or cfg.train.seq_len) + "\n")
+            sys.stdout.write(describe_rope(cfg.model, cfg.rope, args.target_length) + "\n")
             return 0
         if args.command == "train":
             from ringtrain.trainer import train

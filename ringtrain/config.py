@@ -343,3 +343,55 @@ def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_config(cfg))
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference documentation, generated from the dataclasses so it cannot drift from the code.
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring: the string literal written right after it in the class body."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return yaml.safe_dump(f.default).strip().removesuffix("...").strip()
+    if f.default_factory is not dataclasses.MISSING:
+        return yaml.safe_dump(f.default_factory(), default_flow_style=True).strip()
+    return "**required**"
+
+
+def render_config_reference() -> str:
+    """Markdown reference of every config key: type, default and meaning, section by section."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the dataclasses by `python scripts/gen_config_docs.py`; a test fails when it is stale.",
+        "Precedence: defaults < YAML file < command-line `section.key=value` overrides. Check a config with",
+        "`ringtrain validate CONFIG [key=value ...] [--world-size N]`.",
+        "",
+    ]
+    hints = _hints(TrainConfig)
+    for section in dataclasses.fields(TrainConfig):
+        cls = hints[section.name]
+        docs = _field_docs(cls)
+        lines += [f"## `{section.name}`", "", (cls.__doc__ or "").strip(), "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
+        field_hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            meaning = docs.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{section.name}.{f.name}` | {_type_name(field_hints[f.name])} | `{_default_text(f)}` "
+                         f"| {meaning} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -163,3 +163,21 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: optim.lr=-1.0 must be > 0 (e.g. 3e-4)"
     assert "Traceback" not in proc.stderr
+
+
+def test_configuration_reference_is_current():
+    from ringtrain.config import render_config_reference
+
+    committed = (ROOT / "docs" / "configuration.md").read_text()
+    assert committed == render_config_reference() + "\n", "run: python scripts/gen_config_docs.py"
+    assert "| `optim.lr` | a number | `0.0003` | Peak learning rate" in committed
+
+
+def test_rope_command_reports_scaling(capsys):
+    rc = main(["rope", str(ROOT / "configs/tiny_cpu.yaml"), "rope.method=yarn", "rope.factor=8"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "'rope_type': 'yarn'" in out and "target length=8192" in out
+    assert "interpolated" in out and "extrapolated" in out
+    rc = main(["rope", str(ROOT / "configs/tiny_cpu.yaml"), "rope.method=yarnn"])
+    assert rc == 2 and "rope.method='yarnn'" in capsys.readouterr().err
