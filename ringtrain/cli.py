@@ -7,6 +7,10 @@ import os
 import sys
 
 EXIT_CONFIG = 2
+# `train` stopped early on SIGTERM/SIGUSR1 after saving a checkpoint: resumable, not finished.
+# EX_TEMPFAIL from sysexits.h ("try again later"), so launchers and SLURM scripts can requeue on it;
+# torchrun reports it as a worker failure with exitcode 75 (and never restarts it with --max-restarts 0).
+EXIT_STOPPED = 75
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*args.overrides, *extra]
     from ringtrain.config import ConfigError
 
-    env_world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+    env_world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
     try:
         if args.command == "validate":
             from ringtrain.config import dump_config
@@ -63,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             from ringtrain.trainer import train
 
             cfg = _load(args, env_world)
-            train(cfg)
-            return 0
+            trainer = train(cfg)
+            return EXIT_STOPPED if trainer.stopped_by_signal else 0
     except ConfigError as e:
         for problem in e.problems:
             sys.stderr.write(f"error: {problem}\n")

@@ -20,20 +20,13 @@ import yaml
 from ringtrain.checkpoint import CheckpointConfig
 from ringtrain.data import DataConfig
 from ringtrain.distributed import ParallelConfig, resolve_parallel_sizes
+from ringtrain.errors import ConfigError
 from ringtrain.eval import EvalConfig
 from ringtrain.hf.rope import RopeConfig
 from ringtrain.metrics import LoggingConfig
 from ringtrain.model import ModelConfig
 from ringtrain.optim import OptimConfig
 from ringtrain.trainer import TrainLoopConfig
-
-
-class ConfigError(ValueError):
-    """One or more configuration problems; `problems` holds one self-contained line each."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 @dataclass
@@ -322,8 +315,8 @@ def load_config(
     if cfg is not None and cfg.parallel is not None and world_size is not None:
         try:
             resolve_parallel_sizes(cfg.parallel, world_size)
-        except ValueError as e:
-            problems.append(str(e))
+        except ConfigError as e:
+            problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
     return cfg

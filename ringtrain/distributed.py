@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ringtrain.errors import ConfigError
 from ringtrain.log import get_logger
 
 logger = get_logger(__name__)
@@ -49,20 +50,21 @@ class ParallelConfig:
 
 
 def resolve_parallel_sizes(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """(dp, sp) for `world_size`, or ValueError naming the key, the value and the fix."""
+    """(dp, sp) for `world_size`, or a ConfigError naming the key, the value and the fix."""
     sp = parallel.sp_size
     if sp < 1 or world_size % sp:
         divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ValueError(
+        more = f", or start {sp} x N processes (torchrun --nproc_per_node)" if sp > world_size else ""
+        raise ConfigError([
             f"parallel.sp_size={sp} does not divide world size {world_size}: "
-            f"choose sp_size among {', '.join(map(str, divisors))}"
-        )
+            f"choose sp_size among {', '.join(map(str, divisors))}{more}"
+        ])
     dp = parallel.dp_size or world_size // sp
     if dp * sp != world_size:
-        raise ValueError(
+        raise ConfigError([
             f"parallel.dp_size={parallel.dp_size} x parallel.sp_size={sp} = {dp * sp} "
             f"!= world size {world_size}: set dp_size={world_size // sp} or dp_size=0 (auto)"
-        )
+        ])
     return dp, sp
 
 
