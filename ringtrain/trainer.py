@@ -298,6 +298,9 @@ class Trainer:
             self.save()
             if self.cfg.checkpoint.export_final:
                 self.export(Path(tcfg.output_dir) / "final_model")
+        if history:
+            logger.info("done: step %d/%d, loss %.4f -> %.4f; run folder %s", self.step, tcfg.max_steps,
+                        history[0]["loss"], history[-1]["loss"], tcfg.output_dir)
         return history
 
     def export(self, out_dir: Path) -> None:
