@@ -33,6 +33,8 @@ class LoggingConfig:
     """Write metrics every N optimizer steps (metrics.jsonl always gets every step)."""
     progress_bar: bool = True
     """Show a progress bar on rank 0 (step, loss, tokens/s, ETA)."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one device, for the MFU metric; 0 = known GPUs (H100/H200, A100), none on CPU."""
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -40,7 +42,23 @@ class LoggingConfig:
             problems.append(("wandb_mode", f"wandb_mode={self.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}"))
         if self.log_every < 1:
             problems.append(("log_every", f"log_every={self.log_every} must be >= 1"))
+        if self.peak_tflops < 0:
+            problems.append(("peak_tflops", f"peak_tflops={self.peak_tflops} must be >= 0 (0 = detect)"))
         return problems
+
+
+# Dense bf16 peak (no sparsity) from the vendors' datasheets, matched against torch.cuda.get_device_name.
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def peak_tflops(cfg: LoggingConfig, device_name: str | None) -> float | None:
+    """The MFU denominator: the configured peak, else a known GPU's, else None (no MFU reported)."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops
+    for key, value in _PEAK_TFLOPS.items():
+        if device_name and key in device_name:
+            return value
+    return None
 
 
 class MetricsLogger:

@@ -169,6 +169,10 @@ class Trainer:
         self.cfg, self.mesh, self.model, self.lm, self.tokenizer = cfg, mesh, model, lm, tokenizer
         self.loader, self.optimizer, self.scheduler, self.checkpoints = loader, optimizer, scheduler, checkpoints
         self.flops_per_token = flops_per_token
+        from ringtrain.metrics import peak_tflops
+
+        name = torch.cuda.get_device_name(mesh.device) if mesh.device.type == "cuda" else None
+        self.peak_tflops = peak_tflops(cfg.logging, name)
         self.step = 0
         self.wandb_run_id: str | None = None
         self.stopped_by_signal: int | None = None
@@ -251,13 +255,16 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         tokens = tcfg.micro_batch_size * tcfg.seq_len * tcfg.grad_accum_steps * mesh.dp_size
-        return {
+        tflops = tokens * self.flops_per_token / dt / mesh.world_size / 1e12
+        record = {
             "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": int(skipped),
             "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tokens / dt / mesh.world_size,
-            "tflops_per_gpu": tokens * self.flops_per_token / dt / mesh.world_size / 1e12,
-            "step_time_s": dt, "seq_len": tcfg.seq_len,
+            "tflops_per_gpu": tflops, "step_time_s": dt, "seq_len": tcfg.seq_len,
             "peak_memory_gib": peak_memory_bytes(mesh.device) / 2**30,
         }
+        if self.peak_tflops:
+            record["mfu"] = tflops / self.peak_tflops
+        return record
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:

@@ -128,6 +128,14 @@ def test_wandb_offline_run_continues_after_resume(tmp_path):
     assert first and first == second and step == 3
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(first) for r in runs)
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu", "tflops_per_gpu",
+                "step_time_s", "seq_len", "peak_memory_gib"):
+        assert all(math.isfinite(r[key]) and r[key] >= 0 for r in records), key
+    assert "mfu" not in records[0]  # no known peak on CPU: no made-up MFU
 
 
 def _nonfinite(mesh, cfg):
