@@ -37,6 +37,24 @@ def merge_partial(
     lse_acc.copy_(new)
 
 
+def _covers(sl: slice, length: int) -> bool:
+    return sl.start == 0 and sl.stop == length
+
+
+def _accumulate(acc: torch.Tensor | None, value: torch.Tensor, sl: slice, shape, dtype: torch.dtype) -> torch.Tensor:
+    """acc[:, sl] += value, where acc=None stands for zeros.
+
+    An empty accumulator adopts a value that covers it whole instead of allocating zeros and adding:
+    step 0 is always one block over the whole local sequence, so this saves a buffer and a pass.
+    """
+    if acc is None:
+        if _covers(sl, shape[1]):
+            return value.to(dtype)
+        acc = torch.zeros(shape, dtype=dtype, device=value.device)
+    acc[:, sl] += value
+    return acc
+
+
 def _ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     comm: RingComm, layout: str, causal: bool, scale: float, kernel: LocalKernel,
@@ -46,15 +64,21 @@ def _ring_forward(
     b, s, h, d = q.shape
     acc = merge_dtype(q.dtype)
     chunk = s // len(local_chunk_ids(world, rank, layout))
-    out_acc = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
-    lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
-    kv = torch.stack((k, v))  # [2, B, S, H_kv, D]: K and V travel as one message
+    out_acc = lse_acc = None
+    # [2, B, S, H_kv, D]: K and V travel as one message (a world of one sends nothing, copies nothing).
+    kv = torch.stack((k, v)) if world > 1 else (k, v)
     kv_next = torch.empty_like(kv) if world > 1 else kv
     for step in range(world):
         works = comm.post([kv], [kv_next]) if step < world - 1 else []
         for blk in plan_step(world, rank, step, layout, causal):
             qs, ks = blk.slices(chunk)
-            o, lse = kernel.forward(q[:, qs], kv[0, :, ks], kv[1, :, ks], blk.causal, scale)
+            o, lse = kernel.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk.causal, scale)
+            if out_acc is None and _covers(qs, s):
+                out_acc, lse_acc = o.to(acc), lse.to(acc).contiguous()
+                continue
+            if out_acc is None:
+                out_acc = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
+                lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
             merge_partial(out_acc[:, qs], lse_acc[:, :, qs], o, lse)
         comm.wait(works)
         kv, kv_next = kv_next, kv
@@ -76,35 +100,36 @@ def _ring_backward(
     world, rank = comm.world, comm.rank
     acc = merge_dtype(q.dtype)
     chunk = q.shape[1] // len(local_chunk_ids(world, rank, layout))
-    dq_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack((k, v))
+    dq_acc = dk_own = dv_own = None
+    kv = torch.stack((k, v)) if world > 1 else (k, v)
     kv_next = torch.empty_like(kv) if world > 1 else kv
-    dkv_own = torch.zeros(kv.shape, dtype=acc, device=q.device)  # [2, B, S, H_kv, D]
-    if world > 1:
-        dkv_mine = torch.empty_like(dkv_own)  # this rank's part for the K/V held at this step
-        dkv_send = torch.empty_like(dkv_own)  # accumulator being forwarded to rank + 1
-        dkv_recv = torch.empty_like(dkv_own)  # accumulator arriving from rank - 1
+    dkv_shape = (2, *k.shape)
+    dkv_mine = dkv_send = dkv_recv = None  # [2, B, S, H_kv, D] fp32, allocated when first needed
     for step in range(world):
         send, recv = [], []
         if step < world - 1:
             send.append(kv)
             recv.append(kv_next)
         if step >= 2:
+            dkv_recv = torch.empty_like(dkv_send) if dkv_recv is None else dkv_recv
             send.append(dkv_send)
             recv.append(dkv_recv)
         works = comm.post(send, recv)
-        if step == 0:
-            target = dkv_own
-        else:
-            target = dkv_mine.zero_()
+        if step >= 1:
+            # This rank's part for the K/V held now (from rank - step).
+            dkv_mine = torch.zeros(dkv_shape, dtype=acc, device=q.device) if dkv_mine is None else dkv_mine.zero_()
         for blk in plan_step(world, rank, step, layout, causal):
             qs, ks = blk.slices(chunk)
             dq, dk, dv = kernel.backward(
-                dout[:, qs], q[:, qs], kv[0, :, ks], kv[1, :, ks], out[:, qs], lse[:, :, qs], blk.causal, scale
+                dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], blk.causal, scale
             )
-            dq_acc[:, qs] += dq
-            target[0, :, ks] += dk
-            target[1, :, ks] += dv
+            dq_acc = _accumulate(dq_acc, dq, qs, q.shape, acc)
+            if step == 0:
+                dk_own = _accumulate(dk_own, dk, ks, k.shape, acc)
+                dv_own = _accumulate(dv_own, dv, ks, v.shape, acc)
+            else:
+                dkv_mine[0, :, ks] += dk
+                dkv_mine[1, :, ks] += dv
         comm.wait(works)
         if step == 1:
             # Nobody before this rank has touched this K/V's accumulator: this rank's part is all of it.
@@ -114,9 +139,11 @@ def _ring_backward(
             dkv_send, dkv_recv = dkv_recv, dkv_send
         kv, kv_next = kv_next, kv
     if world > 1:
+        dkv_recv = torch.empty_like(dkv_send) if dkv_recv is None else dkv_recv
         comm.wait(comm.post([dkv_send], [dkv_recv]))  # last hop: nothing left to overlap with
-        dkv_own += dkv_recv
-    return dq_acc.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
+        dk_own = _accumulate(dk_own, dkv_recv[0], slice(0, k.shape[1]), k.shape, acc)
+        dv_own = _accumulate(dv_own, dkv_recv[1], slice(0, k.shape[1]), v.shape, acc)
+    return dq_acc.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
 
 
 class _RingAttentionFunction(torch.autograd.Function):
@@ -188,7 +215,27 @@ def ring_attention(
     torch.distributed is not initialised. `kernel` names the local kernel ("auto", "cpu_flash",
     "cuda_flash", "cuda_efficient", "flash_attn", "reference") or is a LocalKernel object.
     """
-    comm = RingComm(group)
+    return ring_attention_with_comm(
+        RingComm(group), q, k, v, causal=causal, layout=layout, scale=scale, kernel=kernel
+    )
+
+
+def ring_attention_with_comm(
+    comm: RingComm,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    layout: str = "zigzag",
+    scale: float | None = None,
+    kernel: str | LocalKernel | None = "auto",
+) -> torch.Tensor:
+    """`ring_attention` over any communicator with RingComm's interface (world, rank, post, wait).
+
+    For simulated rings, e.g. the single-GPU "virtual ring" benchmark, which replays one rank's
+    compute and merge with a loopback communicator.
+    """
     _check_inputs(q, k, v, comm.world, layout)
     local_kernel = select_kernel(q, kernel)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)

@@ -1,0 +1,321 @@
+"""Ring attention benchmark: fwd+bwd time per rank, parallel efficiency, work balance, bytes, peak memory.
+
+CPU (default): spawns P=1 and P=2 gloo ranks, one thread each, and compares against single-process SDPA
+(`F.scaled_dot_product_attention` fwd+bwd on the full sequence) measured in the same run:
+
+    python scripts/bench_attention.py                 # S=8192, H=8, D=64, fp32
+    python scripts/bench_attention.py --quick         # small sizes, seconds
+
+CUDA: `torchrun --nproc-per-node N scripts/bench_attention.py --backend nccl` (NCCL, one GPU per rank),
+or on one GPU `python scripts/bench_attention.py --virtual-ring 4`: every virtual rank's blockwise
+compute + merge, run one after another with a loopback communicator, against one SDPA call.
+
+Measured quantities:
+- time: median over --iters of one fwd+bwd per rank (ranks start together after a barrier);
+  step time T_P = the slowest rank's median. Efficiency = T_1 / (P x T_P), T_1 = single-process SDPA.
+- work: (query, key) pairs each rank's block plan evaluates; imbalance = max / min over ranks.
+- bytes: everything each rank passes to isend in one fwd+bwd (counted by wrapping
+  dist.batch_isend_irecv), against the minimum: the other P-1 shards' K/V reach every rank twice
+  (forward and backward recompute) and P-1 shards' worth of fp32 dK/dV partials leave it (reduce-scatter).
+- memory (CPU): peak resident set size during the timed iterations minus the RSS just before them,
+  sampled every 2 ms from /proc/self/statm; glibc's mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_)
+  so freed large buffers leave the RSS. On CUDA: torch.cuda.max_memory_allocated minus the allocation before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+# Pinned before torch (and the spawned ranks, which inherit the environment) start allocating.
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from ringtrain.ring import rank_work, ring_attention, shard_sequence  # noqa: E402
+from ringtrain.ring.attention import ring_attention_with_comm  # noqa: E402
+
+CONFIGS = [  # (name, causal, layout)
+    ("causal-zigzag", True, "zigzag"),
+    ("causal-contiguous", True, "contiguous"),
+    ("non-causal", False, "zigzag"),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PeakRSS:
+    """Peak resident memory of this process while active, sampled by a thread (CPU memory has no counter)."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s = interval_s
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+class SentBytes:
+    """Counts the bytes this rank hands to isend inside dist.batch_isend_irecv while active."""
+
+    def __enter__(self) -> SentBytes:
+        self.total = 0
+        self._original = dist.batch_isend_irecv
+
+        def counting(ops):
+            self.total += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+            return self._original(ops)
+
+        dist.batch_isend_irecv = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dist.batch_isend_irecv = self._original
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _inputs(args, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    shape_q = (args.batch, args.seq, args.heads, args.head_dim)
+    shape_kv = (args.batch, args.seq, args.kv_heads, args.head_dim)
+    dtype = DTYPES[args.dtype]
+    return tuple(
+        torch.randn(s, generator=g).to(device, dtype) for s in (shape_q, shape_kv, shape_kv, shape_q)
+    )
+
+
+def _time(fn, args, device: torch.device, group=None, barrier: bool = False) -> dict:
+    """Wall and CPU seconds of one fn() (min and median over args.iters, after args.warmup) and peak memory.
+
+    CPU time is this process's, all threads (the gloo transport's included): on a shared machine it
+    tracks the work done while wall time also counts the time other jobs held the cores.
+    """
+    for _ in range(args.warmup):
+        fn()
+    wall, cpu = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with PeakRSS() as rss:
+        for _ in range(args.iters):
+            if barrier:
+                dist.barrier(group=group)
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            _sync(device)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    mem = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else rss.delta
+    return {"wall": min(wall), "wall_median": statistics.median(wall), "cpu": min(cpu), "mem": mem}
+
+
+def _sdpa_step(q, k, v, dout, causal: bool) -> None:
+    """Single-process baseline: PyTorch SDPA (+ autograd) on the full sequence."""
+    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=kt.shape[1] != qt.shape[1])
+    out.backward(dout.transpose(1, 2))
+
+
+def bench_rank(group, device: torch.device, args) -> dict:
+    """Run every config on this rank; with world 1 also the SDPA baseline."""
+    world, rank = (dist.get_world_size(group), dist.get_rank(group)) if dist.is_initialized() else (1, 0)
+    q, k, v, dout = _inputs(args, device)
+    res: dict = {"world": world, "rank": rank, "configs": {}}
+    for name, causal, layout in CONFIGS:
+        ql, kl, vl, dl = (shard_sequence(t, group=group, layout=layout) for t in (q, k, v, dout))
+        ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
+
+        def step(ql=ql, kl=kl, vl=vl, dl=dl, causal=causal, layout=layout):
+            out = ring_attention(ql, kl, vl, group=group, causal=causal, layout=layout)
+            out.backward(dl)
+            ql.grad = kl.grad = vl.grad = None
+
+        timing = _time(step, args, device, group, barrier=world > 1)
+        with SentBytes() as sent:
+            step()
+        chunk = args.seq // (2 * world if layout == "zigzag" else world)
+        res["configs"][name] = {
+            **timing, "sent": sent.total,
+            "work": [rank_work(world, r, layout, causal, chunk) for r in range(world)],
+        }
+    if world == 1 or args.sdpa_every_rank:
+        for causal in (True, False):
+            res[f"sdpa_causal={causal}"] = _time(lambda c=causal: _sdpa_step(q, k, v, dout, c), args, device)
+    return res
+
+
+def _spawned(mesh, args) -> dict:
+    return bench_rank(mesh.sp_group, torch.device("cpu"), args)
+
+
+def _min_bytes(args, world: int) -> int:
+    elem = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    kv_shard = 2 * args.batch * (args.seq // world) * args.kv_heads * args.head_dim
+    return (world - 1) * kv_shard * (2 * elem + 4)  # K/V fwd + K/V bwd + fp32 dK/dV partials
+
+
+def report(base: dict, by_world: dict[int, list[dict]], args, machine: str) -> str:
+    """Markdown table; `base` is a rank result holding the SDPA baseline, `by_world` the ring runs by world."""
+    lines = [
+        f"ring attention fwd+bwd: S={args.seq} B={args.batch} H={args.heads} H_kv={args.kv_heads} "
+        f"D={args.head_dim} {args.dtype}, min over {args.iters} iterations (warmup {args.warmup}); {machine}",
+        "",
+        "| config | P | wall s/rank (median) | eff. wall T1/(P*TP) | CPU s/rank | eff. CPU | work max/min "
+        "| sent MiB/rank | sent/min | peak mem MiB/rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, causal, _ in CONFIGS:
+        sdpa = base[f"sdpa_causal={causal}"]
+        t1, c1 = sdpa["wall"], sdpa["cpu"]
+        lines.append(
+            f"| SDPA {'causal' if causal else 'non-causal'}, 1 process | 1 | {t1:.3f} ({sdpa['wall_median']:.3f}) "
+            f"| 1 | {c1:.3f} | 1 | 1 | 0 | - | {sdpa['mem'] / 2**20:.0f} |"
+        )
+        for world, ranks in sorted(by_world.items()):
+            cfgs = [r["configs"][name] for r in ranks]
+            tp = max(c["wall"] for c in cfgs)
+            tp_median = max(c["wall_median"] for c in cfgs)
+            cp = max(c["cpu"] for c in cfgs)
+            work = cfgs[0]["work"]
+            sent = max(c["sent"] for c in cfgs)
+            need = _min_bytes(args, world)
+            lines.append(
+                f"| ring {name} | {world} | {tp:.3f} ({tp_median:.3f}) | {t1 / (world * tp):.3f} "
+                f"| {cp:.3f} | {c1 / (world * cp):.3f} | {max(work) / min(work):.3f} | {sent / 2**20:.1f} "
+                f"| {sent / need if need else 1.0:.3f} | {max(c['mem'] for c in cfgs) / 2**20:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+class LoopbackComm:
+    """A ring of `world` virtual ranks on one device: transfers become device copies (timing proxy only)."""
+
+    def __init__(self, world: int, rank: int) -> None:
+        self.world, self.rank = world, rank
+
+    def post(self, send, recv) -> list:
+        for s, r in zip(send, recv, strict=True):
+            r.copy_(s)
+        return []
+
+    @staticmethod
+    def wait(works) -> None:
+        pass
+
+
+def virtual_ring(args) -> str:
+    """One GPU: sum over P virtual ranks of blockwise compute + merge, against one SDPA call."""
+    device = torch.device("cuda")
+    q, k, v, dout = _inputs(args, device)
+    lines = [f"virtual ring P={args.virtual_ring} on {torch.cuda.get_device_name(device)}: "
+             f"S={args.seq} H={args.heads} H_kv={args.kv_heads} D={args.head_dim} {args.dtype}",
+             "| config | SDPA s | virtual ring s (sum of ranks) | SDPA / ring |", "|---|---|---|---|"]
+    world = args.virtual_ring
+    for name, causal, layout in CONFIGS:
+        sdpa_t = _time(lambda c=causal: _sdpa_step(q, k, v, dout, c), args, device)["wall"]
+        total = 0.0
+        for rank in range(world):
+            chunks = 2 * world if layout == "zigzag" else world
+            ids = (rank, chunks - 1 - rank) if layout == "zigzag" else (rank,)
+            pick = [t.chunk(chunks, dim=1) for t in (q, k, v, dout)]
+            ql, kl, vl, dl = (torch.cat([p[i] for i in ids], dim=1) for p in pick)
+            ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
+            comm = LoopbackComm(world, rank)
+
+            def step(ql=ql, kl=kl, vl=vl, dl=dl, comm=comm, causal=causal, layout=layout):
+                out = ring_attention_with_comm(comm, ql, kl, vl, causal=causal, layout=layout)
+                out.backward(dl)
+                ql.grad = kl.grad = vl.grad = None
+
+            total += _time(step, args, device)["wall"]
+        lines.append(f"| {name} | {sdpa_t:.4f} | {total:.4f} | {sdpa_t / total:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--worlds", default="1,2", help="CPU: comma-separated world sizes to spawn (1 is required)")
+    p.add_argument("--threads", type=int, default=1, help="CPU: torch threads per rank")
+    p.add_argument("--quick", action="store_true", help="S=1024, 2 iterations: a smoke run")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    p.add_argument("--virtual-ring", type=int, default=0, metavar="P", help="one GPU: simulate P ranks")
+    p.add_argument("--sdpa-every-rank", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.kv_heads = args.kv_heads or args.heads
+    if args.quick:
+        args.seq, args.iters, args.warmup = 1024, 2, 1
+
+    if args.virtual_ring:
+        print(virtual_ring(args))
+        return
+    if args.backend == "nccl":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        args.sdpa_every_rank = True  # every GPU runs the baseline alone: T1 on the same kind of device
+        res = bench_rank(None, torch.device("cuda", local_rank), args)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, res)
+        if dist.get_rank() == 0:
+            world = dist.get_world_size()
+            print(report(gathered[0], {world: gathered}, args, f"NCCL, {world} x {torch.cuda.get_device_name()}"))
+        dist.destroy_process_group()
+        return
+
+    from ringtrain.testing import run_distributed
+
+    worlds = [int(w) for w in args.worlds.split(",")]
+    if 1 not in worlds:
+        p.error("--worlds must include 1 (the SDPA baseline runs there)")
+    by_world = {}
+    for world in worlds:
+        by_world[world] = run_distributed(_spawned, world, args, threads=args.threads, timeout=3600)
+    machine = (f"{os.cpu_count()}-core CPU, torch {torch.__version__}, gloo, "
+               f"{args.threads} thread(s) per rank")
+    print(report(by_world[1][0], by_world, args, machine))
+
+
+if __name__ == "__main__":
+    main()
