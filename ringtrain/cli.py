@@ -1,4 +1,4 @@
-"""The `ringtrain` command: validate, train, rope. A user mistake prints a message and exits 2, no traceback."""
+"""The `ringtrain` command: validate, train, eval, rope. A user mistake prints a message and exits 2, no traceback."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--world-size", type=int, default=None,
                    help="also check the parallel sizes against this many ranks (default: $WORLD_SIZE if set)")
     add("train", "train (run under torchrun; see README)")
+    add("eval", "passkey / needle grids and perplexity by context length (run under torchrun for SP; see "
+                "docs/context_extension.md)")
     r = add("rope", "print the effective RoPE parameters: wavelengths against the target length")
     r.add_argument("--target-length", type=int, default=None,
                    help="length to compare against (default: the scaled context length)")
@@ -62,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = _load(args, None)
             sys.stdout.write(describe_rope(cfg.model, cfg.rope, args.target_length) + "\n")
+            return 0
+        if args.command == "eval":
+            from ringtrain.eval import format_table, run_eval
+
+            results = run_eval(_load(args, env_world))
+            if int(os.environ.get("RANK", "0")) == 0:
+                sys.stdout.write(format_table(results) + "\n")
             return 0
         if args.command == "train":
             from ringtrain.trainer import train

@@ -1,0 +1,36 @@
+"""Long-context evaluation: passkey / needle-in-a-haystack grids scored by exact match, perplexity by context length.
+
+`EvalConfig` (the `eval:` config section) is imported eagerly; the runner (torch.distributed, transformers) loads
+lazily, so `from ringtrain.eval import EvalConfig` stays cheap for the config loader and spawned test workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ringtrain.eval.config import EVAL_MODES, EVAL_TASKS, EvalConfig
+
+_LAZY = {
+    "answer_token_hits": "ringtrain.eval.tasks",
+    "exact_match": "ringtrain.eval.tasks",
+    "eval_documents": "ringtrain.eval.tasks",
+    "sliding_windows": "ringtrain.eval.tasks",
+    "evaluate_retrieval": "ringtrain.eval.runner",
+    "evaluate_perplexity": "ringtrain.eval.runner",
+    "Evaluator": "ringtrain.eval.runner",
+    "evaluate_in_training": "ringtrain.eval.runner",
+    "run_eval": "ringtrain.eval.runner",
+    "format_table": "ringtrain.eval.report",
+    "write_heatmap": "ringtrain.eval.report",
+    "write_results": "ringtrain.eval.report",
+}
+
+__all__ = ["EVAL_MODES", "EVAL_TASKS", "EvalConfig", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ringtrain.eval' has no attribute {name!r}")
