@@ -270,6 +270,7 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         from ringtrain.checkpoint import SignalFlag
         from ringtrain.config import config_to_dict
+        from ringtrain.eval import evaluate_in_training
         from ringtrain.metrics import MetricsLogger
 
         tcfg = self.cfg.train
@@ -288,6 +289,7 @@ class Trainer:
             try:
                 while self.step < tcfg.max_steps:
                     record = self.train_step()
+                    record.update(evaluate_in_training(self))  # {} unless eval.every_steps divides the step
                     history.append(record)
                     metrics.log(self.step, record)
                     signum = signals.agreed(self.mesh)
