@@ -17,10 +17,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ringtrain.errors import ConfigError
 from ringtrain.log import get_logger
+from ringtrain.ring.layout import LAYOUTS
 
 logger = get_logger(__name__)
-
-LAYOUTS = ("zigzag", "contiguous")
 
 
 @dataclass
