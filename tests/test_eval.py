@@ -124,7 +124,7 @@ def test_eval_config_messages_name_field_value_and_fix():
     text = "\n".join(e.value.problems)
     assert "eval.tasks=['passkey', 'needel'] must be a non-empty list of passkey, needle, perplexity" in text
     assert "eval.mode='beam' is not one of teacher_forced, greedy" in text
-    assert "eval.depths=[0.5, 1.5] must be a non-empty list of fractions in [0, 1]" in text
+    assert "eval.depths=[0.5, 1.5] must lie in [0, 1]" in text
     assert "eval.batch_size=0 must be >= 1" in text
     assert "eval.ppl_stride=-1 must be >= 1 token" in text
     assert "eval.lengths=[] must be a non-empty list" in text

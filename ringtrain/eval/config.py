@@ -66,8 +66,10 @@ class EvalConfig:
             problems.append(("tasks", f"tasks={self.tasks} must be a non-empty list of {', '.join(EVAL_TASKS)}"))
         if not self.lengths or any(n < 1 for n in self.lengths):
             problems.append(("lengths", f"lengths={self.lengths} must be a non-empty list of positive token counts"))
-        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
-            problems.append(("depths", f"depths={self.depths} must be a non-empty list of fractions in [0, 1]"))
+        if not self.depths:
+            problems.append(("depths", "depths=[] must list needle depths in [0, 1], e.g. [0.0, 0.5, 1.0]"))
+        elif any(not 0.0 <= d <= 1.0 for d in self.depths):
+            problems.append(("depths", f"depths={self.depths} must lie in [0, 1]"))
         if self.samples_per_cell < 1:
             problems.append(("samples_per_cell", f"samples_per_cell={self.samples_per_cell} must be >= 1"))
         if not 0 <= self.digits <= 18:
