@@ -378,5 +378,11 @@ def train(cfg: TrainConfig) -> Trainer:
         trainer = build_trainer(cfg, mesh)
         trainer.fit()
         return trainer
+    except Exception as e:
+        # One line naming this rank, whatever the traceback. On a survivor a collective error (gloo
+        # "Connection closed by peer", a timeout after parallel.timeout_s) means another rank died or hung
+        # first: torchrun's summary ("Root Cause") names that rank.
+        logger.error("rank %d failed: %s: %s", mesh.rank, type(e).__name__, e)
+        raise
     finally:
         teardown_distributed()
