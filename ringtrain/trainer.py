@@ -377,12 +377,13 @@ def train(cfg: TrainConfig) -> Trainer:
             save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
         trainer = build_trainer(cfg, mesh)
         trainer.fit()
-        return trainer
     except Exception as e:
         # One line naming this rank, whatever the traceback. On a survivor a collective error (gloo
         # "Connection closed by peer", a timeout after parallel.timeout_s) means another rank died or hung
         # first: torchrun's summary ("Root Cause") names that rank.
         logger.error("rank %d failed: %s: %s", mesh.rank, type(e).__name__, e)
+        # No destroy_process_group here: with a hung peer it blocked ~30 s more (gloo), and NCCL's can
+        # block on a failed communicator. The process is exiting; the OS closes its sockets.
         raise
-    finally:
-        teardown_distributed()
+    teardown_distributed()
+    return trainer
