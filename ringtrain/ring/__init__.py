@@ -1,7 +1,7 @@
 # Sequence-parallel ring attention on plain tensors (no transformers import): the runtime the HF adapter wraps.
 
-from ringtrain.ring.attention import merge_partial, ring_attention
-from ringtrain.ring.kernels import KERNELS, LocalKernel, select_kernel
+from ringtrain.ring.attention import RingDocuments, gather_documents, merge_partial, ring_attention
+from ringtrain.ring.kernels import KERNELS, LocalKernel, mask_fallback, select_kernel
 from ringtrain.ring.layout import (
     LAYOUTS,
     check_seq_len,
@@ -12,16 +12,21 @@ from ringtrain.ring.layout import (
     shard_sequence,
     unshard_sequence,
 )
-from ringtrain.ring.plan import Block, plan_step, rank_work
+from ringtrain.ring.plan import Block, MaskSpec, build_plan, plan_step, rank_work
 
 __all__ = [
     "KERNELS",
     "LAYOUTS",
     "Block",
     "LocalKernel",
+    "MaskSpec",
+    "RingDocuments",
+    "build_plan",
     "check_seq_len",
+    "gather_documents",
     "group_world_rank",
     "local_chunk_ids",
+    "mask_fallback",
     "merge_partial",
     "num_chunks",
     "plan_step",

@@ -2,8 +2,9 @@
 #
 # K/V rotate P-1 times around the ring (to rank + 1). Each step posts the next transfer into a persistent
 # double buffer BEFORE computing on the current K/V and waits after, so communication hides behind the
-# kernel. Which blocks a rank computes at a step comes from plan.plan_step; this file never looks at
-# the layout or the mask itself. Design notes: docs/ring_attention.md.
+# kernel. Which blocks a rank computes at a step, and how many steps the ring runs, come from plan.py; this file
+# never decides from the layout or the mask itself, it only builds the explicit mask of a block the plan marks
+# MASKED. Design notes: docs/ring_attention.md.
 
 from __future__ import annotations
 
@@ -13,9 +14,23 @@ from torch.autograd.function import once_differentiable
 
 from ringtrain.log import get_logger
 from ringtrain.ring.comm import RingComm
-from ringtrain.ring.kernels import LocalKernel, default_scale, merge_dtype, select_kernel
-from ringtrain.ring.layout import check_layout, check_seq_len, local_chunk_ids
-from ringtrain.ring.plan import plan_step
+from ringtrain.ring.kernels import LocalKernel, default_scale, mask_fallback, merge_dtype, select_kernel
+from ringtrain.ring.layout import (
+    check_layout,
+    check_seq_len,
+    group_world_rank,
+    local_chunk_ids,
+    num_chunks,
+    unshard_sequence,
+)
+from ringtrain.ring.plan import (
+    MaskSpec,
+    RingPlan,
+    build_plan,
+    choose_tiles_per_chunk,
+    document_tile_pairs,
+    step_source,
+)
 
 logger = get_logger(__name__)
 
@@ -55,24 +70,111 @@ def _accumulate(acc: torch.Tensor | None, value: torch.Tensor, sl: slice, shape,
     return acc
 
 
+class RingDocuments:
+    """The document ids of the whole sequence on every rank, gathered once per batch, and the plans made from them.
+
+    Build it with `gather_documents` (one all_gather of [B, S_local] ids over the group: the only collective
+    document masking adds) and pass it as `ring_attention(..., document_ids=...)` to every layer of one forward:
+    the tile pairs and the per-(window, causal) plans are computed on the first call and reused (one host sync
+    per batch, none in the ring loop). Passing the local id tensor instead gathers it on each call.
+    """
+
+    def __init__(self, global_ids: torch.Tensor, world: int, layout: str) -> None:
+        self.global_ids = global_ids  # [B, S]
+        self.world, self.layout = world, layout
+        self._pairs: dict[int, tuple] = {}
+        self._plans: dict[tuple, MaskSpec] = {}
+
+    def plan(self, rank: int, causal: bool, window: int | None, tiles: int, tile_len: int) -> RingPlan:
+        key = (causal, window, tiles, tile_len)
+        if key not in self._plans:
+            if tiles not in self._pairs:
+                n_tiles = num_chunks(self.world, self.layout) * tiles
+                self._pairs[tiles] = document_tile_pairs(self.global_ids, n_tiles)
+            spec = MaskSpec(causal, window, tiles, tile_len if window is not None else 0, self._pairs[tiles])
+            self._plans[key] = spec
+        return build_plan(self.world, rank, self.layout, self._plans[key])
+
+
+def gather_documents(
+    document_ids: torch.Tensor, *, group: dist.ProcessGroup | None = None, layout: str = "zigzag"
+) -> RingDocuments:
+    """`RingDocuments` from this rank's ids [B, S_local] (sharded like q; non-decreasing along the full sequence)."""
+    if document_ids.ndim != 2 or document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:
+        raise ValueError(
+            f"document_ids has shape {tuple(document_ids.shape)} and dtype {document_ids.dtype}: pass integer ids "
+            "[B, S_local], sharded like q"
+        )
+    world, _ = group_world_rank(group)
+    global_ids = unshard_sequence(document_ids, group=group, dim=1, layout=layout)  # [B, S]
+    # Every rank checks the same gathered ids, so every rank raises together (nobody is left in the ring).
+    if not bool((global_ids[:, 1:] >= global_ids[:, :-1]).all()):
+        row = int((global_ids[:, 1:] < global_ids[:, :-1]).any(1).nonzero()[0])
+        raise ValueError(
+            f"document_ids decrease along row {row} of the full sequence: pass ids that are non-decreasing "
+            f"(0, 0, 1, 1, 1, 2, ...) before sharding, sharded with layout={layout!r} like q"
+        )
+    return RingDocuments(global_ids, world, layout)
+
+
+class _BlockMasks:
+    """Builds a MASKED block's bool mask [B or 1, S_q, S_k] from global positions and document ids (no sync)."""
+
+    def __init__(self, world: int, rank: int, layout: str, chunk: int, causal: bool, window: int | None,
+                 docs: RingDocuments | None, device: torch.device) -> None:
+        self.world, self.rank, self.layout, self.chunk = world, rank, layout, chunk
+        self.causal, self.window, self.docs, self.device = causal, window, docs, device
+        self._pos: dict[int, torch.Tensor] = {}
+
+    def positions(self, rank: int) -> torch.Tensor:
+        if rank not in self._pos:
+            c = self.chunk
+            self._pos[rank] = torch.cat([
+                torch.arange(i * c, (i + 1) * c, device=self.device)
+                for i in local_chunk_ids(self.world, rank, self.layout)
+            ])
+        return self._pos[rank]
+
+    def __call__(self, step: int, qs: slice, ks: slice) -> torch.Tensor:
+        qp = self.positions(self.rank)[qs]
+        kp = self.positions(step_source(self.world, self.rank, step))[ks]
+        dist_ = qp[:, None] - kp[None, :]  # query position - key position
+        mask = torch.ones(1, len(qp), len(kp), dtype=torch.bool, device=self.device)
+        if self.causal:
+            mask &= dist_ >= 0
+        if self.window is not None:
+            mask &= dist_ < self.window
+        if self.docs is not None:
+            ids = self.docs.global_ids
+            mask = mask & (ids[:, qp][:, :, None] == ids[:, kp][:, None, :])
+        return mask
+
+
+def _kernel_for(blk, step: int, qs: slice, ks: slice, kernel: LocalKernel, masks: _BlockMasks | None):
+    """(kernel, extra kwargs) for one block: masked blocks get their mask and, if needed, the fallback kernel."""
+    if blk.masked:
+        return mask_fallback(kernel), {"mask": masks(step, qs, ks)}
+    return kernel, {}
+
+
 def _ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    comm: RingComm, layout: str, causal: bool, scale: float, kernel: LocalKernel,
+    comm: RingComm, plan: RingPlan, tile: int, scale: float, kernel: LocalKernel, masks: _BlockMasks | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, S, H, D] in q's dtype, lse [B, H, S] in the merge dtype) for this rank's queries."""
-    world, rank = comm.world, comm.rank
     b, s, h, d = q.shape
     acc = merge_dtype(q.dtype)
-    chunk = s // len(local_chunk_ids(world, rank, layout))
+    n = plan.n_steps  # every rank runs the same number of steps: K/V nobody needs any more stops travelling
     out_acc = lse_acc = None
-    # [2, B, S, H_kv, D]: K and V travel as one message (a world of one sends nothing, copies nothing).
-    kv = torch.stack((k, v)) if world > 1 else (k, v)
-    kv_next = torch.empty_like(kv) if world > 1 else kv
-    for step in range(world):
-        works = comm.post([kv], [kv_next]) if step < world - 1 else []
-        for blk in plan_step(world, rank, step, layout, causal):
-            qs, ks = blk.slices(chunk)
-            o, lse = kernel.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk.causal, scale)
+    # [2, B, S, H_kv, D]: K and V travel as one message (a ring of one step sends nothing, copies nothing).
+    kv = torch.stack((k, v)) if n > 1 else (k, v)
+    kv_next = torch.empty_like(kv) if n > 1 else kv
+    for step in range(n):
+        works = comm.post([kv], [kv_next]) if step < n - 1 else []
+        for blk in plan.steps[step]:
+            qs, ks = blk.slices(tile)
+            kern, extra = _kernel_for(blk, step, qs, ks, kernel, masks)
+            o, lse = kern.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk.causal, scale, **extra)
             if out_acc is None and _covers(qs, s):
                 out_acc, lse_acc = o.to(acc), lse.to(acc).contiguous()
                 continue
@@ -87,7 +189,7 @@ def _ring_forward(
 
 def _ring_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    comm: RingComm, layout: str, causal: bool, scale: float, kernel: LocalKernel,
+    comm: RingComm, plan: RingPlan, tile: int, scale: float, kernel: LocalKernel, masks: _BlockMasks | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for this rank's q and its own K/V.
 
@@ -95,19 +197,20 @@ def _ring_backward(
     buffer that travels one hop behind it, in the same batched call as the next K/V: sent at step t+1,
     it reaches rank + 1 while that rank computes on the same K/V, which adds its part at step t+1's end.
     A rank keeps the part for its own K/V (step 0) at home and adds the accumulator that finally
-    arrives, after step P-1, from rank - 1: P-1 fp32 hops, the reduce-scatter minimum.
+    arrives after the last step n-1: from rank - 1 when the ring went all the way round (n = P; P-1 fp32
+    hops, the reduce-scatter minimum), else straight from rank + n - 1, whose K/V stopped there (n-1 hops).
     """
-    world, rank = comm.world, comm.rank
+    world = comm.world
     acc = merge_dtype(q.dtype)
-    chunk = q.shape[1] // len(local_chunk_ids(world, rank, layout))
+    n = plan.n_steps
     dq_acc = dk_own = dv_own = None
-    kv = torch.stack((k, v)) if world > 1 else (k, v)
-    kv_next = torch.empty_like(kv) if world > 1 else kv
+    kv = torch.stack((k, v)) if n > 1 else (k, v)
+    kv_next = torch.empty_like(kv) if n > 1 else kv
     dkv_shape = (2, *k.shape)
     dkv_mine = dkv_send = dkv_recv = None  # [2, B, S, H_kv, D] fp32, allocated when first needed
-    for step in range(world):
+    for step in range(n):
         send, recv = [], []
-        if step < world - 1:
+        if step < n - 1:
             send.append(kv)
             recv.append(kv_next)
         if step >= 2:
@@ -118,10 +221,12 @@ def _ring_backward(
         if step >= 1:
             # This rank's part for the K/V held now (from rank - step).
             dkv_mine = torch.zeros(dkv_shape, dtype=acc, device=q.device) if dkv_mine is None else dkv_mine.zero_()
-        for blk in plan_step(world, rank, step, layout, causal):
-            qs, ks = blk.slices(chunk)
-            dq, dk, dv = kernel.backward(
-                dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], blk.causal, scale
+        for blk in plan.steps[step]:
+            qs, ks = blk.slices(tile)
+            kern, extra = _kernel_for(blk, step, qs, ks, kernel, masks)
+            dq, dk, dv = kern.backward(
+                dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], blk.causal, scale,
+                **extra,
             )
             dq_acc = _accumulate(dq_acc, dq, qs, q.shape, acc)
             if step == 0:
@@ -138,22 +243,23 @@ def _ring_backward(
             dkv_recv += dkv_mine
             dkv_send, dkv_recv = dkv_recv, dkv_send
         kv, kv_next = kv_next, kv
-    if world > 1:
+    if n > 1:
         dkv_recv = torch.empty_like(dkv_send) if dkv_recv is None else dkv_recv
-        comm.wait(comm.post([dkv_send], [dkv_recv]))  # last hop: nothing left to overlap with
+        # Last hop, home to the owner rank - (n-1): nothing left to overlap with.
+        comm.wait(comm.post([dkv_send], [dkv_recv], hops=(1 - n) % world))
         dk_own = _accumulate(dk_own, dkv_recv[0], slice(0, k.shape[1]), k.shape, acc)
         dv_own = _accumulate(dv_own, dkv_recv[1], slice(0, k.shape[1]), v.shape, acc)
     return dq_acc.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
 
 
 class _RingAttentionFunction(torch.autograd.Function):
-    """Saves only the local q, k, v, out and lse: O(S/P) activation memory; backward recomputes blocks."""
+    """Saves only the local q, k, v, out and lse: O(S/P) activation memory; backward recomputes blocks (and masks)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, comm, layout, causal, scale, kernel):
-        out, lse = _ring_forward(q, k, v, comm, layout, causal, scale, kernel)
+    def forward(ctx, q, k, v, comm, plan, tile, scale, kernel, masks):
+        out, lse = _ring_forward(q, k, v, comm, plan, tile, scale, kernel, masks)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (comm, layout, causal, scale, kernel)
+        ctx.args = (comm, plan, tile, scale, kernel, masks)
         return out
 
     @staticmethod
@@ -161,7 +267,7 @@ class _RingAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int, layout: str) -> None:
@@ -197,6 +303,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int,
     )
 
 
+DEFAULT_TILE_TOKENS = 256
+"""Under a window or documents, chunks are cut into tiles of at least this many tokens (at most 16 per chunk), so
+the plan skips at that granularity; smaller tiles skip more but pay more kernel calls."""
+
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -207,16 +318,25 @@ def ring_attention(
     layout: str = "zigzag",
     scale: float | None = None,
     kernel: str | LocalKernel | None = "auto",
+    document_ids: torch.Tensor | RingDocuments | None = None,
+    window: int | None = None,
+    tile_tokens: int | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across `group`; returns this rank's output, shaped and typed like q.
 
     q [B, S_local, H, D]; k, v [B, S_local, H_kv, D] with H % H_kv == 0, each sharded with
     `shard_sequence(..., layout=layout)`. `group=None` is the default group, or a world of one when
     torch.distributed is not initialised. `kernel` names the local kernel ("auto", "cpu_flash",
-    "cuda_flash", "cuda_efficient", "flash_attn", "reference") or is a LocalKernel object.
+    "cuda_flash", "cuda_efficient", "flash_attn", "reference") or is a LocalKernel object; masked blocks of a
+    kernel that takes no mask run on `kernels.mask_fallback(kernel)`.
+    `document_ids` [B, S_local] (sharded like q, non-decreasing along the full sequence; or a `RingDocuments`
+    from `gather_documents`, to gather once for many layers): a query attends only to keys of its own document.
+    `window` (needs causal): a query at global position i sees keys j with i - window < j <= i (transformers'
+    `sliding_window`; 1 = itself only). `tile_tokens`: plan granularity under masks (default DEFAULT_TILE_TOKENS).
     """
     return ring_attention_with_comm(
-        RingComm(group), q, k, v, causal=causal, layout=layout, scale=scale, kernel=kernel
+        RingComm(group), q, k, v, causal=causal, layout=layout, scale=scale, kernel=kernel,
+        document_ids=document_ids, window=window, tile_tokens=tile_tokens,
     )
 
 
@@ -230,13 +350,51 @@ def ring_attention_with_comm(
     layout: str = "zigzag",
     scale: float | None = None,
     kernel: str | LocalKernel | None = "auto",
+    document_ids: torch.Tensor | RingDocuments | None = None,
+    window: int | None = None,
+    tile_tokens: int | None = None,
 ) -> torch.Tensor:
     """`ring_attention` over any communicator with RingComm's interface (world, rank, post, wait).
 
     For simulated rings, e.g. the single-GPU "virtual ring" benchmark, which replays one rank's
-    compute and merge with a loopback communicator.
+    compute and merge with a loopback communicator (document ids must then come as a RingDocuments).
     """
     _check_inputs(q, k, v, comm.world, layout)
+    world, rank = comm.world, comm.rank
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window={window!r}: pass a positive int (1 = each query sees only itself) or None")
+        if not causal:
+            raise ValueError(f"window={window} with causal=False: sliding windows are causal; pass causal=True")
+    docs = document_ids
+    if isinstance(docs, torch.Tensor):
+        if tuple(docs.shape) != tuple(q.shape[:2]):
+            raise ValueError(
+                f"document_ids has shape {tuple(docs.shape)} but q holds {tuple(q.shape[:2])} [B, S_local] tokens: "
+                "shard the ids exactly like q"
+            )
+        docs = gather_documents(docs.to(q.device), group=comm.group, layout=layout)
+    elif docs is not None and (docs.world, docs.layout, tuple(docs.global_ids.shape)) != (
+        world, layout, (q.shape[0], q.shape[1] * world)
+    ):
+        raise ValueError(
+            f"document_ids were gathered for world {docs.world}, layout {docs.layout!r}, shape "
+            f"{tuple(docs.global_ids.shape)}; this call has world {world}, layout {layout!r}, "
+            f"[B, S] = {(q.shape[0], q.shape[1] * world)}"
+        )
     local_kernel = select_kernel(q, kernel)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    return _RingAttentionFunction.apply(q, k, v, comm, layout, causal, scale, local_kernel)
+    chunk = q.shape[1] // len(local_chunk_ids(world, rank, layout))
+    masks = None
+    if window is None and docs is None:
+        tiles = 1
+        plan = build_plan(world, rank, layout, MaskSpec(causal=causal))
+    else:
+        tiles = choose_tiles_per_chunk(chunk, DEFAULT_TILE_TOKENS if tile_tokens is None else tile_tokens)
+        tile = chunk // tiles
+        if docs is None:
+            plan = build_plan(world, rank, layout, MaskSpec(causal, window, tiles, tile if window else 0))
+        else:
+            plan = docs.plan(rank, causal, window, tiles, tile)
+        masks = _BlockMasks(world, rank, layout, chunk, causal, window, docs, q.device)
+    return _RingAttentionFunction.apply(q, k, v, comm, plan, chunk // tiles, scale, local_kernel, masks)

@@ -22,18 +22,29 @@ class RingComm:
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.world, self.rank = group_world_rank(group)
-        if self.world > 1:
-            pg = group if group is not None else dist.group.WORLD
-            # P2POp wants global ranks; the group's neighbours need not be global neighbours.
-            self.next_rank = dist.get_global_rank(pg, (self.rank + 1) % self.world)
-            self.prev_rank = dist.get_global_rank(pg, (self.rank - 1) % self.world)
+        self._peers: dict[int, tuple[int, int]] = {}
 
-    def post(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor]) -> list:
-        """Start sending `send` to the next rank and receiving `recv` (same shapes, in order) from the previous."""
+    def _peer_ranks(self, hops: int) -> tuple[int, int]:
+        """Global ranks (send to rank + hops, receive from rank - hops) within the group."""
+        if hops not in self._peers:
+            pg = self.group if self.group is not None else dist.group.WORLD
+            # P2POp wants global ranks; the group's neighbours need not be global neighbours.
+            self._peers[hops] = (
+                dist.get_global_rank(pg, (self.rank + hops) % self.world),
+                dist.get_global_rank(pg, (self.rank - hops) % self.world),
+            )
+        return self._peers[hops]
+
+    def post(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], hops: int = 1) -> list:
+        """Start sending `send` to rank + hops and receiving `recv` (same shapes, in order) from rank - hops.
+
+        hops = 1 is the ring; the backward's last dK/dV hop of an early-stopped ring goes straight home (issue 7).
+        """
         if not send and not recv:
             return []
-        ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group) for t in send]
-        ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group) for t in recv]
+        send_to, recv_from = self._peer_ranks(hops)
+        ops = [dist.P2POp(dist.isend, t, send_to, self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, recv_from, self.group) for t in recv]
         return dist.batch_isend_irecv(ops)
 
     @staticmethod

@@ -9,6 +9,11 @@
 # correction term, so each block's dq/dk/dv are exact contributions that simply add up.
 # GQA: kernels that lack it repeat K/V here, locally, and sum dK/dV back over the query-head group;
 # only H_kv heads ever travel around the ring.
+#
+# Masks (issue 7): a block the plan marks MASKED comes with `mask`, bool [B or 1, S_q, S_k], True = may attend,
+# holding causality, window and documents. Kernels with `supports_mask = True` take it; the driver sends masked
+# blocks of the others to `mask_fallback(kernel)`. A query row the mask hides entirely must come back with
+# lse = -inf and a finite out (the merge then gives it weight 0); backward always gets the final, finite lse.
 
 from __future__ import annotations
 
@@ -32,16 +37,19 @@ def merge_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class LocalKernel(Protocol):
     name: str
+    supports_mask: bool
+    """Takes `mask=` (bool [B or 1, S_q, S_k]); optional attribute, absent = False (masked blocks fall back)."""
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out [B, S_q, H, D] in q's dtype, lse [B, H, S_q] in merge_dtype)."""
         ...
 
     def backward(
         self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+        out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq [B, S_q, H, D], dk, dv [B, S_k, H_kv, D]) in any float dtype; the driver accumulates in fp32."""
         ...
@@ -75,31 +83,35 @@ class ReferenceKernel:
     """Plain torch math in the merge dtype: any device, any dtype, any head_dim, native GQA. Slow, exact."""
 
     name = "reference"
+    supports_mask = True
 
     @staticmethod
-    def _probs_inputs(q, k, scale, causal, lse=None):
+    def _probs_inputs(q, k, scale, causal, lse=None, mask=None):
         acc = merge_dtype(q.dtype)
         b, sq, h, d = q.shape
         hkv = k.shape[2]
         qg = q.to(acc).unflatten(2, (hkv, h // hkv))  # [B, S_q, H_kv, G, D]
         s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(acc)) * scale
         if causal:
-            mask = torch.ones(sq, k.shape[1], dtype=torch.bool, device=q.device).triu(1)
-            s = s.masked_fill(mask, float("-inf"))
+            above = torch.ones(sq, k.shape[1], dtype=torch.bool, device=q.device).triu(1)
+            s = s.masked_fill(above, float("-inf"))
+        if mask is not None:
+            s = s.masked_fill(~mask[:, None, None], float("-inf"))
         if lse is None:
-            lse = torch.logsumexp(s, dim=-1)  # [B, H_kv, G, S_q]
+            lse = torch.logsumexp(s, dim=-1)  # [B, H_kv, G, S_q]; -inf on rows the mask hides entirely
         else:
             lse = lse.to(acc).unflatten(1, (hkv, h // hkv))
-        return qg, torch.exp(s - lse.unsqueeze(-1)), lse
+        finite = lse.masked_fill(lse == float("-inf"), 0.0)  # hidden rows: exp(-inf - 0) = 0, not nan
+        return qg, torch.exp(s - finite.unsqueeze(-1)), lse
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q, k, v, causal, scale, mask=None):
         b, sq, h, d = q.shape
-        _, p, lse = self._probs_inputs(q, k, scale, causal)
+        _, p, lse = self._probs_inputs(q, k, scale, causal, mask=mask)
         out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(p.dtype)).reshape(b, sq, h, v.shape[-1])
         return out.to(q.dtype), lse.flatten(1, 2)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
-        qg, p, _ = self._probs_inputs(q, k, scale, causal, lse)
+    def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
+        qg, p, _ = self._probs_inputs(q, k, scale, causal, lse, mask)
         acc = p.dtype
         do = dout.to(acc).unflatten(2, qg.shape[2:4])
         delta = (do * out.to(acc).unflatten(2, qg.shape[2:4])).sum(-1).permute(0, 2, 3, 1)  # [B, H_kv, G, S_q]
@@ -115,19 +127,32 @@ class CpuFlashKernel:
     """PyTorch's CPU flash-attention op (`_scaled_dot_product_flash_attention_for_cpu`), which returns the LSE."""
 
     name = "cpu_flash"
+    supports_mask = True
 
-    def forward(self, q, k, v, causal, scale):
+    @staticmethod
+    def _bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The op wants an additive mask of q's dtype, [B, 1, S_q, S_k] (broadcast over heads)."""
+        if mask is None:
+            return None
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None]
+
+    def forward(self, q, k, v, causal, scale, mask=None):
         k, v = _expand_kv(k, v, q.shape[2])
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *_bhsd(q, k, v), 0.0, causal, attn_mask=None, scale=scale
+            *_bhsd(q, k, v), 0.0, causal, attn_mask=self._bias(mask, q.dtype), scale=scale
         )
+        if mask is not None:
+            # The op returns out = 0 but lse = 0 (not -inf) for a row whose every key is masked (torch 2.13):
+            # that row must weigh nothing in the merge.
+            lse = lse.masked_fill(~mask.any(-1)[:, None, :], float("-inf"))
         return out.transpose(1, 2), lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
         kv_heads = k.shape[2]
         k, v = _expand_kv(k, v, q.shape[2])
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            *_bhsd(dout, q, k, v, out), lse.contiguous(), 0.0, causal, attn_mask=None, scale=scale
+            *_bhsd(dout, q, k, v, out), lse.contiguous(), 0.0, causal, attn_mask=self._bias(mask, q.dtype),
+            scale=scale,
         )
         dk, dv = _reduce_kv(dk.transpose(1, 2), dv.transpose(1, 2), kv_heads)
         return dq.transpose(1, 2), dk, dv
@@ -158,6 +183,7 @@ class CudaFlashKernel:
     """PyTorch's CUDA flash op (`_scaled_dot_product_flash_attention`): fp16/bf16, head_dim % 8 == 0, <= 256."""
 
     name = "cuda_flash"
+    supports_mask = False  # masked blocks go to mask_fallback()
 
     def forward(self, q, k, v, causal, scale):
         k, v = _expand_kv(k, v, q.shape[2])
@@ -181,6 +207,7 @@ class CudaEfficientKernel:
     """PyTorch's CUDA memory-efficient op: also fp32, any head_dim % 8 == 0."""
 
     name = "cuda_efficient"
+    supports_mask = False  # masked blocks go to mask_fallback()
 
     def forward(self, q, k, v, causal, scale):
         k, v = _expand_kv(k, v, q.shape[2])
@@ -214,6 +241,7 @@ class FlashAttnPackageKernel:
     """
 
     name = "flash_attn"
+    supports_mask = False  # masked blocks go to mask_fallback()
 
     def forward(self, q, k, v, causal, scale):
         from flash_attn import flash_attn_func
@@ -302,6 +330,21 @@ def select_kernel(q: torch.Tensor, kernel: str | LocalKernel | None = "auto") ->
             "pass kernel='auto' or 'reference'"
         )
     return KERNELS[kernel]
+
+
+def mask_fallback(kernel: LocalKernel) -> LocalKernel:
+    """The kernel for MASKED blocks: `kernel` itself if it takes masks, else the reference kernel (exact, any
+    device; it materialises the block's scores, which tiles keep small). Chosen per call, stated in the log."""
+    if getattr(kernel, "supports_mask", False):
+        return kernel
+    if kernel.name not in _warned_fallback:
+        _warned_fallback.add(kernel.name)
+        logger.info("kernel %r takes no mask: masked blocks (window edges, document boundaries) use 'reference'",
+                    kernel.name)
+    return KERNELS["reference"]
+
+
+_warned_fallback: set[str] = set()
 
 
 def default_scale(head_dim: int) -> float:
