@@ -49,9 +49,12 @@ class SlurmCluster:
     env: dict[str, str]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-        """Run a SLURM client command against this cluster; raise with its output if it fails (check)."""
-        proc = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(self, *args: str, check: bool = True, timeout: float = 30,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run a SLURM client command against this cluster (`env` adds variables, which sbatch passes to
+        the job); raise with its output if it fails and `check`."""
+        proc = subprocess.run(list(args), env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}: {proc.stdout}{proc.stderr}")
         return proc
