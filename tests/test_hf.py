@@ -214,14 +214,14 @@ def _tiny(cls=LlamaConfig, **kw):
     return AutoModelForCausalLM.from_config(cls(**{**COMMON, **kw}))
 
 
-def test_sliding_window_models_are_refused():
-    with pytest.raises(ValueError, match=r"config.sliding_window=4096: ring attention does not apply windows"):
-        apply_ring_attention(_tiny(MistralConfig))  # Mistral's default window
-    with pytest.raises(ValueError, match=r"sliding_attention layers \(config.layer_types\).*use_sliding_window=False"):
-        apply_ring_attention(_tiny(Qwen2Config, use_sliding_window=True, max_window_layers=1))
-    with pytest.raises(ValueError, match=r"sliding_attention layers"):
-        apply_ring_attention(_tiny(Qwen3Config, head_dim=16, use_sliding_window=True, max_window_layers=0))
-    apply_ring_attention(_tiny(Qwen2Config, use_sliding_window=False))  # window off: fine
+def test_sliding_window_models_are_accepted():
+    """Windows run in the ring since issue 7 (equivalence: tests/test_hf_documents.py); unknown layer types raise."""
+    apply_ring_attention(_tiny(MistralConfig))  # Mistral's default window
+    apply_ring_attention(_tiny(Qwen2Config, use_sliding_window=True, max_window_layers=1))
+    apply_ring_attention(_tiny(Qwen3Config, head_dim=16, use_sliding_window=True, max_window_layers=0))
+    with pytest.raises(ValueError, match=r"chunked_attention layers \(config.layer_types\).*full_attention and "
+                                         r"sliding_attention layers only"):
+        apply_ring_attention(_tiny(Qwen2Config, layer_types=["full_attention", "chunked_attention"]))
 
 
 def test_dropout_in_training_is_refused():

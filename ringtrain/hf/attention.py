@@ -4,8 +4,13 @@ One attention function is registered per `apply_ring_attention` call under its o
 process group and layout, and selected with `model.set_attn_implementation(name)`: no globals steer the ring, and
 two models on two groups can coexist. No attention mask is ever built: transformers 5.x returns no mask for an
 implementation that the AttentionMaskInterface does not know (`_preprocess_mask_arguments` early exit), and the
-causal mask is the ring's job. What the ring cannot compute (sliding windows, attention dropout, KV caches,
-left padding, positions that do not match the shard layout) raises instead of silently computing something else.
+causal mask is the ring's job, and so are the masks transformers describes by kwargs: each layer's
+`sliding_window` (Mistral; Qwen2/Qwen3 `layer_types` pass it for sliding layers only) becomes the ring's `window`.
+Packed documents: pass `document_ids` (from `shard_batch`) to the model's forward; transformers forwards extra
+kwargs down to the attention function (public `**kwargs: TransformersKwargs` path), and the input hook gathers
+them once per forward into a `RingDocuments` shared by every layer. What the ring cannot compute (attention
+dropout, KV caches, left padding, positions that do not match the shard layout, chunked attention) raises
+instead of silently computing something else.
 """
 
 from __future__ import annotations
@@ -18,10 +23,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ringtrain.data.packing import document_position_ids
 from ringtrain.hf.batch import check_right_padding
 from ringtrain.hf.rope import check_rotary_precision
 from ringtrain.log import get_logger
-from ringtrain.ring import LAYOUTS, group_world_rank, ring_attention, sequence_positions, unshard_sequence
+from ringtrain.ring import (
+    LAYOUTS,
+    RingDocuments,
+    gather_documents,
+    group_world_rank,
+    ring_attention,
+    sequence_positions,
+    shard_sequence,
+    unshard_sequence,
+)
 
 logger = get_logger(__name__)
 
@@ -61,11 +76,6 @@ class _RingBinding:
                 f"{layer}: attention dropout={dropout} in training mode is not supported by ring attention: "
                 "set config.attention_dropout=0.0 (the usual value for LLM fine-tuning)"
             )
-        if kwargs.get("sliding_window") is not None:
-            raise ValueError(
-                f"{layer}: sliding_window={kwargs['sliding_window']} is not supported by ring attention yet "
-                "(issue 7, window masks): disable the window in the model config"
-            )
         if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
             raise ValueError(f"{layer}: attention logit soft-capping / sinks are not supported by ring attention")
         if attention_mask is not None:
@@ -81,9 +91,11 @@ class _RingBinding:
                 "attention trains on whole sharded sequences; call the model with use_cache=False and no cache"
             )
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        window = kwargs.get("sliding_window")  # transformers' convention: i - window < j <= i, like the ring's
         out = ring_attention(  # q [B, S_local, H, D], k/v [B, S_local, H_kv, D]: GQA heads are not repeated
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             group=self.group, causal=bool(causal), layout=self.layout, scale=scaling,
+            document_ids=kwargs.get("document_ids"), window=None if window is None else int(window),
         )
         return out, None
 
@@ -107,6 +119,16 @@ class _RingBinding:
             return args, kwargs
         s_local = tokens.shape[1]
         world, _ = group_world_rank(self.group)
+        docs = kwargs.get("document_ids")
+        if isinstance(docs, torch.Tensor):
+            if tuple(docs.shape) != tuple(tokens.shape[:2]):
+                raise ValueError(
+                    f"document_ids has shape {tuple(docs.shape)} but this rank holds {tuple(tokens.shape[:2])} tokens: "
+                    "pass the sharded document_ids from shard_batch"
+                )
+            # One all_gather per forward; every layer's ring call reuses it (and the plans made from it).
+            kwargs["document_ids"] = docs = gather_documents(docs.to(tokens.device), group=self.group,
+                                                             layout=self.layout)
         mask = kwargs.get("attention_mask")
         if mask is not None:  # checked even without validate_inputs: dropping a left-padding mask is silent harm
             if mask.ndim != 2 or mask.shape[1] != s_local:
@@ -120,14 +142,15 @@ class _RingBinding:
                                                  layout=self.layout))
             kwargs["attention_mask"] = None
         if self.validate_inputs:
-            self._check_positions(module, kwargs.get("position_ids"), s_local, world, tokens.device)
+            self._check_positions(module, kwargs.get("position_ids"), s_local, world, tokens.device, docs)
         return args, kwargs
 
     def _check_positions(
         self, module: torch.nn.Module, position_ids: torch.Tensor | None, s_local: int, world: int,
-        device: torch.device,
+        device: torch.device, docs: RingDocuments | None = None,
     ) -> None:
-        """Positions must be this rank's global positions, and position-dependent RoPE must agree across ranks."""
+        """Positions must be this rank's global positions (or, with documents, positions restarting at each
+        document), and position-dependent RoPE must agree across ranks."""
         if position_ids is None:
             if world == 1:
                 return
@@ -136,7 +159,12 @@ class _RingBinding:
                 "would be wrong on every rank but the first; pass the position_ids from shard_batch"
             )
         expected = sequence_positions(s_local * world, group=self.group, layout=self.layout, device=device)
-        bad = int(not bool((position_ids == expected).all()))
+        ok = bool((position_ids == expected).all())
+        if not ok and docs is not None:
+            per_doc = shard_sequence(document_position_ids(docs.global_ids), group=self.group, dim=1,
+                                     layout=self.layout)
+            ok = position_ids.shape[-1] == s_local and bool((position_ids == per_doc).all())
+        bad = int(not ok)
         # transformers' dynamic and longrope RoPE pick their frequencies from max(position_ids) + 1, which differs
         # between ranks: compare what each rank would pick.
         params = getattr(module.config, "rope_parameters", None) or {}
@@ -152,8 +180,8 @@ class _RingBinding:
         if flags[0]:
             raise ValueError(
                 f"position_ids do not match the {self.layout} shard of a {s_local * world}-token sequence on at least "
-                "one rank: pass the position_ids from shard_batch with the same group and layout (packed documents "
-                "with restarting positions need document masks, issue 7)"
+                "one rank: pass the position_ids from shard_batch with the same group and layout (positions that "
+                "restart at each document need the document_ids from shard_batch too)"
             )
         if flags[1] != -flags[2]:
             raise ValueError(
@@ -176,18 +204,11 @@ class _RingBinding:
 def _check_supported(model: torch.nn.Module) -> None:
     config = model.config
     layer_types = getattr(config, "layer_types", None) or []
-    windowed = [t for t in set(layer_types) if t != "full_attention"]
-    if windowed:
+    unknown = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if unknown:
         raise ValueError(
-            f"{type(model).__name__} has {', '.join(sorted(windowed))} layers (config.layer_types): ring attention "
-            "supports full causal attention only until window masks land (issue 7); for Qwen2/Qwen3 set "
-            "use_sliding_window=False"
-        )
-    window = getattr(config, "sliding_window", None)
-    if window is not None and not layer_types:
-        raise ValueError(
-            f"{type(model).__name__} has config.sliding_window={window}: ring attention does not apply windows yet "
-            "(issue 7); set sliding_window=None in the config to train with full causal attention"
+            f"{type(model).__name__} has {', '.join(unknown)} layers (config.layer_types): ring attention computes "
+            "full_attention and sliding_attention layers only"
         )
     if getattr(config, "attention_chunk_size", None):
         raise ValueError(
@@ -206,8 +227,9 @@ def apply_ring_attention(
 ) -> torch.nn.Module:
     """Make a transformers causal LM compute attention with `ring_attention` over `group`; returns `model`.
 
-    Feed it the output of `shard_batch(batch, group, layout)` (same group and layout): `input_ids` and
-    `position_ids`, no `labels` (the pre-shifted `shift_labels` go to the loss). Call before FSDP wrapping and
+    Feed it the output of `shard_batch(batch, group, layout)` (same group and layout): `input_ids`,
+    `position_ids` and, for packed documents, `document_ids`; no `labels` (the pre-shifted `shift_labels` go to
+    the loss). Sliding-window layers (config `sliding_window`, `layer_types`) run windowed. Call before FSDP wrapping and
     activation checkpointing; neither touches the attention implementation. With `validate_inputs` (default),
     each forward checks the positions against the layout (one tiny all_reduce over `group`) and any 2-D padding
     mask (one all_gather); turn it off under torch.compile once the input pipeline is trusted.

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ringtrain.data.packing import document_position_ids
 from ringtrain.ring import sequence_positions, shard_sequence
 
 IGNORE_INDEX = -100
@@ -27,7 +28,7 @@ def check_right_padding(attention_mask: torch.Tensor, what: str = "attention_mas
     """Raise unless every row of a 2-D 0/1 mask is real tokens followed by padding (right padding).
 
     Right padding needs no attention mask under a causal ring (real tokens never look ahead at the pads);
-    left padding or holes would need a document mask that the ring does not apply yet (issue 7).
+    left padding or holes are refused (pack documents with `document_ids` instead).
     """
     if attention_mask.ndim != 2:
         raise ValueError(
@@ -51,6 +52,7 @@ def shard_batch(
     layout: str = "zigzag",
     *,
     ignore_index: int = IGNORE_INDEX,
+    document_positions: str = "restart",
 ) -> dict[str, torch.Tensor]:
     """This rank's shard of a full-sequence batch, ready for a model prepared with `apply_ring_attention`.
 
@@ -58,14 +60,18 @@ def shard_batch(
     (unshifted, `ignore_index` where no loss is wanted; default: the input ids), optional `attention_mask` [B, S]
     (right padding only). Returns
       - `input_ids` [B, S_local]: this rank's tokens,
-      - `position_ids` [B, S_local]: their global positions (pass to the model: RoPE must see global positions),
+      - `position_ids` [B, S_local]: their global positions (pass to the model: RoPE must see global positions);
+        with `document_ids` in the batch and `document_positions="restart"` (default), positions restarting at 0
+        at each document (each document is then positioned as if alone); "global" keeps global positions,
       - `shift_labels` [B, S_local]: the next-token target of each local token, shifted *before* sharding; the last
         position of each sequence and every padding position hold `ignore_index`. Do not shift these again,
       - `num_label_tokens` (0-d LongTensor): non-ignored labels in the full batch, the same on every rank of the
         group: divide the summed local loss by it (and by its sum over data-parallel ranks) to get a mean,
       - `token_weights`, `answer_mask` if given: shifted exactly like the labels (aligned with `shift_labels`;
-        0 / False at the last position), and `document_ids` if given: sharded, not shifted (ring attention does
-        not apply document masks yet, issue 7).
+        0 / False at the last position), and `document_ids` [B, S_local] if given (non-decreasing per row):
+        sharded, not shifted; pass them to the model with `input_ids` and `position_ids` so attention stays
+        inside each document. The label of a document's last token (the next document's first token) is
+        ignored: no loss crosses a document boundary.
     No attention mask is returned: with right padding the causal ring needs none. Any other key is an error,
     because whether it should shift cannot be guessed.
     """
@@ -96,10 +102,23 @@ def shard_batch(
         # A pad predicts nothing, and the last real token must not learn to predict the first pad.
         shift_labels[~real] = ignore_index
         shift_labels[:, :-1][~real[:, 1:]] = ignore_index
-    positions = sequence_positions(input_ids.shape[1], group=group, layout=layout, device=input_ids.device)
+    if document_positions not in ("restart", "global"):
+        raise ValueError(f"document_positions={document_positions!r} is not one of restart, global")
+    docs = batch.get("document_ids")
+    if docs is not None:
+        if docs.shape != input_ids.shape:
+            raise ValueError(f"document_ids shape {tuple(docs.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if bool((docs[:, 1:] < docs[:, :-1]).any()):
+            raise ValueError("document_ids decrease along a row: pass non-decreasing ids (0, 0, 1, 1, 1, 2, ...)")
+        shift_labels[:, :-1][docs[:, 1:] != docs[:, :-1]] = ignore_index
+    if docs is not None and document_positions == "restart":
+        positions = shard_sequence(document_position_ids(docs), group=group, dim=1, layout=layout)
+    else:
+        positions = sequence_positions(input_ids.shape[1], group=group, layout=layout, device=input_ids.device)
+        positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
     out = {
         "input_ids": shard_sequence(input_ids, group=group, dim=1, layout=layout),
-        "position_ids": positions.unsqueeze(0).expand(input_ids.shape[0], -1),
+        "position_ids": positions,
         "shift_labels": shard_sequence(shift_labels, group=group, dim=1, layout=layout),
         "num_label_tokens": (shift_labels != ignore_index).sum(),
     }
