@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 - the fixture
 
+from ringtrain.distributed import free_port
+
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +55,9 @@ class Job:
 
 def _submit(cluster: SlurmCluster, workdir: Path, name: str, *overrides: str) -> Job:
     (workdir / "logs").mkdir(parents=True, exist_ok=True)  # SLURM opens the log before the script runs
-    env = {"RINGTRAIN_NPROC_PER_NODE": "2", "RINGTRAIN_PYTHON": sys.executable}
+    # A free rendezvous port: another test session's cluster on this machine numbers its jobs from 1 too,
+    # so the script's default (29500 + job id % 1000) could collide.
+    env = {"RINGTRAIN_NPROC_PER_NODE": "2", "RINGTRAIN_PYTHON": sys.executable, "RINGTRAIN_RDZV_PORT": str(free_port())}
     proc = cluster.run("sbatch", "--parsable", f"--job-name={name}", f"--chdir={workdir}", "--cpus-per-task=2",
                        str(SBATCH), str(CONFIG), *OVERRIDES, *overrides, env=env)
     return Job(id=proc.stdout.strip().split(";")[0], name=name, workdir=workdir)
@@ -83,7 +87,7 @@ def _finish(cluster: SlurmCluster, job: Job) -> dict[str, str]:
     return info
 
 
-def _rank_pids(job_id: str) -> dict[int, int]:
+def _rank_pids(cluster: SlurmCluster, job_id: str) -> dict[int, int]:
     """rank -> pid of the job's training processes (torchrun's children), read from /proc."""
     pids = {}
     for entry in Path("/proc").iterdir():
@@ -94,28 +98,34 @@ def _rank_pids(job_id: str) -> dict[int, int]:
             environ = dict(v.split(b"=", 1) for v in (entry / "environ").read_bytes().split(b"\0") if b"=" in v)
         except OSError:
             continue
-        if environ.get(b"SLURM_JOB_ID") != job_id.encode() or b"RANK" not in environ:
+        if not _of_job(environ, cluster, job_id) or b"RANK" not in environ:
             continue
         if b"ringtrain.cli" in cmdline and b"torch.distributed.run" not in cmdline:
             pids[int(environ[b"RANK"])] = int(entry.name)
     return pids
 
 
-def _job_processes(job_id: str) -> list[int]:
+def _job_processes(cluster: SlurmCluster, job_id: str) -> list[int]:
     """Every live process of the job that runs Python (torchrun and the ranks)."""
     alive = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            environ = (entry / "environ").read_bytes()
+            environ = dict(v.split(b"=", 1) for v in (entry / "environ").read_bytes().split(b"\0") if b"=" in v)
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if state != "Z" and f"SLURM_JOB_ID={job_id}\0".encode() in environ and b"python" in cmdline:
+        if state != "Z" and _of_job(environ, cluster, job_id) and b"python" in cmdline:
             alive.append(int(entry.name))
     return alive
+
+
+def _of_job(environ: dict[bytes, bytes], cluster: SlurmCluster, job_id: str) -> bool:
+    """Whether a process environment belongs to this job of this cluster (job ids repeat across clusters)."""
+    return (environ.get(b"SLURM_JOB_ID") == job_id.encode()
+            and environ.get(b"SLURM_CONF") == cluster.env["SLURM_CONF"].encode())
 
 
 @pytest.fixture(scope="module")
@@ -190,14 +200,14 @@ def test_scontrol_requeue_of_a_running_job_resumes_exactly(slurm_cluster: SlurmC
 def test_killed_rank_fails_the_job_fast_and_is_named(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
     job = _submit(slurm_cluster, tmp_path, "kill")
     _wait_for_step(slurm_cluster, job, 5)
-    pids = _rank_pids(job.id)
+    pids = _rank_pids(slurm_cluster, job.id)
     assert sorted(pids) == [0, 1], pids
     t0 = time.monotonic()
     os.kill(pids[1], signal.SIGKILL)  # mid-step: steps follow each other back to back
-    while _job_processes(job.id) and time.monotonic() - t0 < TIMEOUT_S + 30:
+    while _job_processes(slurm_cluster, job.id) and time.monotonic() - t0 < TIMEOUT_S + 30:
         time.sleep(0.05)
     elapsed = time.monotonic() - t0
-    assert not _job_processes(job.id), f"processes left {elapsed:.0f}s after the kill:\n{job.log_text()}"
+    assert not _job_processes(slurm_cluster, job.id), f"processes left {elapsed:.0f}s after the kill:\n{job.log_text()}"
     assert elapsed < TIMEOUT_S, f"survivors took {elapsed:.1f}s > parallel.timeout_s={TIMEOUT_S}"
     info = _finish(slurm_cluster, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
