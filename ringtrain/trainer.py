@@ -95,8 +95,10 @@ class CausalLMWithChunkedLoss(nn.Module):
                 )
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+                token_weights: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # document_ids reach the ring attention function through transformers' public **kwargs path.
+        extra = {} if document_ids is None else {"document_ids": document_ids}
+        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)[0]
         weight = self.lm.get_output_embeddings().weight
         return chunked_cross_entropy_sum(hidden, weight, labels, chunk_tokens=self.chunk_tokens,
                                          token_weights=token_weights)
@@ -204,7 +206,10 @@ class Trainer:
         from ringtrain.hf import shard_batch
 
         tcfg, mesh = self.cfg.train, self.mesh
-        local = [shard_batch(b, group=mesh.sp_group, layout=self.cfg.parallel.layout) for b in micro]
+        dcfg = self.cfg.data
+        local = [shard_batch(b, group=mesh.sp_group, layout=self.cfg.parallel.layout,
+                             document_positions=dcfg.document_positions if dcfg.document_mask else "global")
+                 for b in micro]
         # Normalise by the valid tokens of the whole step (all micro-batches, SP and DP ranks), so the
         # gradient is that of the mean token loss over the global batch, whatever the mesh or accumulation.
         weights = [b.get("token_weights") for b in local]
@@ -220,10 +225,13 @@ class Trainer:
                 # Reduce-scatter once, after the last micro-batch; earlier ones accumulate locally.
                 self.model.set_requires_gradient_sync(i == len(local) - 1)
             with offload:
+                # With data.document_mask, attention stays inside each packed document (issue 7).
+                docs = batch.get("document_ids") if dcfg.document_mask else None
                 part = self.model(
                     batch["input_ids"].to(mesh.device), batch["position_ids"].to(mesh.device),
                     batch["shift_labels"].to(mesh.device),
                     None if weights[i] is None else weights[i].to(mesh.device),
+                    None if docs is None else docs.to(mesh.device),
                 )
             (part / n_global).backward()
             loss_sum += part.detach()

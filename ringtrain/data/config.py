@@ -10,6 +10,7 @@ SOURCES = ("passkey", "files", "hub")
 FORMATS = ("auto", "json", "parquet", "text")
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 FILLERS = ("repeat", "random")
+DOCUMENT_POSITIONS = ("restart", "global")
 # File extension -> datasets' packaged builder name; "auto" picks from this table.
 EXTENSION_FORMATS = {
     ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text",
@@ -43,6 +44,9 @@ class DataConfig:
     document_mask: bool = True
     """Keep document boundaries: per-document ids (attention stays within a document) and no loss across them.
     False: one document per sequence as far as attention and labels are concerned (plain causal LM on a stream)."""
+    document_positions: str = "restart"
+    """With document_mask: 'restart' numbers each document's positions from 0 (RoPE sees each document as if
+    alone), 'global' keeps the positions in the packed sequence."""
     split_documents: bool | None = None
     """Let a document continue into the next sequence (every slot holds a token). False starts a document that does
     not fit in a new sequence and pads the rest (longer documents are still split). None: False for
@@ -80,6 +84,9 @@ class DataConfig:
                 if missing:
                     problems.append(("path", f"path={self.path!r}: nothing matches {', '.join(missing)}; "
                                              "give an existing file, glob or directory"))
+        if self.document_positions not in DOCUMENT_POSITIONS:
+            problems.append(("document_positions", f"document_positions={self.document_positions!r} is not one of "
+                                                   f"{', '.join(DOCUMENT_POSITIONS)}"))
         if self.format not in FORMATS:
             problems.append(("format", f"format={self.format!r} is not one of {', '.join(FORMATS)}"))
         if self.text_sample_by not in TEXT_SAMPLE_BY:
