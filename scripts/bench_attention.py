@@ -5,6 +5,7 @@ CPU (default): spawns P=1 and P=2 gloo ranks, one thread each, and compares agai
 
     python scripts/bench_attention.py                 # S=8192, H=8, D=64, fp32
     python scripts/bench_attention.py --quick         # small sizes, seconds
+    python scripts/bench_attention.py --masks         # packed documents and sliding windows (issue 7)
 
 CUDA: `torchrun --nproc-per-node N scripts/bench_attention.py --backend nccl` (NCCL, one GPU per rank),
 or on one GPU `python scripts/bench_attention.py --virtual-ring 4`: every virtual rank's blockwise
@@ -41,15 +42,51 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ringtrain.ring import rank_work, ring_attention, shard_sequence  # noqa: E402
-from ringtrain.ring.attention import ring_attention_with_comm  # noqa: E402
+from ringtrain.ring import MaskSpec, rank_work, ring_attention, shard_sequence  # noqa: E402
+from ringtrain.ring.attention import DEFAULT_TILE_TOKENS, ring_attention_with_comm  # noqa: E402
+from ringtrain.ring.layout import num_chunks  # noqa: E402
+from ringtrain.ring.plan import choose_tiles_per_chunk, document_tile_pairs, visible_work  # noqa: E402
 
 CONFIGS = [  # (name, causal, layout)
     ("causal-zigzag", True, "zigzag"),
     ("causal-contiguous", True, "contiguous"),
     ("non-causal", False, "zigzag"),
 ]
+# Issue 7: documents and windows, against full causal attention on the same tokens (name, layout, docs, window
+# as a fraction of S). "packed" = document lengths drawn from `packed_document_ids`, document-masked.
+MASK_CONFIGS = [
+    ("causal-zigzag (no mask)", "zigzag", False, None),
+    ("packed docs, zigzag", "zigzag", True, None),
+    ("packed docs, contiguous", "contiguous", True, None),
+    ("window S/8, zigzag", "zigzag", False, 1 / 8),
+    ("window S/8, contiguous", "contiguous", False, 1 / 8),
+]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def packed_document_ids(batch: int, seq: int, mean_tokens: int, seed: int = 0) -> torch.Tensor:
+    """[B, S] ids of documents with log-normal lengths (median ~ mean/1.6, long tail, like web/code corpora),
+    packed back to back; the last document is cut at S."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths, total = [], 0
+        while total < seq:
+            n = int(torch.exp(torch.randn((), generator=g) + torch.log(torch.tensor(mean_tokens / 1.65))).item()) + 1
+            lengths.append(min(n, seq - total))
+            total += lengths[-1]
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
+    return torch.stack(rows)
+
+
+def mask_spec(args, world: int, layout: str, docs: torch.Tensor | None, window: int | None) -> MaskSpec:
+    """The spec ring_attention builds for these inputs (same tile choice), for per-rank work from the plan."""
+    chunk = args.seq // num_chunks(world, layout)
+    if docs is None and window is None:
+        return MaskSpec(True)
+    tiles = choose_tiles_per_chunk(chunk, DEFAULT_TILE_TOKENS)
+    pairs = None if docs is None else document_tile_pairs(docs, num_chunks(world, layout) * tiles)
+    return MaskSpec(True, window, tiles, chunk // tiles if window else 0, pairs)
 
 
 class PeakRSS:
@@ -178,7 +215,68 @@ def bench_rank(group, device: torch.device, args) -> dict:
     return res
 
 
+def bench_masks_rank(group, device: torch.device, args) -> dict:
+    """Every MASK_CONFIGS entry on this rank: time, bytes sent, per-rank plan work and visible work."""
+    world, rank = (dist.get_world_size(group), dist.get_rank(group)) if dist.is_initialized() else (1, 0)
+    q, k, v, dout = _inputs(args, device)
+    docs_full = packed_document_ids(args.batch, args.seq, args.doc_tokens)
+    res: dict = {"world": world, "rank": rank, "configs": {}}
+    for name, layout, use_docs, window_frac in MASK_CONFIGS:
+        window = None if window_frac is None else int(args.seq * window_frac)
+        docs = docs_full if use_docs else None
+        ql, kl, vl, dl = (shard_sequence(t, group=group, layout=layout) for t in (q, k, v, dout))
+        ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
+        dl_docs = None if docs is None else shard_sequence(docs, group=group, layout=layout).to(device)
+
+        def step(ql=ql, kl=kl, vl=vl, dl=dl, layout=layout, window=window, dl_docs=dl_docs):
+            out = ring_attention(ql, kl, vl, group=group, layout=layout, window=window, document_ids=dl_docs)
+            out.backward(dl)
+            ql.grad = kl.grad = vl.grad = None
+
+        timing = _time(step, args, device, group, barrier=world > 1)
+        with SentBytes() as sent:
+            step()
+        chunk = args.seq // num_chunks(world, layout)
+        spec = mask_spec(args, world, layout, docs, window)
+        res["configs"][name] = {
+            **timing, "sent": sent.total,
+            "work": [rank_work(world, r, layout, True, chunk, spec) for r in range(world)],
+            "visible": visible_work(docs, world, layout, seq_len=args.seq, window=window),
+            "n_docs": None if docs is None else int(docs[0].max()) + 1,
+        }
+    return res
+
+
+def report_masks(by_world: dict[int, list[dict]], args, machine: str) -> str:
+    """Markdown table of MASK_CONFIGS; speed-up = the unmasked causal-zigzag time at the same P / this time."""
+    n_docs = by_world[min(by_world)][0]["configs"]["packed docs, zigzag"]["n_docs"]
+    lines = [
+        f"documents and windows, fwd+bwd: S={args.seq} B={args.batch} H={args.heads} H_kv={args.kv_heads} "
+        f"D={args.head_dim} {args.dtype}; packed: {n_docs} documents (log-normal lengths, mean {args.doc_tokens} "
+        f"tokens) in row 0; window = S/8 = {args.seq // 8}; min over {args.iters} iterations; {machine}",
+        "",
+        "| config | P | wall s/rank (median) | CPU s/rank | speed-up wall | speed-up CPU | work M pairs/rank (max) "
+        "| work max/min | visible M pairs (max/min) | sent MiB/rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for world, ranks in sorted(by_world.items()):
+        base = [r["configs"]["causal-zigzag (no mask)"] for r in ranks]
+        t0, c0 = max(c["wall"] for c in base), max(c["cpu"] for c in base)
+        for name, *_ in MASK_CONFIGS:
+            cfgs = [r["configs"][name] for r in ranks]
+            tp, tpm, cp = (max(c[key] for c in cfgs) for key in ("wall", "wall_median", "cpu"))
+            work, vis = cfgs[0]["work"], cfgs[0]["visible"]
+            lines.append(
+                f"| {name} | {world} | {tp:.3f} ({tpm:.3f}) | {cp:.3f} | {t0 / tp:.2f} | {c0 / cp:.2f} "
+                f"| {max(work) / 1e6:.1f} | {max(work) / min(work):.2f} | {sum(vis) / 1e6:.1f} "
+                f"({max(vis) / min(vis):.2f}) | {max(c['sent'] for c in cfgs) / 2**20:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def _spawned(mesh, args) -> dict:
+    if args.masks:
+        return bench_masks_rank(mesh.sp_group, torch.device("cpu"), args)
     return bench_rank(mesh.sp_group, torch.device("cpu"), args)
 
 
@@ -281,6 +379,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="S=1024, 2 iterations: a smoke run")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     p.add_argument("--virtual-ring", type=int, default=0, metavar="P", help="one GPU: simulate P ranks")
+    p.add_argument("--masks", action="store_true",
+                   help="documents and windows (issue 7): packed document-masked batch and a window of S/8, "
+                        "against full causal attention on the same tokens")
+    p.add_argument("--doc-tokens", type=int, default=1000, help="--masks: mean packed document length")
     p.add_argument("--sdpa-every-rank", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.kv_heads = args.kv_heads or args.heads
@@ -314,6 +416,9 @@ def main() -> None:
         by_world[world] = run_distributed(_spawned, world, args, threads=args.threads, timeout=3600)
     machine = (f"{os.cpu_count()}-core CPU, torch {torch.__version__}, gloo, "
                f"{args.threads} thread(s) per rank")
+    if args.masks:
+        print(report_masks(by_world, args, machine))
+        return
     print(report(by_world[1][0], by_world, args, machine))
 
 
