@@ -50,10 +50,11 @@ def test_raising_rank_fails_and_is_named():
 
 
 def test_hanging_rank_is_killed_at_timeout():
+    # The timeout leaves the healthy ranks time to start and finish even on a loaded CI machine.
     start = time.monotonic()
-    with pytest.raises(RankTimeoutError, match=r"ranks \[2\] of 3 did not finish within 8s"):
-        run_distributed(_hang_on_rank_two, 3, timeout=8)
-    assert time.monotonic() - start < 30
+    with pytest.raises(RankTimeoutError, match=r"ranks \[2\] of 3 did not finish within 40s"):
+        run_distributed(_hang_on_rank_two, 3, timeout=40)
+    assert time.monotonic() - start < 70
 
 
 def test_rank_that_exits_without_reporting_is_named():
