@@ -1,26 +1,67 @@
-"""Chunked next-token cross-entropy: the [tokens, vocab] logits exist one chunk at a time, in fp32.
+"""Fused, chunked next-token cross-entropy: [tokens, vocab] logits exist one chunk at a time, in fp32.
 
-A 128K-token shard with a 128K vocabulary would need 31 GiB of bf16 logits. Each chunk's logits are
-recomputed in backward (activation checkpointing of lm_head + CE), so only the hidden states stay alive.
+A 128K-token shard with a 128K vocabulary would need 31 GiB of bf16 logits. The loss is computed chunk by
+chunk and, when gradients are needed, so are the gradients with respect to the hidden states and the
+output embedding (the softmax minus the one-hot target is all backward needs): backward only scales the
+stored gradients, so no chunk is recomputed and only one [chunk, vocab] fp32 buffer is alive at a time.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Bytes of fp32 logits per chunk when the chunk size is automatic: small against activations at long
+# context, large enough that the matmuls stay efficient (1K tokens at a 32K vocabulary).
+AUTO_CHUNK_BYTES = 128 * 2**20
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    token_weights: torch.Tensor | None) -> torch.Tensor:
-    # Logits in fp32: log-softmax over a large vocabulary loses too much in bf16.
-    logits = F.linear(hidden, weight).float()  # [n, V]
-    losses = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    if token_weights is not None:
-        losses = losses * token_weights
-    return losses.sum()
+def auto_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits take about AUTO_CHUNK_BYTES (at least 64)."""
+    return max(64, AUTO_CHUNK_BYTES // (4 * vocab_size))
+
+
+def _chunk_weights(labels: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    valid = labels != IGNORE_INDEX
+    if token_weights is None:
+        return valid.to(torch.float32)
+    return token_weights.to(torch.promote_types(token_weights.dtype, torch.float32)) * valid
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_t w_t * CE(hidden_t @ weight.T, label_t), with d/dhidden and d/dweight computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, token_weights, chunk_tokens):  # noqa: D401 - autograd signature
+        # At least fp32 (fp64 stays fp64): log-softmax over a large vocabulary in bf16 is lossy, and the
+        # weight gradient sums many small per-chunk products.
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_hidden = torch.empty_like(hidden)  # [N, d]
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)  # [V, d]
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        safe_labels = labels.clamp(min=0)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            sl = slice(start, start + chunk_tokens)
+            h, y = hidden[sl], safe_labels[sl]
+            w = _chunk_weights(labels[sl], None if token_weights is None else token_weights[sl]).to(acc)  # [n]
+            logits = F.linear(h, weight).to(acc)  # [n, V]
+            lse = torch.logsumexp(logits, dim=-1)  # [n]
+            total += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * w).sum()
+            # d loss / d logits = w * (softmax - onehot), formed in place in the logits buffer.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(len(y), device=y.device), y] -= 1.0
+            probs.mul_(w[:, None])
+            grad_hidden[sl] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_weight.addmm_(probs.t(), h.to(acc))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_out, (grad_weight * grad_out).to(ctx.weight_dtype), None, None, None
 
 
 def chunked_cross_entropy_sum(
@@ -28,33 +69,32 @@ def chunked_cross_entropy_sum(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = 0,
     token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum over tokens of CE(hidden @ weight.T, labels), never holding more than one chunk of logits.
+    """Sum over tokens of w_t * CE(hidden @ weight.T, labels), never holding more than one chunk of logits.
 
-    hidden: [..., d] final hidden states; weight: [V, d] output embedding; labels: [...] already
-    shifted (IGNORE_INDEX where no target); token_weights: optional [...] per-token weights.
-    The caller divides by the global number of valid tokens (see `count_valid_tokens`).
+    hidden: [..., d] final hidden states; weight: [V, d] output embedding; labels: [...] already shifted
+    (IGNORE_INDEX where no target); token_weights: optional [...] per-token weights; chunk_tokens: 0 picks
+    `auto_chunk_tokens(V)`. The caller divides by the global number of valid tokens (`count_valid_tokens`).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
-    weights = token_weights.reshape(-1).to(torch.float32) if token_weights is not None else None
+    weights = token_weights.reshape(-1) if token_weights is not None else None
+    chunk = chunk_tokens or auto_chunk_tokens(weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, labels, weights, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        end = start + chunk_tokens
-        w = weights[start:end] if weights is not None else None
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            total = total + checkpoint(_chunk_loss_sum, hidden[start:end], weight, labels[start:end], w,
-                                       use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(hidden[start:end], weight, labels[start:end], w)
+    for start in range(0, hidden.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        logits = F.linear(hidden[sl], weight).float()
+        losses = F.cross_entropy(logits, labels[sl], ignore_index=IGNORE_INDEX, reduction="none")
+        if weights is not None:
+            losses = losses * weights[sl].to(torch.float32)
+        total += losses.sum()
     return total
 
 
 def count_valid_tokens(labels: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The loss denominator of this shard: labels that are not ignored (or their total weight)."""
-    valid = labels != IGNORE_INDEX
-    if token_weights is not None:
-        return (token_weights.to(torch.float32) * valid).sum()
-    return valid.sum().to(torch.float32)
+    return _chunk_weights(labels, token_weights).sum()

@@ -46,8 +46,9 @@ class TrainLoopConfig:
     """Recompute each decoder layer in backward instead of storing its activations."""
     offload_activations: bool = False
     """With activation checkpointing, keep the saved layer inputs in CPU memory (long contexts on GPU)."""
-    loss_chunk_tokens: int = 2048
-    """Tokens per chunk of the cross-entropy: full [tokens, vocab] logits are never materialised."""
+    loss_chunk_tokens: int = 0
+    """Tokens per chunk of the fused cross-entropy (full [tokens, vocab] logits never exist); 0 = about
+    128 MiB of fp32 logits per chunk (1K tokens at a 32K vocabulary)."""
     on_nonfinite: str = "skip"
     """A non-finite loss or gradient norm: skip the optimizer step, or stop the run with an error."""
     fsdp: bool = True
@@ -57,10 +58,13 @@ class TrainLoopConfig:
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
-        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps", "loss_chunk_tokens"):
+        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps"):
             value = getattr(self, name)
             if value < 1:
                 problems.append((name, f"{name}={value} must be >= 1"))
+        if self.loss_chunk_tokens < 0:
+            problems.append(("loss_chunk_tokens", f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1, "
+                                                  "or 0 for an automatic size"))
         if self.threads < 0:
             problems.append(("threads", f"threads={self.threads} must be >= 0 (0 = torch's default)"))
         if self.on_nonfinite not in NONFINITE_ACTIONS:
@@ -116,7 +120,11 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
 def apply_activation_checkpointing(lm: nn.Module, cfg: TrainLoopConfig) -> None:
     """Recompute each decoder layer in backward (HF's public switch; non-reentrant, FSDP2-safe)."""
     if cfg.activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_fsdp(model: CausalLMWithChunkedLoss, mesh: Mesh) -> None:

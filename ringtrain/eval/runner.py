@@ -258,7 +258,7 @@ def summarize_retrieval(records: list[dict[str, Any]], lengths: list[int], depth
 
 def evaluate_perplexity(
     lm: nn.Module, tokens: np.ndarray, window: int, stride: int, *, mesh: Mesh | None = None,
-    layout: str = "zigzag", batch_size: int = 4, loss_chunk_tokens: int = 2048,
+    layout: str = "zigzag", batch_size: int = 4, loss_chunk_tokens: int = 0,
 ) -> dict[str, Any]:
     """Perplexity of the token stream `tokens` with `window`-token contexts advancing by `stride` (see
     `sliding_windows`); identical on every rank. Call under `evaluation_mode`."""
