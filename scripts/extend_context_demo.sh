@@ -6,7 +6,7 @@
 #      (configs/passkey_extend.yaml);
 #   4. evaluate again over 128..1024 tokens.
 # Results: $RUN/eval_{short,extended}/ (table.txt, results.json, passkey_heatmap.png) and $RUN/summary.png;
-# UPDATE_DOCS=1 also copies the figures into docs/images/. Every stage is a plain `ringtrain` command: rerun one
+# UPDATE_DOCS=1 also copies the figures into docs/images/; REUSE_SHORT=1 keeps stages 1-2 of an earlier run. Every stage is a plain `ringtrain` command: rerun one
 # by hand to tune it (overrides go after the config, e.g. train.max_steps=300).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +23,17 @@ stamp() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$RUN/timings.txt"; }
 # Wall and CPU seconds of each stage (all ranks): on a shared machine wall time also counts other jobs' turns.
 timed() { local name=$1; shift; /usr/bin/time -a -o "$RUN/timings.txt" -f "  $name: %e s wall, %U s user + %S s sys CPU" "$@"; }
 
-stamp "1/4 train at 128 tokens ($SHORT_STEPS steps)"
-timed short $RT train configs/passkey_short.yaml train.output_dir="$RUN/short" train.max_steps="$SHORT_STEPS"
+if [[ "${REUSE_SHORT:-0}" == 1 && -f "$RUN/eval_short/results.json" ]]; then
+    # Stages 1-2 are deterministic (same seeds, same world): reuse them to retune the extension alone.
+    stamp "1-2/4 reusing $RUN/short and $RUN/eval_short (REUSE_SHORT=1)"
+else
+    stamp "1/4 train at 128 tokens ($SHORT_STEPS steps)"
+    timed short $RT train configs/passkey_short.yaml train.output_dir="$RUN/short" train.max_steps="$SHORT_STEPS"
 
-stamp "2/4 evaluate the 128-token model at 128..1024 tokens (no RoPE scaling)"
-timed eval_short $RT eval configs/passkey_extend.yaml model.path="$RUN/short/final_model" rope.method=none rope.factor=null \
-    eval.output_dir="$RUN/eval_short" train.output_dir="$RUN/short"
+    stamp "2/4 evaluate the 128-token model at 128..1024 tokens (no RoPE scaling)"
+    timed eval_short $RT eval configs/passkey_extend.yaml model.path="$RUN/short/final_model" rope.method=none \
+        rope.factor=null eval.output_dir="$RUN/eval_short" train.output_dir="$RUN/short"
+fi
 
 stamp "3/4 YaRN x8 + SP=2 fine-tune: 512 tokens ($STEPS_512 steps), then 1024 tokens"
 timed extend_512 $RT train configs/passkey_extend.yaml model.path="$RUN/short/final_model" train.output_dir="$RUN/extend_512" \
