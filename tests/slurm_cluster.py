@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from ringtrain.distributed import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo")
 APT_PACKAGES = "munge slurmctld slurmd slurm-client"
@@ -32,12 +34,6 @@ def _find(name: str) -> str | None:
 
 def missing_programs() -> list[str]:
     return [name for name in (*DAEMONS, *CLIENTS) if _find(name) is None]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -95,8 +91,8 @@ def _write_config(root: Path, node: str) -> Path:
     conf.write_text(f"""\
 ClusterName=ringtrain-test
 SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

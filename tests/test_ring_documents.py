@@ -69,17 +69,22 @@ def document_patterns(seed: int) -> dict[str, torch.Tensor]:
 WINDOWS = [None, 1, 3, 8, 13, 1000]  # 1: itself only; 1000 > SEQ
 
 
+def _visible(docs: torch.Tensor | None, window: int | None, causal: bool, s: int) -> torch.Tensor:
+    i = torch.arange(s)
+    d = i[:, None] - i[None, :]
+    m = torch.ones(1, s, s, dtype=torch.bool)
+    if causal:
+        m = m & (d >= 0)
+    if window is not None:
+        m = m & (d < window)
+    if docs is not None:
+        m = m & (docs[:, :, None] == docs[:, None, :])
+    return m
+
+
 def dense_reference(q, k, v, dout, docs, window, causal=True):
     """(out, dq, dk, dv) of float64 SDPA on the full sequence with the equivalent dense bool mask."""
-    i = torch.arange(q.shape[1])
-    dist_ = i[:, None] - i[None, :]
-    mask = torch.ones(1, q.shape[1], q.shape[1], dtype=torch.bool)
-    if causal:
-        mask = mask & (dist_ >= 0)
-    if window is not None:
-        mask = mask & (dist_ < window)
-    if docs is not None:
-        mask = mask & (docs[:, :, None] == docs[:, None, :])
+    mask = _visible(docs, window, causal, q.shape[1])
     q, k, v = (t.to(torch.float64, copy=True).requires_grad_() for t in (q, k, v))
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], enable_gqa=True
@@ -251,19 +256,6 @@ def test_window_stops_the_ring_early_and_sends_less():
 
 
 # --- the plan, without processes -----------------------------------------------------------------------------
-
-
-def _visible(docs: torch.Tensor | None, window: int | None, causal: bool, s: int) -> torch.Tensor:
-    i = torch.arange(s)
-    d = i[:, None] - i[None, :]
-    m = torch.ones(1, s, s, dtype=torch.bool)
-    if causal:
-        m = m & (d >= 0)
-    if window is not None:
-        m = m & (d < window)
-    if docs is not None:
-        m = m & (docs[:, :, None] == docs[:, None, :])
-    return m
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
