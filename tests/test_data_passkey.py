@@ -1,5 +1,7 @@
 """Passkey documents: exact token length, needle at the requested depth, answer span that decodes to the key."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
 from ringtrain.data import DataConfig, PasskeyGenerator, build_packed_dataset, make_passkey_document
-from ringtrain.data.passkey import NEEDLE, QUESTION, REPEAT_FILLER
+from ringtrain.data.passkey import (
+    NEEDLE,
+    QUESTION,
+    REPEAT_FILLER,
+    document_seed,
+    generate_passkey_documents,
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +102,35 @@ def test_passkey_source_length_range_never_cuts_a_document(byt5):
     assert all(b["input_ids"][i, real_len[i] - 1] == 1 for i in range(len(ds)))
     with pytest.raises(ValueError, match="passkey_min_tokens=10 is below the shortest passkey document"):
         build_packed_dataset(DataConfig(passkey_min_tokens=10, passkey_max_tokens=20), 128, byt5)
+
+
+def test_edge_depths_put_that_share_of_needles_at_the_edges(byt5):
+    """passkey_edge_depths: about that share of needles at depth exactly 0 or 1, both edges used; 0 keeps the
+    documents of a dataset generated before the option existed (same draws)."""
+    gen = PasskeyGenerator(byt5)
+
+    def depths(edge: float) -> np.ndarray:
+        tokens, _ = generate_passkey_documents(byt5, 400, 120, 300, seed=3, edge_depths=edge)
+        out = []
+        for ids in tokens:
+            text = byt5.decode(ids)
+            key = text[-5:]
+            start = text.index(NEEDLE.format(key=key))
+            after = len(text) - len(key) - len(QUESTION) - start - len(NEEDLE.format(key=key))
+            out.append(0.0 if start == 0 else 1.0 if after == 0 else 0.5)
+        return np.array(out)
+
+    uniform, edges = depths(0.0), depths(0.4)
+    assert (uniform != 0.5).mean() < 0.03  # uniform depths land exactly on an edge only by rounding
+    share = (edges != 0.5).mean()
+    assert 0.32 < share < 0.48 and (edges == 0.0).sum() > 50 and (edges == 1.0).sum() > 50, share
+    same, _ = generate_passkey_documents(byt5, 400, 120, 300, seed=3)
+    legacy = []  # the draws the generator made before edge_depths existed
+    for i in range(400):
+        rng = random.Random(document_seed(3, i))
+        length = rng.randint(120, 300)
+        legacy.append(gen.document(length, rng.random(), rng.getrandbits(63)).input_ids)
+    assert all(np.array_equal(a, b) for a, b in zip(same, legacy, strict=True))
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.9])

@@ -66,6 +66,10 @@ class DataConfig:
     passkey_filler: str = "repeat"
     """source='passkey': haystack text: 'repeat' (the classic 'The grass is green. ...' loop) or 'random'
     (seeded random simple sentences, harder to memorise)."""
+    passkey_edge_depths: float = 0.0
+    """source='passkey': share of documents whose needle sits exactly at depth 0 or 1 (half each), the rest at
+    uniform depths. Uniform depths almost never put the needle right before the question (the shortest
+    needle-question distance), which is where a RoPE-scaled model has the most to relearn. 0: all uniform."""
     answer_loss_fraction: float = 0.0
     """source='passkey': share of each document's loss carried by its answer tokens, through per-token
     `token_weights` in the batch (issue 8: plain weighting lets the filler dominate). 0: no token_weights."""
@@ -111,6 +115,9 @@ class DataConfig:
         if self.passkey_filler not in FILLERS:
             problems.append(("passkey_filler", f"passkey_filler={self.passkey_filler!r} is not one of "
                                                f"{', '.join(FILLERS)}"))
+        if not 0.0 <= self.passkey_edge_depths <= 1.0:
+            problems.append(("passkey_edge_depths", f"passkey_edge_depths={self.passkey_edge_depths} must be in "
+                                                    "[0, 1]: e.g. 0.2 puts a fifth of the needles at depth 0 or 1"))
         if not 0.0 <= self.answer_loss_fraction < 1.0:
             problems.append(("answer_loss_fraction", f"answer_loss_fraction={self.answer_loss_fraction} must be in "
                                                      "[0, 1): e.g. 0.5 for half of the loss on the answer"))

@@ -166,9 +166,10 @@ def document_seed(seed: int, index: int) -> int:
 
 def generate_passkey_documents(
     tokenizer: Any, num_samples: int, min_tokens: int, max_tokens: int, seed: int,
-    digits: int = 5, filler: str = "repeat",
+    digits: int = 5, filler: str = "repeat", edge_depths: float = 0.0,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """`num_samples` documents with lengths uniform in [min_tokens, max_tokens] and depths uniform in [0, 1].
+    """`num_samples` documents with lengths uniform in [min_tokens, max_tokens] and depths uniform in [0, 1],
+    except a share `edge_depths` of them at depth exactly 0 or 1 (half each).
 
     Returns (token arrays, answer masks): the mask is True on the answer's tokens, for loss weighting.
     """
@@ -180,7 +181,10 @@ def generate_passkey_documents(
     for i in range(num_samples):
         rng = random.Random(document_seed(seed, i))
         length = rng.randint(min_tokens, max_tokens)
-        doc = gen.document(length, rng.random(), rng.getrandbits(63))
+        depth = rng.random()
+        if edge_depths and rng.random() < edge_depths:  # no extra draw at 0: existing datasets stay as they were
+            depth = float(rng.random() < 0.5)
+        doc = gen.document(length, depth, rng.getrandbits(63))
         ids = np.asarray(doc.input_ids, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=bool)
         mask[doc.answer_token_span[0]: doc.answer_token_span[1]] = True
