@@ -25,11 +25,13 @@ def test_hand_computed_example_split_documents():
 
 
 def test_hand_computed_example_whole_documents():
+    # Best-fit decreasing: the longest document (6 tokens with EOS) opens sequence 0, the 4-token one does not
+    # fit its room of 2 and opens sequence 1, the 2-token one fills sequence 0.
     ds = pack_documents(DOCS, seq_len=8, eos_id=EOS, pad_id=PAD, split_documents=False)
     b = ds.batch([0, 1])
-    assert b["input_ids"].tolist() == [[10, 11, 12, 1, 20, 1, 0, 0], [30, 31, 32, 33, 34, 1, 0, 0]]
-    assert b["document_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1]]
-    assert b["labels"].tolist() == [[10, 11, 12, 1, -100, 1, -100, -100], [30, 31, 32, 33, 34, 1, -100, -100]]
+    assert b["input_ids"].tolist() == [[30, 31, 32, 33, 34, 1, 20, 1], [10, 11, 12, 1, 0, 0, 0, 0]]
+    assert b["document_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1]]
+    assert b["labels"].tolist() == [[30, 31, 32, 33, 34, 1, -100, 1], [10, 11, 12, 1, -100, -100, -100, -100]]
 
 
 def test_without_document_mask_ids_are_zero_and_labels_cross_documents():
@@ -55,7 +57,10 @@ def test_random_documents_every_token_kept_and_ids_follow_eos(seed, split_docume
     ds = pack_documents(docs, seq_len, EOS, PAD, split_documents=split_documents)
     b, stream = _unpack(ds)
     expected = [t for d in docs if len(d) for t in [*d.tolist(), EOS]]  # empty documents are dropped
-    assert stream == expected
+    if split_documents:
+        assert stream == expected
+    else:  # whole documents are placed best-fit: the same documents, in another order
+        assert sorted(_documents(stream)) == sorted(_documents(expected))
     assert ds.num_tokens == len(expected)
     ids, inp, real = b["document_ids"], b["input_ids"], b["attention_mask"].bool()
     assert (ids[:, 1:] >= ids[:, :-1]).all() and (ids[:, 0] == 0).all()
@@ -73,12 +78,39 @@ def test_random_documents_every_token_kept_and_ids_follow_eos(seed, split_docume
     if split_documents:
         assert (~real).sum() < seq_len
     else:
-        seq_of_token = torch.arange(len(ds)).repeat_interleave(real.sum(1))
+        seq_of_token = torch.arange(len(ds)).repeat_interleave(real.sum(1)).tolist()
         start = 0
-        for d in docs:
-            if len(d) and len(d) + 1 <= seq_len:
+        for d in _documents(stream):
+            if len(d) + 1 <= seq_len:  # a document that fits a sequence is never split
                 assert seq_of_token[start] == seq_of_token[start + len(d)]
-            start += len(d) + 1 if len(d) else 0
+            start += len(d) + 1
+        # Documents longer than a sequence start one; the pieces follow each other in order.
+        whole = sum(-(-(len(d) + 1) // seq_len) for d in docs if len(d) + 1 > seq_len)
+        assert len(ds) >= whole
+
+
+def _documents(stream: list[int]) -> list[tuple[int, ...]]:
+    """The documents of an unpacked token stream (each ends with EOS; tokens are never EOS otherwise)."""
+    out, cur = [], []
+    for t in stream:
+        if t == EOS:
+            out.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(t)
+    assert not cur
+    return out
+
+
+def test_whole_documents_best_fit_pads_little():
+    """Uniform lengths of 10..100% of a sequence: in-order packing pads about a quarter, best fit a few percent."""
+    rng = np.random.default_rng(0)
+    seq_len = 1024
+    docs = [rng.integers(3, 384, size=n) for n in rng.integers(100, seq_len, size=2000)]
+    ds = pack_documents(docs, seq_len, EOS, PAD, split_documents=False)
+    padding = 1 - ds.num_tokens / (len(ds) * seq_len)
+    lower_bound = -(-sum(len(d) + 1 for d in docs) // seq_len)
+    assert padding < 0.03 and len(ds) <= lower_bound * 1.03, (padding, len(ds), lower_bound)
 
 
 def test_answer_masks_follow_their_tokens():

@@ -19,7 +19,7 @@ EOS, PAD = 1, 0
 def test_packed_loss_equals_documents_one_by_one():
     rng = np.random.default_rng(0)
     docs = [rng.integers(2, 64, n) for n in (9, 1, 14, 5)]  # with EOS: 10 + 2 + 15 + 6 = 33 tokens
-    packed = pack_documents(docs, seq_len=40, eos_id=EOS, pad_id=PAD, split_documents=False)
+    packed = pack_documents(docs, seq_len=40, eos_id=EOS, pad_id=PAD)  # 33 tokens: one sequence, input order
     batch = packed.batch([0])  # right padding after the last document, its own document id
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(Qwen2Config(**COMMON), attn_implementation="sdpa")

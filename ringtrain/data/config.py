@@ -48,8 +48,9 @@ class DataConfig:
     """With document_mask: 'restart' numbers each document's positions from 0 (RoPE sees each document as if
     alone), 'global' keeps the positions in the packed sequence."""
     split_documents: bool | None = None
-    """Let a document continue into the next sequence (every slot holds a token). False starts a document that does
-    not fit in a new sequence and pads the rest (longer documents are still split). None: False for
+    """Let a document continue into the next sequence (every slot holds a token). False keeps each document that
+    fits a sequence whole, placed best-fit (sequence order is then not file order; longer documents are still
+    split) and pads the rest of each sequence. None: False for
     source='passkey' (a fragment cut off from its needle cannot be answered), True otherwise."""
     shuffle: bool = True
     """Shuffle the packed sequences each epoch, deterministically from (seed, epoch); False keeps file order."""

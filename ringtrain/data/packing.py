@@ -1,13 +1,15 @@
 """Packing tokenized documents into fixed-length sequences with EOS separators and per-document ids.
 
 Every token is kept: documents are concatenated, each followed by EOS (the EOS belongs to the document it
-ends), and the stream is cut every `seq_len` tokens; only the tail of the last sequence is padded (and, with
-`split_documents=False`, the tail of any sequence whose next document did not fit). Padding is always on the
-right of a sequence, gets its own document id and is masked out of labels and attention_mask.
+ends), and the stream is cut every `seq_len` tokens; only the tail of the last sequence is padded. With
+`split_documents=False` documents are placed whole, best-fit decreasing (`best_fit_starts`), so sequences no
+longer follow the input order and the tails of many sequences are padded. Padding is always on the right of a
+sequence, gets its own document id and is masked out of labels and attention_mask.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -124,9 +126,10 @@ def pack_documents(
     """Pack token documents into `seq_len` sequences: each document then EOS, cut every `seq_len` tokens.
 
     `documents` is a list of 1-D token arrays, or (flat tokens, lengths) as read from an Arrow list column.
-    Empty documents are dropped (they would be a lone EOS). With `split_documents=False` a document that does
-    not fit in the rest of the current sequence starts the next one (the rest is padded); a document longer
-    than `seq_len` is still split. `answer_masks` (same shapes as the documents) marks tokens to weight;
+    Empty documents are dropped (they would be a lone EOS). With `split_documents=False` no document shorter
+    than `seq_len` crosses a sequence boundary: documents are placed best-fit decreasing (longest first, each
+    into the sequence with the least room that holds it), so the sequence order is not the input order; a
+    document longer than `seq_len` is still split, over a run of sequences of its own. `answer_masks` (same shapes as the documents) marks tokens to weight;
     `answer_loss_fraction` > 0 then adds `token_weights` to each batch.
     """
     if seq_len < 2:
@@ -152,6 +155,15 @@ def pack_documents(
         raise ValueError("no tokens to pack: every document is empty (check data.text_field and the files)")
 
     with_eos = lengths + 1  # EOS closes (and belongs to) each document
+    if not split_documents:
+        # Place whole documents first, then lay the documents out in the order of their places.
+        dest_start = best_fit_starts(with_eos, seq_len)
+        order = np.argsort(dest_start, kind="stable")
+        token_order = _document_token_order(lengths, order)
+        flat, lengths, dest_start = flat[token_order], lengths[order], dest_start[order]
+        if flat_answer is not None:
+            flat_answer = flat_answer[token_order]
+        with_eos = lengths + 1
     n_docs, total = lengths.size, int(with_eos.sum())
     stream_start = np.concatenate([[0], np.cumsum(with_eos)[:-1]])
     doc_of_token = np.repeat(np.arange(n_docs), with_eos)
@@ -160,18 +172,8 @@ def pack_documents(
     stream = np.empty(total, dtype=np.int32)
     stream[~is_eos] = flat
     stream[is_eos] = eos_id
-
     if split_documents:
         dest_start = stream_start
-    else:
-        dest_start = np.empty(n_docs, dtype=np.int64)
-        pos = 0
-        for d, n in enumerate(with_eos.tolist()):  # sequential by nature; one step per document
-            used = pos % seq_len
-            if used and n <= seq_len and used + n > seq_len:
-                pos += seq_len - used
-            dest_start[d] = pos
-            pos += n
     dest = np.repeat(dest_start, with_eos) + within
     num_sequences = -(-int(dest[-1] + 1) // seq_len)
 
@@ -198,6 +200,53 @@ def pack_documents(
         document_mask=document_mask, answer_mask=answer, num_documents=n_docs,
         answer_loss_fraction=answer_loss_fraction,
     )
+
+
+def best_fit_starts(sizes: np.ndarray, seq_len: int) -> np.ndarray:
+    """Start offsets in a stream of `seq_len` sequences for items of `sizes` tokens, packed best-fit decreasing.
+
+    Largest first, each item goes to the open sequence with the least room that still holds it (or a new one).
+    An item longer than `seq_len` takes a run of new sequences from a boundary; the room after its tail is open.
+    Padding is then a few percent for typical length mixes, where keeping the original order (start a new
+    sequence whenever the next item does not fit) wastes about a quarter for uniform lengths.
+    """
+    starts = np.empty(len(sizes), dtype=np.int64)
+    rooms: list[int] = []  # the distinct room sizes of open sequences, sorted (at most seq_len of them)
+    open_by_room: dict[int, list[int]] = {}  # room -> the sequences with exactly that room
+    num_sequences = 0
+
+    def open_sequence(room: int, seq: int) -> None:
+        if room <= 0:
+            return
+        if room not in open_by_room:
+            open_by_room[room] = []
+            bisect.insort(rooms, room)
+        open_by_room[room].append(seq)
+
+    for item in np.argsort(-sizes, kind="stable").tolist():
+        n = int(sizes[item])
+        i = bisect.bisect_left(rooms, n)
+        if n > seq_len or i == len(rooms):
+            span = -(-n // seq_len)
+            starts[item] = num_sequences * seq_len
+            num_sequences += span
+            open_sequence(span * seq_len - n, num_sequences - 1)
+            continue
+        room = rooms[i]
+        seq = open_by_room[room].pop()
+        if not open_by_room[room]:
+            del open_by_room[room], rooms[i]
+        starts[item] = seq * seq_len + seq_len - room
+        open_sequence(room - n, seq)
+    return starts
+
+
+def _document_token_order(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Indices into the concatenated documents that concatenate them in `order` instead."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    new_lengths = lengths[order]
+    new_offsets = np.concatenate([[0], np.cumsum(new_lengths)[:-1]])
+    return np.arange(int(lengths.sum())) + np.repeat(offsets[order] - new_offsets, new_lengths)
 
 
 def document_position_ids(document_ids: torch.Tensor) -> torch.Tensor:
