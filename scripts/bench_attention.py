@@ -8,7 +8,7 @@ CPU (default): spawns P=1 and P=2 gloo ranks, one thread each, and compares agai
     python scripts/bench_attention.py --masks         # packed documents and sliding windows (issue 7)
 
 CUDA: `torchrun --nproc-per-node N scripts/bench_attention.py --backend nccl` (NCCL, one GPU per rank),
-or on one GPU `python scripts/bench_attention.py --virtual-ring 4`: every virtual rank's blockwise
+or on one GPU `python scripts/bench_attention.py --virtual-ring 4 [--profile]`: every virtual rank's blockwise
 compute + merge, run one after another with a loopback communicator, against one SDPA call.
 
 Measured quantities:
@@ -325,7 +325,7 @@ class LoopbackComm:
     def __init__(self, world: int, rank: int) -> None:
         self.world, self.rank = world, rank
 
-    def post(self, send, recv) -> list:
+    def post(self, send, recv, hops: int = 1) -> list:
         for s, r in zip(send, recv, strict=True):
             r.copy_(s)
         return []
@@ -335,17 +335,32 @@ class LoopbackComm:
         pass
 
 
+def _profile_table(fn, title: str, rows: int = 12) -> str:
+    """The ops of one fn() call that took the most device time (torch.profiler), as printed text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return f"\nprofile: {title}\n" + prof.key_averages().table(sort_by=key, row_limit=rows) + "\n"
+
+
 def virtual_ring(args) -> str:
     """One GPU: sum over P virtual ranks of blockwise compute + merge, against one SDPA call."""
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run of the script
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     q, k, v, dout = _inputs(args, device)
-    lines = [f"virtual ring P={args.virtual_ring} on {torch.cuda.get_device_name(device)}: "
+    lines = [f"virtual ring P={args.virtual_ring} on {name}, torch {torch.__version__}: "
              f"S={args.seq} H={args.heads} H_kv={args.kv_heads} D={args.head_dim} {args.dtype}",
-             "| config | SDPA s | virtual ring s (sum of ranks) | SDPA / ring |", "|---|---|---|---|"]
+             "| config | SDPA s | virtual ring s (sum of ranks) | SDPA / ring | SDPA working MiB | ring working "
+             "MiB/rank (max) |", "|---|---|---|---|---|---|"]
     world = args.virtual_ring
     for name, causal, layout in CONFIGS:
-        sdpa_t = _time(lambda c=causal: _sdpa_step(q, k, v, dout, c), args, device)["wall"]
-        total = 0.0
+        sdpa = _time(lambda c=causal: _sdpa_step(q, k, v, dout, c), args, device)
+        sdpa_t = sdpa["wall"]
+        total, mem = 0.0, 0
         for rank in range(world):
             chunks = 2 * world if layout == "zigzag" else world
             ids = (rank, chunks - 1 - rank) if layout == "zigzag" else (rank,)
@@ -359,8 +374,13 @@ def virtual_ring(args) -> str:
                 out.backward(dl)
                 ql.grad = kl.grad = vl.grad = None
 
-            total += _time(step, args, device)["wall"]
-        lines.append(f"| {name} | {sdpa_t:.4f} | {total:.4f} | {sdpa_t / total:.3f} |")
+            timing = _time(step, args, device)
+            total, mem = total + timing["wall"], max(mem, timing["mem"])
+            if args.profile and rank == 0 and layout == "zigzag" and causal:
+                lines.append(_profile_table(step, f"virtual rank 0 of {world}, causal-zigzag"))
+                lines.append(_profile_table(lambda: _sdpa_step(q, k, v, dout, True), "SDPA causal"))
+        lines.append(f"| {name} | {sdpa_t:.4f} | {total:.4f} | {sdpa_t / total:.3f} | {sdpa['mem'] / 2**20:.0f} "
+                     f"| {mem / 2**20:.0f} |")
     return "\n".join(lines)
 
 
@@ -383,6 +403,8 @@ def main() -> None:
                    help="documents and windows (issue 7): packed document-masked batch and a window of S/8, "
                         "against full causal attention on the same tokens")
     p.add_argument("--doc-tokens", type=int, default=1000, help="--masks: mean packed document length")
+    p.add_argument("--profile", action="store_true",
+                   help="--virtual-ring: also print the ops taking the most device time (rank 0 and SDPA, causal)")
     p.add_argument("--sdpa-every-rank", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.kv_heads = args.kv_heads or args.heads
