@@ -13,13 +13,14 @@ import os
 import queue
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch
 
 from ringtrain.distributed import ParallelConfig, free_port
+from ringtrain.ring.comm import RingComm
 
 
 class RankFailedError(RuntimeError):
@@ -140,3 +141,25 @@ def run_distributed(
             p.join(timeout=10)
         results.close()
     return [outputs[r] for r in range(world_size)]
+
+
+class HostStagedComm(RingComm):
+    """RingComm for device tensors over gloo, staged through host memory.
+
+    NCCL refuses two ranks on one GPU, so a one-GPU machine cannot run a real NCCL ring; with this communicator
+    several gloo ranks can share the GPU and the CUDA kernels, merge and autograd run under a real multi-rank ring
+    (tests/test_ring_cuda.py). A test harness, not a transport: every hop costs two host copies and a device sync.
+    """
+
+    def post(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], hops: int = 1) -> list:
+        host_send = [t.cpu() for t in send]  # kept alive in the handle until the transfer completes
+        host_recv = [torch.empty(t.shape, dtype=t.dtype) for t in recv]
+        works = super().post(host_send, host_recv, hops)
+        return [(works, host_send, list(zip(host_recv, recv, strict=True)))]
+
+    @staticmethod
+    def wait(works: list) -> None:
+        for inner, _, pairs in works:
+            RingComm.wait(inner)
+            for host, device_buf in pairs:
+                device_buf.copy_(host)
