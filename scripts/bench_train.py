@@ -105,6 +105,45 @@ def _timed_steps(step_fn, n_steps: int, barrier=None) -> list[dict]:
     return records
 
 
+def ringtrain_overrides(spec: dict, sp_size: int, out: str) -> list[str]:
+    """The trainer config of one benchmark configuration (`spec`: model kwargs, seq_len, layout, ac, loss_chunk)."""
+    return [
+        "model.arch=llama", f"model.config={json.dumps(spec['model'])}",
+        f"parallel.sp_size={sp_size}", f"parallel.layout={spec['layout']}",
+        # The data pipeline is built (build_trainer always does) but bypassed: two passkey documents.
+        "data.source=passkey", "data.num_samples=2",
+        f"train.seq_len={spec['seq_len']}", "train.micro_batch_size=1",
+        f"train.activation_checkpointing={str(spec['ac']).lower()}",
+        *([f"train.loss_chunk_tokens={spec['loss_chunk']}"] if spec.get("loss_chunk") else []),
+        "train.seed=0", f"train.output_dir={out}", "train.max_steps=1000",
+        "optim.warmup_steps=0", "optim.schedule=constant", "logging.progress_bar=false",
+    ]
+
+
+def plain_model(spec: dict, dtype: torch.dtype, device: torch.device):
+    """The plain transformers loop's model and AdamW: the same initial weights as build_trainer draws."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ringtrain.distributed import seed_everything
+    from ringtrain.optim import OptimConfig, build_optimizer
+
+    seed_everything(0)  # the same draw as build_trainer's, so the same initial weights
+    config = AutoConfig.for_model("llama", **spec["model"])
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
+    model.train()
+    return model, build_optimizer(model, OptimConfig(warmup_steps=0, schedule="constant"))
+
+
+def plain_step(model, optimizer, ids: torch.Tensor) -> float:
+    """One step of the plain loop: HF loss on full logits, backward, clip, AdamW."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def _ringtrain_rank(mesh, spec: dict) -> dict:
     """Build the real Trainer; feed it the same synthetic sequence every step through `train_step`."""
     import torch.distributed as dist
@@ -117,17 +156,8 @@ def _ringtrain_rank(mesh, spec: dict) -> dict:
     c_start = time.process_time()
     mem0 = _memory()
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, [
-            "model.arch=llama", "model.dtype=float32", f"model.config={json.dumps(spec['model'])}",
-            f"parallel.sp_size={mesh.sp_size}", f"parallel.layout={spec['layout']}",
-            # The data pipeline is built (build_trainer always does) but bypassed below: two passkey documents.
-            "data.source=passkey", "data.num_samples=2",
-            f"train.seq_len={spec['seq_len']}", "train.micro_batch_size=1", "train.threads=1",
-            f"train.activation_checkpointing={str(spec['ac']).lower()}",
-            *([f"train.loss_chunk_tokens={spec['loss_chunk']}"] if spec.get("loss_chunk") else []),
-            "train.seed=0", f"train.output_dir={out}", "train.max_steps=1000",
-            "optim.warmup_steps=0", "optim.schedule=constant", "logging.progress_bar=false",
-        ])
+        cfg = load_config(None, [*ringtrain_overrides(spec, mesh.sp_size, out), "model.dtype=float32",
+                                 "train.threads=1"])
         trainer = build_trainer(cfg, mesh)
         # Bypass the loader: every rank of the SP group gets the same full sequence, as the loader would give.
         trainer.loader = itertools.repeat({"input_ids": _tokens(spec["seq_len"], spec["model"]["vocab_size"], 1)})
@@ -140,30 +170,12 @@ def _ringtrain_rank(mesh, spec: dict) -> dict:
 
 def _plain_rank(mesh, spec: dict) -> dict:
     """The plain transformers loop: HF loss on full logits, sdpa, no activation checkpointing, same AdamW."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ringtrain.distributed import seed_everything
-    from ringtrain.optim import OptimConfig, build_optimizer
-
     c_start = time.process_time()
     mem0 = _memory()
-    seed_everything(0)  # the same draw as build_trainer's, so the same initial weights
-    config = AutoConfig.for_model("llama", **spec["model"])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-    model.train()
-    optimizer = build_optimizer(model, OptimConfig(warmup_steps=0, schedule="constant"))
+    model, optimizer = plain_model(spec, torch.float32, torch.device("cpu"))
     ids = _tokens(spec["seq_len"], spec["model"]["vocab_size"], 1)
-
-    def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
     built = _memory()
-    records = _timed_steps(step, spec["steps"])
+    records = _timed_steps(lambda: plain_step(model, optimizer, ids), spec["steps"])
     return {"built": built, "start": mem0, "end": _memory(), "records": records,
             "cpu_total_s": time.process_time() - c_start}
 

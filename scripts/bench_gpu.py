@@ -1,0 +1,232 @@
+"""One-GPU trainer benchmark: ringtrain against a plain transformers loop, tokens/s, MFU and peak memory by context.
+
+    python scripts/bench_gpu.py                  # TinyLlama-shaped 1.1B Llama, bf16; ringtrain 8K-128K, plain to OOM
+    python scripts/bench_gpu.py --quick          # a tiny model and short contexts: a smoke run (CPU too)
+
+One process, a world of one (NCCL on CUDA, gloo on CPU): sequence parallelism needs several GPUs
+(`torchrun --nproc-per-node N scripts/bench_attention.py --backend nccl`; on one GPU, `--virtual-ring`).
+What one GPU shows is the CUDA path of the trainer and how far one device's memory reaches:
+
+- ringtrain = `build_trainer` + `Trainer.train_step` (ring attention on the CUDA flash kernel, activation
+  checkpointing, chunked loss, FSDP2), data loader bypassed with the same seeded tokens every step;
+- plain = `AutoModelForCausalLM.from_config(..., attn_implementation="sdpa")`, `model(ids, labels=ids)`,
+  backward, clip, the same AdamW (scripts/bench_train.py's loop), on the same weights and tokens (both print
+  their first-step loss).
+
+Each loop builds its model once and runs its contexts in ascending order; peak = the allocator's high-water mark of
+live tensors during a context's steps (`torch.cuda.max_memory_allocated`, reset before them: weights, gradients,
+AdamW state, activations). Step time = wall time of a step with the device synchronised,
+median over --steps after --warmup. MFU uses the trainer's FLOP count (6 x params + 6 x layers x S x hidden per
+token) against the card's dense bf16 peak. The plain loop stops at its first out-of-memory context.
+No figure is asserted: this prints tables (and --json writes the raw records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from bench_train import _tokens, plain_model, plain_step, ringtrain_overrides  # noqa: E402
+
+GIB = 2**30
+# TinyLlama-1.1B's shape (GQA 32 x 4, head_dim 64): a real fine-tuning target that one GPU holds with AdamW.
+MODEL_1B = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "attention_dropout": 0.0}
+MODEL_TINY = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "attention_dropout": 0.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(step_fn, device: torch.device, warmup: int, steps: int) -> dict:
+    """Warm-up and timed steps; returns per-step seconds, losses, and the peak over all of them."""
+    _reset_peak(device)
+    built = _allocated(device)
+    times, losses = [], []
+    for _ in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        losses.append(step_fn())
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    timed = times[warmup:]
+    return {"built_bytes": built, "peak_bytes": _peak(device), "step_s": statistics.median(timed),
+            "step_s_all": times, "losses": losses}
+
+
+def build_loop(kind: str, mesh, spec: dict, args, out: str) -> dict:
+    """The objects one loop keeps across contexts: a Trainer, or the plain model and its AdamW."""
+    if kind == "ringtrain":
+        from ringtrain.config import load_config
+        from ringtrain.trainer import build_trainer
+
+        cfg = load_config(None, [*ringtrain_overrides(spec, 1, out), f"model.dtype={args.dtype}"])
+        return {"trainer": build_trainer(cfg, mesh)}
+    from ringtrain.model import DTYPES
+
+    return dict(zip(("model", "optimizer"), plain_model(spec, DTYPES[args.dtype], mesh.device), strict=True))
+
+
+def measure_context(kind: str, held: dict, mesh, seq_len: int, vocab: int, args) -> dict:
+    ids = _tokens(seq_len, vocab, 1)
+    if kind == "ringtrain":
+        held["trainer"].loader = itertools.repeat({"input_ids": ids})  # the loader, bypassed: same tokens
+
+        def step() -> float:
+            return held["trainer"].train_step()["loss"]
+    else:
+        ids = ids.to(mesh.device)
+
+        def step() -> float:
+            return plain_step(held["model"], held["optimizer"], ids)
+
+    return measure(step, mesh.device, args.warmup, args.steps)
+
+
+def run_loop(kind: str, mesh, model: dict, contexts: list[int], args) -> list[dict]:
+    """One model per loop (built once: a 1.1B random init takes ~35 s), contexts in ascending order, each with
+    its own peak; stops at the first out-of-memory context."""
+    records: list[dict] = []
+    if not contexts:
+        return records
+    contexts = sorted(contexts)
+    spec = {"seq_len": contexts[-1], "model": model, "layout": "zigzag", "ac": True, "loss_chunk": 0}
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        held = build_loop(kind, mesh, spec, args, out)
+        print(f"  {kind}: built in {time.perf_counter() - t0:.0f}s", flush=True)
+        for seq_len in contexts:
+            t0 = time.perf_counter()
+            try:
+                res = measure_context(kind, held, mesh, seq_len, model["vocab_size"], args)
+            except torch.OutOfMemoryError as e:
+                res = {"oom": str(e).splitlines()[0][:160]}
+            _free(mesh.device)  # outside the except clause: the traceback's frames hold the attempt's tensors
+            res.update(kind=kind, seq_len=seq_len, elapsed_s=time.perf_counter() - t0)
+            records.append(res)
+            if "oom" in res:
+                print(f"  {kind} S={seq_len}: out of memory ({res['elapsed_s']:.0f}s)", flush=True)
+                break
+            print(f"  {kind} S={seq_len}: step {res['step_s']:.3f}s (all {[round(t, 3) for t in res['step_s_all']]}),"
+                  f" peak {res['peak_bytes'] / GIB:.1f} GiB, losses {[round(x, 5) for x in res['losses']]} "
+                  f"({res['elapsed_s']:.0f}s)", flush=True)
+        held.clear()
+    _free(mesh.device)
+    return records
+
+
+def report(records: list[dict], device_name: str, args, lm_meta) -> str:
+    """Markdown tables; TFLOP/s = the trainer's model FLOPs per token x tokens / synchronised step time, both loops."""
+    from ringtrain.config import LoggingConfig
+    from ringtrain.metrics import peak_tflops
+    from ringtrain.trainer import model_flops_per_token
+
+    n_params = sum(p.numel() for p in lm_meta.parameters())
+    peak = peak_tflops(LoggingConfig(), device_name)
+    lines = [
+        f"one-GPU trainer benchmark on {device_name}, torch {torch.__version__}: Llama {n_params / 1e9:.2f}B "
+        f"({args.model}), {args.dtype}, batch 1, median of {args.steps} step(s) after {args.warmup} warm-up",
+        "",
+        "| loop | context | step s | tokens/s | TFLOP/s | MFU | peak GiB | first loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        name = "ringtrain SP=1 (ring/flash, AC, chunked loss, FSDP2)" if r["kind"] == "ringtrain" else \
+            "plain transformers (sdpa, full logits, no AC)"
+        if "oom" in r:
+            lines.append(f"| {name} | {r['seq_len']:,} | OOM | - | - | - | > {args.gpu_gib:.0f} | - |")
+            continue
+        tflops = r["seq_len"] * model_flops_per_token(lm_meta, r["seq_len"]) / r["step_s"] / 1e12
+        mfu = tflops / peak if peak else None
+        lines.append(
+            f"| {name} | {r['seq_len']:,} | {r['step_s']:.3f} | {r['seq_len'] / r['step_s']:,.0f} "
+            f"| {tflops:.1f} | {'-' if mfu is None else f'{mfu:.1%}'} "
+            f"| {r['peak_bytes'] / GIB:.1f} | {r['losses'][0]:.5f} |"
+        )
+    both = {(r["kind"], r["seq_len"]): r for r in records if "oom" not in r}
+    pairs = [s for (k, s) in both if k == "plain" and ("ringtrain", s) in both]
+    if pairs:
+        lines += ["", "| context | ringtrain / plain tokens/s | ringtrain / plain peak memory |", "|---|---|---|"]
+        for s in sorted(pairs):
+            rt, pl = both[("ringtrain", s)], both[("plain", s)]
+            mem = f"{rt['peak_bytes'] / pl['peak_bytes']:.2f}x" if pl["peak_bytes"] else "- (CPU: not measured)"
+            lines.append(f"| {s:,} | {pl['step_s'] / rt['step_s']:.2f}x | {mem} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["1b", "tiny"], default="1b")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--ringtrain-contexts", type=int, nargs="*", default=[8192, 32768, 131072])
+    p.add_argument("--plain-contexts", type=int, nargs="*", default=[8192, 32768, 65536],
+                   help="the plain loop stops at the first that runs out of memory")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="tiny model, contexts 256 and 1,024, fp32: a smoke run")
+    p.add_argument("--json", type=Path, help="also write the raw records here")
+    args = p.parse_args()
+    if args.quick:
+        args.model, args.dtype = "tiny", "float32"
+        args.ringtrain_contexts, args.plain_contexts = [256, 1024], [256, 1024]
+
+    from ringtrain.distributed import ParallelConfig, init_distributed, teardown_distributed
+    from ringtrain.log import setup_logging
+
+    setup_logging()
+    mesh = init_distributed(ParallelConfig(sp_size=1))
+    dev = mesh.device
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    args.gpu_gib = torch.cuda.get_device_properties(dev).total_memory / GIB if dev.type == "cuda" else 0.0
+    model = MODEL_1B if args.model == "1b" else MODEL_TINY
+    model = {**model, "max_position_embeddings": max([*args.ringtrain_contexts, *args.plain_contexts])}
+    records = []
+    try:
+        records += run_loop("ringtrain", mesh, model, args.ringtrain_contexts, args)
+        records += run_loop("plain", mesh, model, args.plain_contexts, args)
+    finally:
+        teardown_distributed()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: parameter count and config for the FLOP formula
+        lm_meta = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **model))
+    print(report(records, device_name, args, lm_meta))
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "records": records},
+                                        indent=1))
+
+
+if __name__ == "__main__":
+    main()
