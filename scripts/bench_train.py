@@ -129,7 +129,8 @@ def plain_model(spec: dict, dtype: torch.dtype, device: torch.device):
 
     seed_everything(0)  # the same draw as build_trainer's, so the same initial weights
     config = AutoConfig.for_model("llama", **spec["model"])
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
+    with torch.device(device):  # as build_model does: the same RNG, the same draws
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.train()
     return model, build_optimizer(model, OptimConfig(warmup_steps=0, schedule="constant"))
 
