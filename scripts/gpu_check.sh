@@ -5,7 +5,8 @@
 #   2. ring attention on one GPU: the virtual ring against SDPA, time and working memory, 32K and 128K tokens;
 #   3. the trainer on CUDA against a plain transformers loop: tokens/s, MFU, peak memory, 8K-128K tokens;
 #   4. the trainer alone at 256K tokens (memory at long context on one device).
-# On one H200 (2026-11-26): tests 23 s, virtual rings 56 s, trainer ~210 s (each 1.1B build ~35-60 s on the host),
+# On one H200 (2026-11-26): tests 23 s, virtual rings 56 s, trainer ~210 s (each 1.1B build then took 35-60 s: init
+# on the host, since moved to the device),
 # so step 4 (~170 s) fits a 540 s budget. Add the device's start-up (1-2 min) when sizing a lease.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]      logs and JSON land in OUT_DIR (default: gpu_check/)
 set -u
