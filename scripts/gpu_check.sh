@@ -6,8 +6,8 @@
 #   3. the trainer on CUDA against a plain transformers loop: tokens/s, MFU, peak memory, 8K-128K tokens;
 #   4. the trainer alone at 256K tokens (memory at long context on one device).
 # On one H200 (2026-11-26): tests 23 s, virtual rings 56 s, trainer ~210 s (each 1.1B build then took 35-60 s: init
-# on the host, since moved to the device),
-# so step 4 (~170 s) fits a 540 s budget. Add the device's start-up (1-2 min) when sizing a lease.
+# on the host, since moved to the device), so step 4 (~170 s) fits a 540 s budget. Add the device's start-up
+# (1-2 min) when sizing a lease.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]      logs and JSON land in OUT_DIR (default: gpu_check/)
 set -u
 out=${1:-gpu_check}
