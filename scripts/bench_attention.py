@@ -350,9 +350,10 @@ def _profile_table(fn, title: str, rows: int = 12) -> str:
 def virtual_ring(args) -> str:
     """One GPU: sum over P virtual ranks of blockwise compute + merge, against one SDPA call."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run of the script
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     q, k, v, dout = _inputs(args, device)
-    lines = [f"virtual ring P={args.virtual_ring} on {name}, torch {torch.__version__}: "
+    profiles: list[str] = []  # printed after the table
+    lines = [f"virtual ring P={args.virtual_ring} on {device_name}, torch {torch.__version__}: "
              f"S={args.seq} H={args.heads} H_kv={args.kv_heads} D={args.head_dim} {args.dtype}",
              "| config | SDPA s | virtual ring s (sum of ranks) | SDPA / ring | SDPA working MiB | ring working "
              "MiB/rank (max) |", "|---|---|---|---|---|---|"]
@@ -377,11 +378,11 @@ def virtual_ring(args) -> str:
             timing = _time(step, args, device)
             total, mem = total + timing["wall"], max(mem, timing["mem"])
             if args.profile and rank == 0 and layout == "zigzag" and causal:
-                lines.append(_profile_table(step, f"virtual rank 0 of {world}, causal-zigzag"))
-                lines.append(_profile_table(lambda: _sdpa_step(q, k, v, dout, True), "SDPA causal"))
+                profiles.append(_profile_table(step, f"virtual rank 0 of {world}, causal-zigzag"))
+                profiles.append(_profile_table(lambda: _sdpa_step(q, k, v, dout, True), "SDPA causal"))
         lines.append(f"| {name} | {sdpa_t:.4f} | {total:.4f} | {sdpa_t / total:.3f} | {sdpa['mem'] / 2**20:.0f} "
                      f"| {mem / 2**20:.0f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + profiles)
 
 
 def main() -> None:
