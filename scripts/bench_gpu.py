@@ -51,10 +51,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-
-
 def _peak(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
@@ -73,7 +69,6 @@ def _free(device: torch.device) -> None:
 def measure(step_fn, device: torch.device, warmup: int, steps: int) -> dict:
     """Warm-up and timed steps; returns per-step seconds, losses, and the peak over all of them."""
     _reset_peak(device)
-    built = _allocated(device)
     times, losses = [], []
     for _ in range(warmup + steps):
         _sync(device)
@@ -82,7 +77,7 @@ def measure(step_fn, device: torch.device, warmup: int, steps: int) -> dict:
         _sync(device)
         times.append(time.perf_counter() - t0)
     timed = times[warmup:]
-    return {"built_bytes": built, "peak_bytes": _peak(device), "step_s": statistics.median(timed),
+    return {"peak_bytes": _peak(device), "step_s": statistics.median(timed),
             "step_s_all": times, "losses": losses}
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_ring_attention import dense_reference, rel_err
+from test_ring_attention import rel_err
+from test_ring_documents import dense_reference
 
 from ringtrain.ring import LAYOUTS, RingDocuments, shard_sequence
 from ringtrain.ring.attention import ring_attention_with_comm
@@ -60,21 +61,11 @@ def _documents(batch: int, seed: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _masked_reference(q, k, v, dout, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """dense_reference with an explicit bool mask [B, S, S] (True = may attend), float64."""
-    q, k, v = (t.to(torch.float64, copy=True).requires_grad_() for t in (q, k, v))
-    group = q.shape[2] // k.shape[2]
-    kk, vv = (t.repeat_interleave(group, dim=2) for t in (k, v))
-    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) / q.shape[-1] ** 0.5
-    out = torch.einsum("bhqk,bkhd->bqhd", s.masked_fill(~mask[:, None], float("-inf")).softmax(-1), vv)
-    return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout.double()))
-
-
 def _run_cases(mesh, device_type: str) -> dict:
     """Every case on this rank; on "cpu" (the harness's own check in CI) kernels are "auto", i.e. the CPU op."""
     if device_type == "cuda":
         torch.cuda.set_device(0)
-    dev = torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu")
+    dev = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
     comm = HostStagedComm(mesh.sp_group)
     errors: dict = {}
     for ci, case in enumerate(CASES):
@@ -87,20 +78,12 @@ def _run_cases(mesh, device_type: str) -> dict:
                     return torch.randn(shape, generator=g, dtype=torch.float64).to(case.dtype)
 
                 q, k, v, dout = rnd(case.heads), rnd(case.kv_heads), rnd(case.kv_heads), rnd(case.heads)
-                pos = torch.arange(SEQ)
-                kwargs: dict = {}
-                if case.mask == "none":
-                    ref = dense_reference(q, k, v, dout, causal)
-                else:
-                    mask = (pos[:, None] >= pos[None, :]).expand(case.batch, SEQ, SEQ)
-                    if case.mask == "window":
-                        mask = mask & (pos[:, None] - pos[None, :] < WINDOW)
-                        kwargs["window"] = WINDOW
-                    else:
-                        ids = _documents(case.batch, seed=ci)
-                        mask = mask & (ids[:, :, None] == ids[:, None, :])
-                        kwargs["document_ids"] = RingDocuments(ids.to(dev), comm.world, layout)
-                    ref = _masked_reference(q, k, v, dout, mask)
+                window = WINDOW if case.mask == "window" else None
+                ids = _documents(case.batch, seed=ci) if case.mask == "documents" else None
+                ref = dense_reference(q, k, v, dout, ids, window, causal)
+                kwargs: dict = {"window": window}
+                if ids is not None:
+                    kwargs["document_ids"] = RingDocuments(ids.to(dev), comm.world, layout)
 
                 def shard(t, layout=layout):
                     return shard_sequence(t, group=mesh.sp_group, layout=layout)
