@@ -42,10 +42,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ringtrain.ring import MaskSpec, rank_work, ring_attention, shard_sequence  # noqa: E402
+from ringtrain.ring import RingDocuments, rank_work, ring_attention, shard_sequence  # noqa: E402
 from ringtrain.ring.attention import DEFAULT_TILE_TOKENS, ring_attention_with_comm  # noqa: E402
-from ringtrain.ring.layout import num_chunks  # noqa: E402
-from ringtrain.ring.plan import choose_tiles_per_chunk, document_tile_pairs, visible_work  # noqa: E402
+from ringtrain.ring.layout import get_layout, rank_positions  # noqa: E402
+from ringtrain.ring.plan import static_classification, visible_work  # noqa: E402
 
 CONFIGS = [  # (name, causal, layout)
     ("causal-zigzag", True, "zigzag"),
@@ -79,14 +79,12 @@ def packed_document_ids(batch: int, seq: int, mean_tokens: int, seed: int = 0) -
     return torch.stack(rows)
 
 
-def mask_spec(args, world: int, layout: str, docs: torch.Tensor | None, window: int | None) -> MaskSpec:
-    """The spec ring_attention builds for these inputs (same tile choice), for per-rank work from the plan."""
-    chunk = args.seq // num_chunks(world, layout)
-    if docs is None and window is None:
-        return MaskSpec(True)
-    tiles = choose_tiles_per_chunk(chunk, DEFAULT_TILE_TOKENS)
-    pairs = None if docs is None else document_tile_pairs(docs, num_chunks(world, layout) * tiles)
-    return MaskSpec(True, window, tiles, chunk // tiles if window else 0, pairs)
+def plan_work(args, world: int, layout: str, docs: torch.Tensor | None, window: int | None) -> list[int]:
+    """Per-rank work of the plan ring_attention builds for these inputs (same tile choice)."""
+    if docs is None:
+        tiles = None if window is None else DEFAULT_TILE_TOKENS
+        return static_classification(args.seq, world, get_layout(layout), True, window, tiles).rank_work()
+    return RingDocuments(docs, world, layout).classification(True, window, DEFAULT_TILE_TOKENS).rank_work()
 
 
 class PeakRSS:
@@ -236,11 +234,9 @@ def bench_masks_rank(group, device: torch.device, args) -> dict:
         timing = _time(step, args, device, group, barrier=world > 1)
         with SentBytes() as sent:
             step()
-        chunk = args.seq // num_chunks(world, layout)
-        spec = mask_spec(args, world, layout, docs, window)
         res["configs"][name] = {
             **timing, "sent": sent.total,
-            "work": [rank_work(world, r, layout, True, chunk, spec) for r in range(world)],
+            "work": plan_work(args, world, layout, docs, window),
             "visible": visible_work(docs, world, layout, seq_len=args.seq, window=window),
             "n_docs": None if docs is None else int(docs[0].max()) + 1,
         }
@@ -363,10 +359,8 @@ def virtual_ring(args) -> str:
         sdpa_t = sdpa["wall"]
         total, mem = 0.0, 0
         for rank in range(world):
-            chunks = 2 * world if layout == "zigzag" else world
-            ids = (rank, chunks - 1 - rank) if layout == "zigzag" else (rank,)
-            pick = [t.chunk(chunks, dim=1) for t in (q, k, v, dout)]
-            ql, kl, vl, dl = (torch.cat([p[i] for i in ids], dim=1) for p in pick)
+            pos = rank_positions(args.seq, layout, world, rank, device=device)
+            ql, kl, vl, dl = (t[:, pos] for t in (q, k, v, dout))
             ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
             comm = LoopbackComm(world, rank)
 

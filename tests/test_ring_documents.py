@@ -20,18 +20,19 @@ import torch.nn.functional as F
 from ringtrain.ring import (
     KERNELS,
     LAYOUTS,
-    MaskSpec,
+    RingDocuments,
     build_plan,
     gather_documents,
     local_chunk_ids,
-    rank_work,
     ring_attention,
     shard_sequence,
 )
+from ringtrain.ring.layout import rank_positions
 from ringtrain.ring.plan import (
+    RingClassification,
+    build_tiles,
     choose_tiles_per_chunk,
-    document_tile_pairs,
-    local_tile_ids,
+    document_bounds,
     step_source,
     visible_work,
 )
@@ -278,18 +279,20 @@ def test_plan_covers_each_visible_pair_once_and_skips_invisible_blocks(layout: s
                 docs[1] = docs[1] - docs[1].min()
                 docs[1] = docs[1].flip(0).flip(0)
             tile = chunk // tiles
-            pairs = None if docs is None else document_tile_pairs(docs, s // tile)
-            spec = MaskSpec(causal, window, tiles, tile if window else 0, pairs)
+            ring_tiles = build_tiles(s, world, layout, tile)
+            assert all(n == tile for r in ring_tiles.lengths for n in r)
+            bounds = None if docs is None else document_bounds(docs, ring_tiles)
+            classes = RingClassification.build(ring_tiles, causal, window, bounds)
             visible = _visible(docs, window, causal, s)
             count = torch.zeros_like(visible, dtype=torch.int64)
             for rank in range(world):
-                plan = build_plan(world, rank, layout, spec)
-                q_tiles = local_tile_ids(world, rank, layout, tiles)
+                plan = classes.plan(rank)
+                q_pos = rank_positions(s, layout, world, rank)
                 for step, blocks in enumerate(plan.steps):
-                    kv_tiles = local_tile_ids(world, step_source(world, rank, step), layout, tiles)
+                    kv_pos = rank_positions(s, layout, world, step_source(world, rank, step))
                     for blk in blocks:
-                        qp = torch.cat([torch.arange(t * tile, (t + 1) * tile) for t in q_tiles[blk.q_start:blk.q_stop]])
-                        kp = torch.cat([torch.arange(t * tile, (t + 1) * tile) for t in kv_tiles[blk.kv_start:blk.kv_stop]])
+                        qs, ks = blk.slices()
+                        qp, kp = q_pos[qs], kv_pos[ks]
                         sub = visible[:, qp[:, None], kp[None, :]]
                         where = f"world={world} {layout} trial={trial} rank={rank} step={step} {blk}"
                         assert bool(sub.any()), f"block with no visible pair: {where}"
@@ -306,18 +309,17 @@ def test_plan_covers_each_visible_pair_once_and_skips_invisible_blocks(layout: s
 
 def test_window_plan_is_static_and_coalesced():
     # A window inside one tile: step 0 only, one causal-or-masked call per tile run, no rotation at all.
-    spec = MaskSpec(True, 1, 4, 8)
-    for rank in range(4):
-        plan = build_plan(4, rank, "contiguous", spec)
+    for rank in range(4):  # contiguous, world 4: chunks of 32 tokens, tiles of 8
+        plan = build_plan(4, rank, "contiguous", 128, causal=True, window=1, tile_tokens=8)
         assert plan.n_steps == 1
-        assert all(b.q_stop - b.q_start == 1 and b.kv_start == b.q_start for b in plan.steps[0])
+        assert all(b.q_stop - b.q_start == 8 and b.kv_start == b.q_start for b in plan.steps[0])
     # Window >= the sequence: exactly the causal plan (one call per step, all steps).
-    def token_blocks(plan, tile_len):
-        return [[(b.slices(tile_len), b.causal, b.masked) for b in blocks] for blocks in plan.steps]
+    def token_blocks(plan):
+        return [[(b.slices(), b.causal, b.masked) for b in blocks] for blocks in plan.steps]
 
     for rank in range(4):
-        assert token_blocks(build_plan(4, rank, "zigzag", MaskSpec(True, 10**6, 4, 8)), 8) == \
-            token_blocks(build_plan(4, rank, "zigzag", MaskSpec(True)), 32)
+        assert token_blocks(build_plan(4, rank, "zigzag", 256, causal=True, window=10**6, tile_tokens=8)) == \
+            token_blocks(build_plan(4, rank, "zigzag", 256, causal=True))
     assert choose_tiles_per_chunk(2048, 256) == 8 and choose_tiles_per_chunk(100, 256) == 1
     assert choose_tiles_per_chunk(12, 2) == 6 and choose_tiles_per_chunk(10 * 4096, 256) == 16
 
@@ -339,9 +341,7 @@ def test_packed_work_balance_is_reported():
     assert sum(visible) == int(((docs[0][:, None] == docs[0][None, :]) & (i[None, :] <= i[:, None])).sum())
     work = {}
     for tiles in (1, 4):
-        pairs = document_tile_pairs(docs, 2 * world * tiles)
-        spec = MaskSpec(True, None, tiles, 0, pairs)
-        work[tiles] = [rank_work(world, r, "zigzag", True, chunk, spec) for r in range(world)]
+        work[tiles] = RingDocuments(docs, world, "zigzag").classification(True, None, chunk // tiles).rank_work()
     assert sum(work[4]) < 0.6 * sum(work[1])  # tiles skip most of what a chunk-level plan computes
     assert all(w >= vis for w, vis in zip(work[4], visible, strict=True))
     # Balance follows where the documents fall, not the plan (docs/ring_attention.md reports the figures):

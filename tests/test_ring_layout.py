@@ -27,12 +27,13 @@ def _global_pairs(world: int, rank: int, layout: str, causal: bool, chunk_len: i
     def positions(r: int) -> list[int]:
         return [c * chunk_len + i for c in local_chunk_ids(world, r, layout) for i in range(chunk_len)]
 
+    seq_len = chunk_len * len(local_chunk_ids(world, 0, layout)) * world
     q_pos = positions(rank)
     pairs = []
     for step in range(world):
         kv_pos = positions((rank - step) % world)
-        for blk in plan_step(world, rank, step, layout, causal):
-            qs, ks = blk.slices(chunk_len)
+        for blk in plan_step(world, rank, step, layout, causal, seq_len):
+            qs, ks = blk.slices()
             for a, qp in enumerate(q_pos[qs]):
                 for b, kp in enumerate(kv_pos[ks]):
                     if not blk.causal or b <= a:  # what the kernel computes: top-left causal inside the block

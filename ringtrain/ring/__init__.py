@@ -1,10 +1,19 @@
 # Sequence-parallel ring attention on plain tensors (no transformers import): the runtime the HF adapter wraps.
 
-from ringtrain.ring.attention import RingDocuments, gather_documents, merge_partial, ring_attention
+from ringtrain.ring.attention import (
+    RingDocuments,
+    gather_documents,
+    merge_partial,
+    ring_attention,
+)
 from ringtrain.ring.kernels import KERNELS, LocalKernel, mask_fallback, select_kernel
 from ringtrain.ring.layout import (
+    CONTIGUOUS,
     LAYOUTS,
+    ZIGZAG,
+    Layout,
     check_seq_len,
+    get_layout,
     group_world_rank,
     local_chunk_ids,
     num_chunks,
@@ -12,18 +21,23 @@ from ringtrain.ring.layout import (
     shard_sequence,
     unshard_sequence,
 )
-from ringtrain.ring.plan import Block, MaskSpec, build_plan, plan_step, rank_work
+from ringtrain.ring.plan import Block, RingClassification, build_plan, build_tiles, plan_step, rank_work
 
 __all__ = [
+    "CONTIGUOUS",
     "KERNELS",
     "LAYOUTS",
+    "ZIGZAG",
     "Block",
+    "Layout",
     "LocalKernel",
-    "MaskSpec",
+    "RingClassification",
     "RingDocuments",
     "build_plan",
+    "build_tiles",
     "check_seq_len",
     "gather_documents",
+    "get_layout",
     "group_world_rank",
     "local_chunk_ids",
     "mask_fallback",

@@ -16,19 +16,20 @@ from ringtrain.log import get_logger
 from ringtrain.ring.comm import RingComm
 from ringtrain.ring.kernels import LocalKernel, default_scale, mask_fallback, merge_dtype, select_kernel
 from ringtrain.ring.layout import (
-    check_layout,
+    Layout,
     check_seq_len,
+    get_layout,
     group_world_rank,
-    local_chunk_ids,
-    num_chunks,
+    layout_name,
+    rank_positions,
     unshard_sequence,
 )
 from ringtrain.ring.plan import (
-    MaskSpec,
+    RingClassification,
     RingPlan,
     build_plan,
-    choose_tiles_per_chunk,
-    document_tile_pairs,
+    build_tiles,
+    document_bounds,
     step_source,
 )
 
@@ -71,33 +72,48 @@ def _accumulate(acc: torch.Tensor | None, value: torch.Tensor, sl: slice, shape,
 
 
 class RingDocuments:
-    """The document ids of the whole sequence on every rank, gathered once per batch, and the plans made from them.
+    """The document ids of the whole sequence on every rank, and the plans made from them: one per batch.
 
     Build it with `gather_documents` (one all_gather of [B, S_local] ids over the group: the only collective
-    document masking adds) and pass it as `ring_attention(..., document_ids=...)` to every layer of one forward:
-    the tile pairs and the per-(window, causal) plans are computed on the first call and reused (one host sync
-    per batch, none in the ring loop). Passing the local id tensor instead gathers it on each call.
+    document masking adds), or from the full ids every rank already holds (`shard_batch` does), and pass it as
+    `ring_attention(..., document_ids=...)` to every layer of one forward: the tile classification and the plans
+    are computed on the first call and kept here (one host sync per batch, none in the ring loop), so they live
+    exactly as long as the batch. Passing the local id tensor instead gathers it on each call.
+    `layout` is the ring's layout for this batch (a data-dependent layout is chosen per batch from these ids).
     """
 
-    def __init__(self, global_ids: torch.Tensor, world: int, layout: str) -> None:
+    def __init__(self, global_ids: torch.Tensor, world: int, layout: str | Layout) -> None:
         self.global_ids = global_ids  # [B, S]
-        self.world, self.layout = world, layout
-        self._pairs: dict[int, tuple] = {}
-        self._plans: dict[tuple, MaskSpec] = {}
+        self.world, self.layout = world, get_layout(layout)
+        self._bounds: dict[int | None, tuple] = {}
+        self._classes: dict[tuple, RingClassification] = {}
 
-    def plan(self, rank: int, causal: bool, window: int | None, tiles: int, tile_len: int) -> RingPlan:
-        key = (causal, window, tiles, tile_len)
-        if key not in self._plans:
-            if tiles not in self._pairs:
-                n_tiles = num_chunks(self.world, self.layout) * tiles
-                self._pairs[tiles] = document_tile_pairs(self.global_ids, n_tiles)
-            spec = MaskSpec(causal, window, tiles, tile_len if window is not None else 0, self._pairs[tiles])
-            self._plans[key] = spec
-        return build_plan(self.world, rank, self.layout, self._plans[key])
+    def classification(self, causal: bool, window: int | None, tile_tokens: int | None) -> RingClassification:
+        key = (causal, window, tile_tokens)
+        if key not in self._classes:
+            tiles = build_tiles(self.global_ids.shape[1], self.world, self.layout, tile_tokens)
+            if tile_tokens not in self._bounds:
+                self._bounds[tile_tokens] = document_bounds(self.global_ids, tiles)
+            self._classes[key] = RingClassification.build(tiles, causal, window, self._bounds[tile_tokens])
+        return self._classes[key]
+
+    def plan(self, rank: int, causal: bool, window: int | None, tile_tokens: int | None) -> RingPlan:
+        return self.classification(causal, window, tile_tokens).plan(rank)
+
+
+def check_document_ids(global_ids: torch.Tensor, layout: str | Layout) -> None:
+    """Raise unless `global_ids` [B, S] are non-decreasing along every row (one owner for this rule)."""
+    if not bool((global_ids[:, 1:] >= global_ids[:, :-1]).all()):
+        row = int((global_ids[:, 1:] < global_ids[:, :-1]).any(1).nonzero()[0])
+        raise ValueError(
+            f"document_ids decrease along row {row} of the full sequence: pass ids that are non-decreasing "
+            f"(0, 0, 1, 1, 1, 2, ...) before sharding, sharded with layout={layout_name(layout)!r} like q"
+        )
 
 
 def gather_documents(
-    document_ids: torch.Tensor, *, group: dist.ProcessGroup | None = None, layout: str = "zigzag"
+    document_ids: torch.Tensor, *, group: dist.ProcessGroup | None = None, layout: str | Layout = "zigzag",
+    ulysses_group: dist.ProcessGroup | None = None,
 ) -> RingDocuments:
     """`RingDocuments` from this rank's ids [B, S_local] (sharded like q; non-decreasing along the full sequence)."""
     if document_ids.ndim != 2 or document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:
@@ -106,33 +122,24 @@ def gather_documents(
             "[B, S_local], sharded like q"
         )
     world, _ = group_world_rank(group)
-    global_ids = unshard_sequence(document_ids, group=group, dim=1, layout=layout)  # [B, S]
+    global_ids = unshard_sequence(document_ids, group=group, dim=1, layout=layout, ulysses_group=ulysses_group)
     # Every rank checks the same gathered ids, so every rank raises together (nobody is left in the ring).
-    if not bool((global_ids[:, 1:] >= global_ids[:, :-1]).all()):
-        row = int((global_ids[:, 1:] < global_ids[:, :-1]).any(1).nonzero()[0])
-        raise ValueError(
-            f"document_ids decrease along row {row} of the full sequence: pass ids that are non-decreasing "
-            f"(0, 0, 1, 1, 1, 2, ...) before sharding, sharded with layout={layout!r} like q"
-        )
+    check_document_ids(global_ids, layout)
     return RingDocuments(global_ids, world, layout)
 
 
 class _BlockMasks:
     """Builds a MASKED block's bool mask [B or 1, S_q, S_k] from global positions and document ids (no sync)."""
 
-    def __init__(self, world: int, rank: int, layout: str, chunk: int, causal: bool, window: int | None,
+    def __init__(self, world: int, rank: int, layout: Layout, seq_len: int, causal: bool, window: int | None,
                  docs: RingDocuments | None, device: torch.device) -> None:
-        self.world, self.rank, self.layout, self.chunk = world, rank, layout, chunk
+        self.world, self.rank, self.layout, self.seq_len = world, rank, layout, seq_len
         self.causal, self.window, self.docs, self.device = causal, window, docs, device
         self._pos: dict[int, torch.Tensor] = {}
 
     def positions(self, rank: int) -> torch.Tensor:
         if rank not in self._pos:
-            c = self.chunk
-            self._pos[rank] = torch.cat([
-                torch.arange(i * c, (i + 1) * c, device=self.device)
-                for i in local_chunk_ids(self.world, rank, self.layout)
-            ])
+            self._pos[rank] = rank_positions(self.seq_len, self.layout, self.world, rank, device=self.device)
         return self._pos[rank]
 
     def __call__(self, step: int, qs: slice, ks: slice) -> torch.Tensor:
@@ -145,7 +152,7 @@ class _BlockMasks:
         if self.window is not None:
             mask &= dist_ < self.window
         if self.docs is not None:
-            ids = self.docs.global_ids
+            ids = self.docs.global_ids.to(self.device)
             mask = mask & (ids[:, qp][:, :, None] == ids[:, kp][:, None, :])
         return mask
 
@@ -159,7 +166,7 @@ def _kernel_for(blk, step: int, qs: slice, ks: slice, kernel: LocalKernel, masks
 
 def _ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    comm: RingComm, plan: RingPlan, tile: int, scale: float, kernel: LocalKernel, masks: _BlockMasks | None,
+    comm: RingComm, plan: RingPlan, scale: float, kernel: LocalKernel, masks: _BlockMasks | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, S, H, D] in q's dtype, lse [B, H, S] in the merge dtype) for this rank's queries."""
     b, s, h, d = q.shape
@@ -172,7 +179,7 @@ def _ring_forward(
     for step in range(n):
         works = comm.post([kv], [kv_next]) if step < n - 1 else []
         for blk in plan.steps[step]:
-            qs, ks = blk.slices(tile)
+            qs, ks = blk.slices()
             kern, extra = _kernel_for(blk, step, qs, ks, kernel, masks)
             o, lse = kern.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk.causal, scale, **extra)
             if out_acc is None and _covers(qs, s):
@@ -189,7 +196,7 @@ def _ring_forward(
 
 def _ring_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    comm: RingComm, plan: RingPlan, tile: int, scale: float, kernel: LocalKernel, masks: _BlockMasks | None,
+    comm: RingComm, plan: RingPlan, scale: float, kernel: LocalKernel, masks: _BlockMasks | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for this rank's q and its own K/V.
 
@@ -222,7 +229,7 @@ def _ring_backward(
             # This rank's part for the K/V held now (from rank - step).
             dkv_mine = torch.zeros(dkv_shape, dtype=acc, device=q.device) if dkv_mine is None else dkv_mine.zero_()
         for blk in plan.steps[step]:
-            qs, ks = blk.slices(tile)
+            qs, ks = blk.slices()
             kern, extra = _kernel_for(blk, step, qs, ks, kernel, masks)
             dq, dk, dv = kern.backward(
                 dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], blk.causal, scale,
@@ -256,10 +263,10 @@ class _RingAttentionFunction(torch.autograd.Function):
     """Saves only the local q, k, v, out and lse: O(S/P) activation memory; backward recomputes blocks (and masks)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, comm, plan, tile, scale, kernel, masks):
-        out, lse = _ring_forward(q, k, v, comm, plan, tile, scale, kernel, masks)
+    def forward(ctx, q, k, v, comm, plan, scale, kernel, masks):
+        out, lse = _ring_forward(q, k, v, comm, plan, scale, kernel, masks)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (comm, plan, tile, scale, kernel, masks)
+        ctx.args = (comm, plan, scale, kernel, masks)
         return out
 
     @staticmethod
@@ -267,12 +274,11 @@ class _RingAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int, layout: str) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int, layout: Layout) -> None:
     """Every problem with the inputs, in one ValueError."""
-    check_layout(layout)
     problems = []
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -297,10 +303,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int,
         problems.append(f"devices q={q.device}, k={k.device}, v={v.device}: put q, k and v on one device")
     if problems:
         raise ValueError("; ".join(problems))
-    check_seq_len(
-        q.shape[1] * world, world, layout,
-        what=f"sequence length {q.shape[1]} x world {world} =",
-    )
+    check_seq_len(q.shape[1] * world, world, layout, what=f"sequence length {q.shape[1]} x world {world} =")
+
+
+def check_window(window: int | None, causal: bool) -> None:
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window={window!r}: pass a positive int (1 = each query sees only itself) or None")
+        if not causal:
+            raise ValueError(f"window={window} with causal=False: sliding windows are causal; pass causal=True")
 
 
 DEFAULT_TILE_TOKENS = 256
@@ -315,7 +326,7 @@ def ring_attention(
     *,
     group: dist.ProcessGroup | None = None,
     causal: bool = True,
-    layout: str = "zigzag",
+    layout: str | Layout = "zigzag",
     scale: float | None = None,
     kernel: str | LocalKernel | None = "auto",
     document_ids: torch.Tensor | RingDocuments | None = None,
@@ -347,7 +358,7 @@ def ring_attention_with_comm(
     v: torch.Tensor,
     *,
     causal: bool = True,
-    layout: str = "zigzag",
+    layout: str | Layout = "zigzag",
     scale: float | None = None,
     kernel: str | LocalKernel | None = "auto",
     document_ids: torch.Tensor | RingDocuments | None = None,
@@ -359,13 +370,10 @@ def ring_attention_with_comm(
     For simulated rings, e.g. the single-GPU "virtual ring" benchmark, which replays one rank's
     compute and merge with a loopback communicator (document ids must then come as a RingDocuments).
     """
+    layout = get_layout(layout)
     _check_inputs(q, k, v, comm.world, layout)
     world, rank = comm.world, comm.rank
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window={window!r}: pass a positive int (1 = each query sees only itself) or None")
-        if not causal:
-            raise ValueError(f"window={window} with causal=False: sliding windows are causal; pass causal=True")
+    check_window(window, causal)
     docs = document_ids
     if isinstance(docs, torch.Tensor):
         if tuple(docs.shape) != tuple(q.shape[:2]):
@@ -378,23 +386,21 @@ def ring_attention_with_comm(
         world, layout, (q.shape[0], q.shape[1] * world)
     ):
         raise ValueError(
-            f"document_ids were gathered for world {docs.world}, layout {docs.layout!r}, shape "
-            f"{tuple(docs.global_ids.shape)}; this call has world {world}, layout {layout!r}, "
+            f"document_ids were gathered for world {docs.world}, layout {docs.layout.name!r}, shape "
+            f"{tuple(docs.global_ids.shape)}; this call has world {world}, layout {layout.name!r}, "
             f"[B, S] = {(q.shape[0], q.shape[1] * world)}"
         )
     local_kernel = select_kernel(q, kernel)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    chunk = q.shape[1] // len(local_chunk_ids(world, rank, layout))
+    seq_len = q.shape[1] * world
     masks = None
     if window is None and docs is None:
-        tiles = 1
-        plan = build_plan(world, rank, layout, MaskSpec(causal=causal))
+        plan = build_plan(world, rank, layout, seq_len, causal=causal)
     else:
-        tiles = choose_tiles_per_chunk(chunk, DEFAULT_TILE_TOKENS if tile_tokens is None else tile_tokens)
-        tile = chunk // tiles
+        tiles = DEFAULT_TILE_TOKENS if tile_tokens is None else tile_tokens
         if docs is None:
-            plan = build_plan(world, rank, layout, MaskSpec(causal, window, tiles, tile if window else 0))
+            plan = build_plan(world, rank, layout, seq_len, causal=causal, window=window, tile_tokens=tiles)
         else:
-            plan = docs.plan(rank, causal, window, tiles, tile)
-        masks = _BlockMasks(world, rank, layout, chunk, causal, window, docs, q.device)
-    return _RingAttentionFunction.apply(q, k, v, comm, plan, chunk // tiles, scale, local_kernel, masks)
+            plan = docs.plan(rank, causal, window, tiles)
+        masks = _BlockMasks(world, rank, layout, seq_len, causal, window, docs, q.device)
+    return _RingAttentionFunction.apply(q, k, v, comm, plan, scale, local_kernel, masks)

@@ -1,78 +1,186 @@
 # The block plan: which (q-slice, kv-slice) blocks a rank computes at each ring step: full, causal-diagonal,
 # masked, or skipped; and how many ring steps any rank needs at all.
 #
-# The ring driver knows nothing about layouts or masks; it asks this module for the blocks of a step.
-# Local tokens are a list of equal chunks with global chunk ids (layout.local_chunk_ids), each cut into
-# `tiles_per_chunk` equal tiles; for q tile i against kv tile j a causal mask gives: j < i full, j == i causal
-# diagonal, j > i skip. A sliding window (static: window, tile length) and documents (data: which tiles share a
-# document, computed once per batch by `document_tile_pairs`) refine that: a pair no query of tile i may see any
-# key of becomes SKIP (no kernel call), a pair only partly visible becomes MASKED (the driver builds the mask).
-# Adjacent work is coalesced into as few kernel calls as possible, because on every backend the per-call overhead
-# (launch, LSE merge, slicing) is paid per block. Tiles exist only to skip finer: without masks the plan is one
-# tile per chunk and exactly the unmasked plan. Every rank can compute every other rank's plan (the benchmark
-# uses that to count per-rank work), so all ranks agree, without communicating, on the last step any rank
-# still has work in: the ring stops rotating there (issue 7).
+# The ring driver knows nothing about layouts or masks; it asks this module for the blocks of a step. Each rank's
+# tokens are cut into tiles, runs of consecutive global positions ([start, stop) intervals, in local order), so that
+# two distinct tiles are disjoint intervals and every classification below is interval arithmetic:
+#   causal: kv tile entirely before the q tile -> FULL, the same tile -> DIAGONAL (top-left causal), after -> SKIP;
+#   window: the closest (query, key) pair out of the window -> SKIP, the farthest one out of it -> MASKED;
+#   documents: per tile the first and last document id of each batch row (documents are contiguous runs):
+#   no row with a document in both tiles -> SKIP, not one same document everywhere -> MASKED.
+# All tile pairs of all ranks are classified at once, vectorised in torch (issue 17: a new plan every batch must be
+# cheap); each rank then coalesces its own steps' tiles into as few kernel calls as possible, because on every
+# backend the per-call overhead (launch, LSE merge, slicing) is paid per block. Tiles exist only to skip finer:
+# without masks a chunk layout has one tile per chunk and exactly the unmasked plan. Every rank computes the same
+# classification, so all agree, without communicating, on the last step any rank still has work in: the ring stops
+# rotating there (issue 7).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import IntEnum
 from functools import lru_cache
 
 import torch
 
-from ringtrain.ring.layout import local_chunk_ids, num_chunks
+from ringtrain.ring.layout import ChunkLayout, Layout, get_layout
 
 
-class PairKind(Enum):
+class PairKind(IntEnum):
     SKIP = 0
     FULL = 1
-    DIAGONAL = 2  # same global tile on both sides: top-left causal within it
-    MASKED = 3  # partly visible: needs an explicit mask (window edge, document boundary)
+    DIAGONAL = 2  # same tile on both sides: top-left causal within it
+    MASKED = 3  # partly visible: the kernel needs the block's mask (window edge, document boundary)
 
 
 @dataclass(frozen=True)
 class Block:
-    """One kernel call: local q tiles [q_start, q_stop) against the step's kv tiles [kv_start, kv_stop)."""
+    """One kernel call: local q tokens [q_start, q_stop) against the step's kv tokens [kv_start, kv_stop)."""
 
     q_start: int
     q_stop: int
     kv_start: int
     kv_stop: int
     causal: bool
-    """Top-left causal mask. Only emitted when the q and kv tiles are the same global tiles, in the same
-    order, so q and kv lengths are equal and top-left alignment equals the global causal mask."""
+    """Top-left causal mask. Only emitted when the q and kv tiles are the same tiles, in the same order, so q and
+    kv lengths are equal and top-left alignment equals the global causal mask."""
     masked: bool = False
-    """The kernel needs the block's explicit mask (causality, window and documents all in it); `causal` is False."""
+    """The kernel needs the block's mask (causality, window and documents all in it); `causal` is False."""
 
-    def slices(self, tile_len: int) -> tuple[slice, slice]:
-        """Token slices (q, kv) for tiles of `tile_len` tokens."""
-        return (
-            slice(self.q_start * tile_len, self.q_stop * tile_len),
-            slice(self.kv_start * tile_len, self.kv_stop * tile_len),
-        )
+    def slices(self) -> tuple[slice, slice]:
+        """Token slices (q, kv) into the local q and the step's K/V."""
+        return slice(self.q_start, self.q_stop), slice(self.kv_start, self.kv_stop)
 
-    def score_entries(self, tile_len: int) -> int:
+    def score_entries(self) -> int:
         """Number of (query, key) pairs the kernel evaluates: the unit of attention work (a masked block
         evaluates its whole rectangle)."""
-        nq = (self.q_stop - self.q_start) * tile_len
-        nk = (self.kv_stop - self.kv_start) * tile_len
+        nq, nk = self.q_stop - self.q_start, self.kv_stop - self.kv_start
         return nq * (nq + 1) // 2 if self.causal else nq * nk
 
 
 @dataclass(frozen=True)
-class MaskSpec:
-    """Everything the plan depends on besides (world, rank, layout): hashable, so static plans are cached."""
+class RingTiles:
+    """Every rank's tiles: runs of consecutive global positions, in each rank's local order."""
 
-    causal: bool = True
-    window: int | None = None
-    """Causal sliding window: query at position i sees keys j with i - window < j <= i."""
-    tiles_per_chunk: int = 1
-    tile_len: int = 0
-    """Tokens per tile; only the window classification needs it (0 without a window)."""
-    documents: tuple[tuple[int, ...], ...] | None = None
-    """Per global (q tile, kv tile): 0 no batch row has a document in both, 1 one document covers both tiles in
-    every row, 2 otherwise (see `document_tile_pairs`). None: no document mask."""
+    seq_len: int
+    world: int
+    starts: tuple[tuple[int, ...], ...]
+    """[rank][tile] global position of the tile's first token."""
+    lengths: tuple[tuple[int, ...], ...]
+    """[rank][tile] tokens in the tile."""
+
+    def offsets(self, rank: int) -> tuple[int, ...]:
+        """Local token offset of each tile boundary of rank `rank` (n_tiles + 1 values)."""
+        out = [0]
+        for n in self.lengths[rank]:
+            out.append(out[-1] + n)
+        return tuple(out)
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(starts, stops, owner rank) of every tile of every rank, rank-major: LongTensors [n_tiles_total]."""
+        starts = torch.tensor([s for r in self.starts for s in r], dtype=torch.long)
+        lengths = torch.tensor([n for r in self.lengths for n in r], dtype=torch.long)
+        owner = torch.tensor([r for r, t in enumerate(self.starts) for _ in t], dtype=torch.long)
+        return starts, starts + lengths, owner
+
+
+def choose_tiles_per_chunk(chunk_len: int, tile_tokens: int, max_tiles: int = 16) -> int:
+    """The most tiles (<= max_tiles) a chunk splits into evenly with tiles of at least `tile_tokens` tokens."""
+    best = 1
+    for t in range(1, max_tiles + 1):
+        if chunk_len % t == 0 and chunk_len // t >= tile_tokens:
+            best = t
+    return best
+
+
+def _cut_run(start: int, stop: int, tile_tokens: int, max_tiles: int = 16) -> list[tuple[int, int]]:
+    """A run cut into n near-equal tiles of at least `tile_tokens` tokens (n <= max_tiles), for uneven runs."""
+    n = max(1, min(max_tiles, (stop - start) // max(tile_tokens, 1)))
+    edges = [start + (stop - start) * i // n for i in range(n + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+@lru_cache(maxsize=256)
+def _static_tiles(seq_len: int, world: int, layout: Layout, tile_tokens: int | None) -> RingTiles:
+    return _build_tiles(seq_len, world, layout, tile_tokens)
+
+
+def _build_tiles(seq_len: int, world: int, layout: Layout, tile_tokens: int | None) -> RingTiles:
+    starts, lengths = [], []
+    per_chunk = None
+    if isinstance(layout, ChunkLayout):
+        chunk = seq_len // layout.multiple(world)
+        per_chunk = 1 if tile_tokens is None else choose_tiles_per_chunk(chunk, tile_tokens)
+    for rank in range(world):
+        tiles: list[tuple[int, int]] = []
+        for a, b in layout.runs(seq_len, world, rank):
+            if per_chunk is not None:  # equal tiles: the plan of a chunk layout does not depend on the data
+                t = (b - a) // per_chunk
+                tiles += [(a + i * t, a + (i + 1) * t) for i in range(per_chunk)]
+            elif tile_tokens is None:
+                tiles.append((a, b))
+            else:
+                tiles += _cut_run(a, b, tile_tokens)
+        starts.append(tuple(a for a, _ in tiles))
+        lengths.append(tuple(b - a for a, b in tiles))
+    return RingTiles(seq_len, world, tuple(starts), tuple(lengths))
+
+
+def build_tiles(seq_len: int, world: int, layout: str | Layout, tile_tokens: int | None = None) -> RingTiles:
+    """Every rank's tiles. `tile_tokens=None`: one tile per run (no masks: the runs are all a plan needs)."""
+    lay = get_layout(layout)
+    if lay.static:
+        return _static_tiles(seq_len, world, lay, tile_tokens)
+    return _build_tiles(seq_len, world, lay, tile_tokens)
+
+
+def document_bounds(document_ids: torch.Tensor, tiles: RingTiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, last) document id of every tile (rank-major, as `RingTiles.flat`) per batch row: [B, n_tiles_total].
+
+    Document ids are non-decreasing along each row, so a tile holds exactly the ids [first, last]: two tiles share
+    a document iff those ranges overlap (no false "shared")."""
+    starts, stops, _ = tiles.flat()
+    ids = document_ids.cpu()
+    return ids[:, starts], ids[:, stops - 1]
+
+
+def classify_tiles(
+    tiles: RingTiles, causal: bool, window: int | None,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """PairKind of every (q tile, kv tile) pair of the whole ring: int8 [n_tiles_total, n_tiles_total]."""
+    starts, stops, _ = tiles.flat()
+    qa, qb = starts[:, None], stops[:, None]
+    ka, kb = starts[None, :], stops[None, :]
+    same = torch.eye(len(starts), dtype=torch.bool)
+    any_visible = torch.ones(len(starts), len(starts), dtype=torch.bool)
+    all_visible = any_visible.clone()
+    if causal:
+        any_visible = ka <= qb - 1  # some key at or before the last query
+        all_visible = kb - 1 <= qa  # every key at or before the first query (never on the diagonal)
+    diagonal_plain = same.clone() if causal else torch.zeros_like(same)
+    if window is not None:
+        closest = (qa - (kb - 1)).clamp(min=0)  # 0 on the diagonal
+        farthest = (qb - 1) - ka
+        any_visible &= closest < window
+        all_visible &= farthest < window
+        diagonal_plain &= farthest < window
+    if bounds is not None:
+        first, last = bounds
+        fi, li, fj, lj = first[:, :, None], last[:, :, None], first[:, None, :], last[:, None, :]
+        shared = (torch.maximum(fi, fj) <= torch.minimum(li, lj)).any(0)
+        one = ((fi == li) & (fj == lj) & (fi == fj)).all(0)
+        any_visible &= shared
+        all_visible &= one
+        diagonal_plain &= one
+    kinds = torch.full(same.shape, int(PairKind.MASKED), dtype=torch.int8)
+    kinds[all_visible & ~same] = int(PairKind.FULL)
+    kinds[diagonal_plain] = int(PairKind.DIAGONAL)
+    if not causal:
+        kinds[all_visible & same] = int(PairKind.FULL)
+    kinds[~any_visible] = int(PairKind.SKIP)
+    return kinds
 
 
 @dataclass(frozen=True)
@@ -80,7 +188,6 @@ class RingPlan:
     """One rank's blocks for each of the `n_steps` ring steps every rank runs."""
 
     steps: tuple[tuple[Block, ...], ...]
-    tiles_per_chunk: int
 
     @property
     def n_steps(self) -> int:
@@ -92,54 +199,28 @@ def step_source(world: int, rank: int, step: int) -> int:
     return (rank - step) % world
 
 
-def local_tile_ids(world: int, rank: int, layout: str, tiles_per_chunk: int) -> tuple[int, ...]:
-    """Global tile ids of rank `rank`'s tokens, in local order (increasing, like its chunks)."""
-    t = tiles_per_chunk
-    return tuple(c * t + i for c in local_chunk_ids(world, rank, layout) for i in range(t))
-
-
-def pair_kind(q_tile: int, kv_tile: int, spec: MaskSpec) -> PairKind:
-    """What q tile `q_tile` and kv tile `kv_tile` (global ids) need, under causality, window and documents."""
-    i, j = q_tile, kv_tile
-    if spec.causal and j > i:
-        return PairKind.SKIP
-    plain = True
-    if spec.window is not None:
-        t = spec.tile_len
-        if j < i and (i - j - 1) * t + 1 >= spec.window:  # closest pair: last key of j, first query of i
-            return PairKind.SKIP
-        plain = (i - j + 1) * t - 1 < spec.window  # farthest pair still inside the window
-    if spec.documents is not None:
-        shared = spec.documents[i][j]
-        if shared == 0:
-            return PairKind.SKIP
-        plain = plain and shared == 1
-    if not plain:
-        return PairKind.MASKED
-    return PairKind.DIAGONAL if spec.causal and i == j else PairKind.FULL
-
-
-def _blocks(kinds: list[list[PairKind]], same_tiles: bool, causal: bool) -> tuple[Block, ...]:
-    """Coalesce one step's (local q tile x kv tile) kinds into kernel calls."""
+def _coalesce(kinds: list[list[int]], own: bool, causal: bool, q_off: Sequence[int],
+              kv_off: Sequence[int]) -> tuple[Block, ...]:
+    """One step's (local q tile x kv tile) kinds as kernel calls, in tokens."""
     n = len(kinds)
-    if not any(k is not PairKind.SKIP for row in kinds for k in row):
+    if not any(k for row in kinds for k in row):
         return ()
-    if causal and same_tiles and all(
-        kinds[a][b] is (PairKind.FULL if b < a else PairKind.DIAGONAL if a == b else PairKind.SKIP)
-        for a in range(n) for b in range(n)
+    full, diag, skip = int(PairKind.FULL), int(PairKind.DIAGONAL), int(PairKind.SKIP)
+    if causal and own and all(
+        kinds[a][b] == (full if b < a else diag if a == b else skip) for a in range(n) for b in range(n)
     ):
-        # Own K/V, nothing but causality: tile ids increase along the local sequence, so the whole local square
+        # Own K/V, nothing but causality: positions increase along the local sequence, so the whole local square
         # is one top-left causal call instead of diagonals plus full blocks.
-        return (Block(0, n, 0, n, causal=True),)
+        return (Block(0, q_off[-1], 0, kv_off[-1], causal=True),)
 
     # Per q tile, maximal runs of one kind (FULL or MASKED; a DIAGONAL is its own run); identical runs on adjacent
     # q tiles merge into one rectangle (zigzag causal: src < rank -> all q x first kv half; src > rank -> second
     # q half x all kv).
-    def runs(row: list[PairKind]) -> tuple[tuple[int, int, PairKind], ...]:
+    def runs(row: list[int]) -> tuple[tuple[int, int, int], ...]:
         out, start = [], 0
         for b in range(1, len(row) + 1):
-            if b == len(row) or row[b] is not row[start] or row[b] is PairKind.DIAGONAL:
-                if row[start] is not PairKind.SKIP:
+            if b == len(row) or row[b] != row[start] or row[b] == diag:
+                if row[start] != skip:
                     out.append((start, b, row[start]))
                 start = b
         return tuple(out)
@@ -152,81 +233,113 @@ def _blocks(kinds: list[list[PairKind]], same_tiles: bool, causal: bool) -> tupl
         while a_end < n and runs(kinds[a_end]) == row_runs:
             a_end += 1
         for b0, b1, kind in row_runs:
-            blocks.append(Block(a, a_end, b0, b1, causal=kind is PairKind.DIAGONAL, masked=kind is PairKind.MASKED))
+            blocks.append(Block(q_off[a], q_off[a_end], kv_off[b0], kv_off[b1], causal=kind == diag,
+                                masked=kind == int(PairKind.MASKED)))
         a = a_end
     return tuple(blocks)
 
 
-def _all_rank_steps(world: int, layout: str, spec: MaskSpec) -> tuple[tuple[tuple[Block, ...], ...], ...]:
-    """[rank][step] -> blocks, for every rank, truncated after the last step in which any rank computes."""
-    t = spec.tiles_per_chunk
-    tiles = [local_tile_ids(world, r, layout, t) for r in range(world)]
-    per_rank = []
-    for rank in range(world):
+@dataclass(frozen=True)
+class RingClassification:
+    """Every tile pair's kind for one (tiles, causal, window, documents), and the ring length all ranks agree on."""
+
+    tiles: RingTiles
+    kinds: torch.Tensor
+    """int8 [n_tiles_total, n_tiles_total], rank-major (RingTiles.flat order)."""
+    causal: bool
+    n_steps: int
+
+    @staticmethod
+    def build(tiles: RingTiles, causal: bool, window: int | None,
+              bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> RingClassification:
+        kinds = classify_tiles(tiles, causal, window, bounds)
+        _, _, owner = tiles.flat()
+        world = tiles.world
+        onehot = torch.nn.functional.one_hot(owner, world).to(torch.float32)  # [n_tiles, P]
+        pair_work = onehot.T @ (kinds != 0).to(torch.float32) @ onehot  # [q rank, kv rank]: any work
+        ranks = torch.arange(world)
+        sources = (ranks[:, None] - ranks[None, :]) % world  # [rank, step] -> source rank
+        active = pair_work[ranks[:, None], sources] > 0
+        steps_used = active.any(0).nonzero().flatten()
+        n_steps = 1 + int(steps_used.max()) if steps_used.numel() else 1
+        return RingClassification(tiles, kinds, causal, n_steps)
+
+    def _tile_index(self, rank: int) -> slice:
+        first = sum(len(t) for t in self.tiles.starts[:rank])
+        return slice(first, first + len(self.tiles.starts[rank]))
+
+    def plan(self, rank: int) -> RingPlan:
+        """Rank `rank`'s coalesced blocks for each of the `n_steps` steps."""
+        world = self.tiles.world
+        q_idx = self._tile_index(rank)
+        q_off = self.tiles.offsets(rank)
         steps = []
-        for step in range(world):
-            kv = tiles[step_source(world, rank, step)]
-            kinds = [[pair_kind(i, j, spec) for j in kv] for i in tiles[rank]]
-            steps.append(_blocks(kinds, step == 0, spec.causal))
-        per_rank.append(steps)
-    n_steps = 1 + max((s for steps in per_rank for s, blks in enumerate(steps) if blks), default=0)
-    return tuple(tuple(steps[:n_steps]) for steps in per_rank)
+        for step in range(self.n_steps):
+            src = step_source(world, rank, step)
+            sub = self.kinds[q_idx, self._tile_index(src)].tolist()
+            steps.append(_coalesce(sub, step == 0, self.causal, q_off, self.tiles.offsets(src)))
+        return RingPlan(tuple(steps))
+
+    def rank_work(self) -> list[int]:
+        """Score entries each rank evaluates over the whole ring (forward; backward is proportional), from the
+        kinds alone (coalescing changes the number of calls, not the work)."""
+        starts, stops, owner = self.tiles.flat()
+        n = (stops - starts).to(torch.float64)
+        kinds = self.kinds.to(torch.int64)
+        rect = n[:, None] * n[None, :]
+        tri = (n * (n + 1) / 2).diag()
+        entries = torch.where(kinds == int(PairKind.DIAGONAL), tri, rect) * (kinds != 0)
+        per_q_tile = entries.sum(1)
+        return [int(v) for v in torch.zeros(self.tiles.world, dtype=torch.float64).index_add_(0, owner, per_q_tile)]
 
 
-_static_steps = lru_cache(maxsize=1024)(_all_rank_steps)
-_document_steps = lru_cache(maxsize=4)(_all_rank_steps)  # per batch: a few, for the ranks of one process
+@lru_cache(maxsize=1024)
+def static_classification(seq_len: int, world: int, layout: Layout, causal: bool, window: int | None,
+                          tile_tokens: int | None) -> RingClassification:
+    """The classification without documents: data-independent, so cached by value."""
+    tiles = build_tiles(seq_len, world, layout, tile_tokens if window is not None else None)
+    return RingClassification.build(tiles, causal, window)
 
 
-def build_plan(world: int, rank: int, layout: str, spec: MaskSpec) -> RingPlan:
-    """Rank `rank`'s plan (every rank's plan is computed together, so that all agree on the number of steps)."""
-    steps = (_static_steps if spec.documents is None else _document_steps)(world, layout, spec)
-    return RingPlan(steps[rank], spec.tiles_per_chunk)
+def build_plan(world: int, rank: int, layout: str | Layout, seq_len: int, *, causal: bool = True,
+               window: int | None = None, tile_tokens: int | None = None) -> RingPlan:
+    """Rank `rank`'s plan without documents (documents: `RingDocuments.classification`)."""
+    lay = get_layout(layout)
+    if not lay.static:
+        return RingClassification.build(build_tiles(seq_len, world, lay, tile_tokens), causal, window).plan(rank)
+    return static_classification(seq_len, world, lay, causal, window, tile_tokens).plan(rank)
 
 
-def plan_step(world: int, rank: int, step: int, layout: str, causal: bool) -> tuple[Block, ...]:
-    """The coalesced blocks rank `rank` computes at ring step `step` without window or documents."""
-    return build_plan(world, rank, layout, MaskSpec(causal=causal)).steps[step]
+def plan_step(world: int, rank: int, step: int, layout: str | Layout, causal: bool,
+              seq_len: int | None = None) -> tuple[Block, ...]:
+    """The coalesced blocks rank `rank` computes at ring step `step` without window or documents (in tokens of a
+    `seq_len`-token sequence; default: one token per chunk, i.e. tile units)."""
+    lay = get_layout(layout)
+    seq_len = lay.multiple(world) if seq_len is None else seq_len
+    return build_plan(world, rank, lay, seq_len, causal=causal).steps[step]
 
 
-def rank_work(
-    world: int, rank: int, layout: str, causal: bool, chunk_len: int, spec: MaskSpec | None = None
-) -> int:
-    """Score entries rank `rank` evaluates over the whole ring (forward; backward is proportional).
-
-    `spec` (window, documents, tiles) replaces `causal` when given."""
-    spec = MaskSpec(causal=causal) if spec is None else spec
-    tile_len = chunk_len // spec.tiles_per_chunk
-    return sum(blk.score_entries(tile_len) for blks in build_plan(world, rank, layout, spec).steps for blk in blks)
+def rank_work(world: int, rank: int, layout: str | Layout, causal: bool, chunk_len: int) -> int:
+    """Score entries rank `rank` evaluates over the whole ring without window or documents."""
+    lay = get_layout(layout)
+    seq_len = chunk_len * lay.multiple(world)
+    return static_classification(seq_len, world, lay, causal, None, None).rank_work()[rank]
 
 
-def plan_kernel_calls(world: int, rank: int, layout: str, causal: bool, spec: MaskSpec | None = None) -> int:
-    """Kernel calls per forward on rank `rank`: what coalescing minimises."""
-    spec = MaskSpec(causal=causal) if spec is None else spec
-    return sum(len(blks) for blks in build_plan(world, rank, layout, spec).steps)
-
-
-def document_tile_pairs(document_ids: torch.Tensor, n_tiles: int) -> tuple[tuple[int, ...], ...]:
-    """`MaskSpec.documents` from the full-sequence document ids [B, S] (non-decreasing along S), cut in `n_tiles`.
-
-    A tile holds the ids [first, last]; since each document is one contiguous run, two tiles share a document iff
-    their id ranges overlap, exactly (no false "shared"). One host sync (the caller does this once per batch).
-    """
-    b, s = document_ids.shape
-    ids = document_ids.reshape(b, n_tiles, s // n_tiles)
-    first, last = ids[:, :, 0], ids[:, :, -1]  # [B, T]
-    fi, li, fj, lj = first[:, :, None], last[:, :, None], first[:, None, :], last[:, None, :]
-    shared = torch.maximum(fi, fj) <= torch.minimum(li, lj)  # [B, T, T]
-    one = (fi == li) & (fj == lj) & (fi == fj)
-    code = torch.where(one.all(0), 1, torch.where(shared.any(0), 2, 0))
-    return tuple(tuple(row) for row in code.tolist())
+def plan_kernel_calls(world: int, rank: int, layout: str | Layout, causal: bool) -> int:
+    """Kernel calls per forward on rank `rank` without masks: what coalescing minimises."""
+    lay = get_layout(layout)
+    return sum(len(blks) for blks in build_plan(world, rank, lay, lay.multiple(world), causal=causal).steps)
 
 
 def visible_work(
-    document_ids: torch.Tensor | None, world: int, layout: str, *, seq_len: int | None = None,
+    document_ids: torch.Tensor | None, world: int, layout: str | Layout, *, seq_len: int | None = None,
     causal: bool = True, window: int | None = None,
 ) -> list[int]:
     """(query, key) pairs each rank's queries may see under documents / window: the ideal work, against which
-    `rank_work` (what the plan evaluates, masked rectangles whole) and its balance are judged."""
+    the plan's work (masked rectangles whole) and its balance are judged."""
+    from ringtrain.ring.layout import rank_positions
+
     if document_ids is None:
         document_ids = torch.zeros(1, seq_len, dtype=torch.long)
     b, s = document_ids.shape
@@ -240,18 +353,5 @@ def visible_work(
     else:
         end = torch.where(torch.roll(new, -1, 1) | (pos == s - 1), pos, s).flip(1).cummin(1).values.flip(1)
         seen = end - start + 1
-    chunks = seen.sum(0).view(num_chunks(world, layout), -1).sum(1)
-    return [int(chunks[list(local_chunk_ids(world, r, layout))].sum()) for r in range(world)]
-
-
-def choose_tiles_per_chunk(chunk_len: int, tile_tokens: int, max_tiles: int = 16) -> int:
-    """The most tiles (<= max_tiles) a chunk splits into evenly with tiles of at least `tile_tokens` tokens."""
-    best = 1
-    for t in range(1, max_tiles + 1):
-        if chunk_len % t == 0 and chunk_len // t >= tile_tokens:
-            best = t
-    return best
-
-
-def global_tiles(world: int, layout: str, tiles_per_chunk: int) -> int:
-    return num_chunks(world, layout) * tiles_per_chunk
+    per_position = seen.sum(0)
+    return [int(per_position[rank_positions(s, layout, world, r)].sum()) for r in range(world)]
