@@ -17,7 +17,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ringtrain.errors import ConfigError
 from ringtrain.log import get_logger
-from ringtrain.ring.layout import LAYOUTS
+from ringtrain.ring.layout import LAYOUTS, Layout
+from ringtrain.ring.parallel import SequenceParallel
 
 logger = get_logger(__name__)
 
@@ -27,7 +28,10 @@ class ParallelConfig:
     """How the world is split: data parallel x sequence parallel."""
 
     sp_size: int = 1
-    """Sequence-parallel degree: how many ranks share (and shard) one sequence."""
+    """Sequence-parallel degree P: how many ranks share (and shard) one sequence."""
+    ulysses_size: int = 1
+    """Ulysses degree U (divides sp_size): consecutive ranks that exchange heads by all-to-all, so attention sees the
+    whole ring shard for H/U heads; K/V rotate around a ring of sp_size / U ranks. 1: the pure ring."""
     dp_size: int = 0
     """Data-parallel degree; 0 means world_size // sp_size."""
     layout: str = "zigzag"
@@ -39,6 +43,13 @@ class ParallelConfig:
         problems = []
         if self.sp_size < 1:
             problems.append(("sp_size", f"sp_size={self.sp_size} must be >= 1"))
+        if self.ulysses_size < 1:
+            problems.append(("ulysses_size", f"ulysses_size={self.ulysses_size} must be >= 1 (1 = the pure ring)"))
+        elif self.sp_size >= 1 and self.sp_size % self.ulysses_size:
+            choices = [u for u in range(1, self.sp_size + 1) if self.sp_size % u == 0]
+            problems.append(("ulysses_size", f"ulysses_size={self.ulysses_size} does not divide parallel.sp_size="
+                                             f"{self.sp_size}: choose ulysses_size among "
+                                             f"{', '.join(map(str, choices))}"))
         if self.dp_size < 0:
             problems.append(("dp_size", f"dp_size={self.dp_size} must be >= 1, or 0 for world_size // sp_size"))
         if self.layout not in LAYOUTS:
@@ -58,6 +69,8 @@ def resolve_parallel_sizes(parallel: ParallelConfig, world_size: int) -> tuple[i
             f"parallel.sp_size={sp} does not divide world size {world_size}: "
             f"choose sp_size among {', '.join(map(str, divisors))}{more}"
         ])
+    if parallel.ulysses_size < 1 or sp % parallel.ulysses_size:
+        raise ConfigError([f"parallel.ulysses_size={parallel.ulysses_size} does not divide parallel.sp_size={sp}"])
     dp = parallel.dp_size or world_size // sp
     if dp * sp != world_size:
         raise ConfigError([
@@ -76,6 +89,8 @@ class Mesh:
     world_mesh: DeviceMesh
     """The same ranks as one 1-D 'world' dim: FSDP shards over all of them (dp x sp)."""
     device: torch.device
+    hybrid_mesh: DeviceMesh | None = None
+    """With parallel.ulysses_size > 1: the same ranks as ('dp', 'ring', 'ulysses'); Ulysses ranks are adjacent."""
 
     @property
     def dp_size(self) -> int:
@@ -96,6 +111,22 @@ class Mesh:
     @property
     def sp_rank(self) -> int:
         return self.device_mesh.get_local_rank("sp")
+
+    @property
+    def ulysses_size(self) -> int:
+        return 1 if self.hybrid_mesh is None else self.hybrid_mesh.size(2)
+
+    @property
+    def ring_group(self) -> dist.ProcessGroup:
+        return self.sp_group if self.hybrid_mesh is None else self.hybrid_mesh.get_group("ring")
+
+    @property
+    def ulysses_group(self) -> dist.ProcessGroup | None:
+        return None if self.hybrid_mesh is None else self.hybrid_mesh.get_group("ulysses")
+
+    def sequence_parallel(self, layout: str | Layout = "zigzag") -> SequenceParallel:
+        """The SequenceParallel of this mesh's SP dimension (ring x Ulysses) with `layout`."""
+        return SequenceParallel(ring_group=self.ring_group, ulysses_group=self.ulysses_group, layout=layout)
 
     @property
     def dp_rank(self) -> int:
@@ -123,7 +154,13 @@ def build_mesh(parallel: ParallelConfig, device: torch.device | None = None) -> 
     device = device or default_device()
     device_mesh = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
     world_mesh = DeviceMesh(device.type, torch.arange(world), mesh_dim_names=("world",))
-    return Mesh(device_mesh=device_mesh, world_mesh=world_mesh, device=device)
+    hybrid = None
+    u = parallel.ulysses_size
+    if u > 1:
+        # Ulysses ranks consecutive (the all-to-all stays inside a node), ring ranks strided by U (USP's choice).
+        hybrid = DeviceMesh(device.type, torch.arange(world).view(dp, sp // u, u),
+                            mesh_dim_names=("dp", "ring", "ulysses"))
+    return Mesh(device_mesh=device_mesh, world_mesh=world_mesh, device=device, hybrid_mesh=hybrid)
 
 
 def default_device() -> torch.device:
@@ -174,8 +211,8 @@ def init_distributed(parallel: ParallelConfig, seed: int | None = None) -> Mesh:
         seed_everything(seed)
     mesh = build_mesh(parallel, device)
     logger.info(
-        "initialised %s world=%d dp=%d sp=%d device=%s",
-        dist.get_backend(), dist.get_world_size(), mesh.dp_size, mesh.sp_size, device,
+        "initialised %s world=%d dp=%d sp=%d (ulysses %d) device=%s",
+        dist.get_backend(), dist.get_world_size(), mesh.dp_size, mesh.sp_size, mesh.ulysses_size, device,
     )
     return mesh
 

@@ -32,8 +32,8 @@ class RankTimeoutError(RuntimeError):
 
 
 def _worker(
-    rank: int, world_size: int, port: int, sp_size: int, threads: int, collective_timeout: float,
-    fn: Callable, args: tuple, kwargs: dict, results: mp.Queue,
+    rank: int, world_size: int, port: int, sp_size: int, ulysses_size: int, threads: int,
+    collective_timeout: float, fn: Callable, args: tuple, kwargs: dict, results: mp.Queue,
 ) -> None:
     import torch.distributed as dist
 
@@ -48,7 +48,7 @@ def _worker(
         dist.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout)
         )
-        mesh = build_mesh(ParallelConfig(sp_size=sp_size), torch.device("cpu"))
+        mesh = build_mesh(ParallelConfig(sp_size=sp_size, ulysses_size=ulysses_size), torch.device("cpu"))
         out = fn(mesh, *args, **kwargs)
         buf = io.BytesIO()
         torch.save(out, buf)  # bytes, not shared-memory tensors: safe after this process exits
@@ -80,13 +80,15 @@ def run_distributed(
     world_size: int,
     *args: Any,
     sp_size: int | None = None,
+    ulysses_size: int = 1,
     timeout: float = 120.0,
     threads: int = 1,
     **kwargs: Any,
 ) -> list[Any]:
     """Run `fn(mesh, *args, **kwargs)` on `world_size` gloo ranks; return each rank's result, by rank.
 
-    `fn` must be importable (a module-level function). `sp_size` defaults to the whole world.
+    `fn` must be importable (a module-level function). `sp_size` defaults to the whole world; `ulysses_size`
+    splits it into ring x Ulysses (the mesh's `sequence_parallel()`).
     Raises RankFailedError naming the first failing rank, or RankTimeoutError naming the ranks
     still running after `timeout` seconds; surviving processes are killed either way.
     """
@@ -98,7 +100,7 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(rank, world_size, port, sp_size, threads, timeout + 30, fn, args, kwargs, results),
+            args=(rank, world_size, port, sp_size, ulysses_size, threads, timeout + 30, fn, args, kwargs, results),
             daemon=True,
         )
         for rank in range(world_size)

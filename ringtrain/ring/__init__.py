@@ -21,7 +21,9 @@ from ringtrain.ring.layout import (
     shard_sequence,
     unshard_sequence,
 )
+from ringtrain.ring.parallel import SequenceParallel
 from ringtrain.ring.plan import Block, RingClassification, build_plan, build_tiles, plan_step, rank_work
+from ringtrain.ring.ulysses import sequence_parallel_attention, ulysses_head_problems
 
 __all__ = [
     "CONTIGUOUS",
@@ -33,6 +35,7 @@ __all__ = [
     "LocalKernel",
     "RingClassification",
     "RingDocuments",
+    "SequenceParallel",
     "build_plan",
     "build_tiles",
     "check_seq_len",
@@ -47,7 +50,9 @@ __all__ = [
     "rank_work",
     "ring_attention",
     "select_kernel",
+    "sequence_parallel_attention",
     "sequence_positions",
     "shard_sequence",
+    "ulysses_head_problems",
     "unshard_sequence",
 ]

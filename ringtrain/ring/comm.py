@@ -51,3 +51,25 @@ class RingComm:
     def wait(works: list) -> None:
         for work in works:
             work.wait()
+
+
+class AllToAllComm:
+    """The Ulysses transport: one `all_to_all_single` over a group, each rank's buffer cut along dim 0.
+
+    `exchange(x)`, x [U, ...] contiguous: part i goes to rank i of the group, and part i of the result came from
+    rank i. The same class serves gloo (CPU) and NCCL (GPU); a group of one (or None) copies nothing.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.world, self.rank = (1, 0) if group is None else group_world_rank(group)
+
+    def exchange(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        if x.shape[0] != self.world or not x.is_contiguous():
+            raise ValueError(f"all-to-all buffer of shape {tuple(x.shape)}: dim 0 must be the group size "
+                             f"{self.world} and the buffer contiguous")
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=self.group)
+        return out

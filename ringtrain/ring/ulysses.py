@@ -1,0 +1,187 @@
+# Hybrid sequence parallelism (issue 13): an all-to-all over heads inside a Ulysses group around the unchanged ring.
+#
+# Each rank holds S/(R x U) tokens of every head. One all-to-all over the U ranks of its Ulysses group (consecutive
+# ranks: intra-node) gives it the U x S/(R x U) = S/R tokens of its ring shard for H/U heads (USP's layout, see
+# layout.py), the ring driver attends over the R ring ranks exactly as it does without Ulysses (R = 1: one plain
+# kernel call over the whole sequence), and a second all-to-all returns the output to the sequence shards. Backward
+# is the same two all-to-alls in reverse. Q, K and V travel in one all-to-all (their heads packed per destination),
+# and dQ, dK, dV in one; the buffers are the only copies (with micro-batch 1; B > 1 adds one transpose copy).
+#
+# K/V heads: with H_kv % U == 0 each rank gets H_kv/U of them, matching its H/U query heads. With U > H_kv (few KV
+# heads, the peers' most common complaint) each KV head is replicated only U/H_kv times (not H/H_kv) before the
+# all-to-all, and the replicas' gradients are summed back in fp32. The driver never sees the difference.
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from ringtrain.ring.attention import RingDocuments, gather_documents, ring_attention_with_comm
+from ringtrain.ring.comm import AllToAllComm, RingComm
+from ringtrain.ring.kernels import LocalKernel, merge_dtype
+from ringtrain.ring.layout import Layout, get_layout
+
+
+def ulysses_head_problems(heads: int, kv_heads: int, ulysses: int) -> list[str]:
+    """Why H query heads and H_kv KV heads cannot be split over `ulysses` ranks (empty: they can)."""
+    problems = []
+    if ulysses < 1:
+        return [f"ulysses size {ulysses} must be >= 1"]
+    if heads % ulysses:
+        choices = [u for u in range(1, heads + 1) if heads % u == 0]
+        problems.append(f"{heads} query heads are not divisible by ulysses size {ulysses}: "
+                        f"choose among {', '.join(map(str, choices))}")
+    if kv_heads % ulysses and ulysses % kv_heads:
+        problems.append(f"{kv_heads} key/value heads with ulysses size {ulysses}: need kv_heads % ulysses == 0 "
+                        f"or ulysses % kv_heads == 0 (each KV head is then replicated ulysses / kv_heads times)")
+    return problems
+
+
+def kv_replicas(kv_heads: int, ulysses: int) -> int:
+    """How many copies of each KV head travel: 1, or U / H_kv when the group has more ranks than KV heads."""
+    return ulysses // kv_heads if ulysses > kv_heads else 1
+
+
+def _pack(parts: list[torch.Tensor], u: int, copies: list[int] | None = None) -> torch.Tensor:
+    """[B, S_l, H_i, D] tensors -> the send buffer [U, B, S_l, Hc, D], Hc = sum(H_i x copies_i) / U: destination j
+    gets head group j of each part. One copy per part, straight into the buffer (replicas included)."""
+    copies = copies or [1] * len(parts)
+    b, s, _, d = parts[0].shape
+    widths = [p.shape[2] * c // u for p, c in zip(parts, copies, strict=True)]
+    buf = parts[0].new_empty(u, b, s, sum(widths), d)
+    start = 0
+    for p, c, w in zip(parts, copies, widths, strict=True):
+        dst = buf[:, :, :, start:start + w]
+        if c == 1:  # destination j takes heads [j w, (j + 1) w)
+            dst.copy_(p.view(b, s, u, w, d).permute(2, 0, 1, 3, 4))
+        else:  # U > H_kv: destination j takes KV head j // c (w == 1)
+            dst.view(p.shape[2], c, b, s, 1, d).copy_(p.permute(2, 0, 1, 3)[:, None, :, :, None, :])
+        start += w
+    return buf
+
+
+def _as_sequence(recv: torch.Tensor) -> torch.Tensor:
+    """The receive buffer [U, B, S_l, Hc, D] (part i = tokens of Ulysses rank i) as [B, U x S_l, Hc, D]: a view when
+    B == 1, else one copy."""
+    u, b, s, hc, d = recv.shape
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, u * s, hc, d)
+
+
+def _unpack_heads(recv: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """The receive buffer [U, B, S_l, Hc, D] (part i = head group i) as [B, S_l, U x H_i/U, D] tensors, one per size."""
+    u, b, s, _, d = recv.shape
+    out, start = [], 0
+    for n in sizes:
+        out.append(recv[..., start:start + n // u, :].permute(1, 2, 0, 3, 4).reshape(b, s, n, d))
+        start += n // u
+    return out
+
+
+def _seq_parts(parts: list[torch.Tensor], u: int) -> torch.Tensor:
+    """[B, U x S_l, H_i, D] tensors -> the send buffer [U, B, S_l, sum(H_i), D] (part j = the tokens of Ulysses
+    rank j), one copy per part."""
+    b, s, _, d = parts[0].shape
+    buf = parts[0].new_empty(u, b, s // u, sum(p.shape[2] for p in parts), d)
+    start = 0
+    for p in parts:
+        h = p.shape[2]
+        buf[:, :, :, start:start + h].copy_(p.unflatten(1, (u, s // u)).transpose(0, 1))
+        start += h
+    return buf
+
+
+def _fold_replicas(g: torch.Tensor, copies: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the gradients of a KV head's replicas, in the merge dtype (fp32 for bf16 inputs)."""
+    if copies == 1:
+        return g
+    return g.unflatten(2, (g.shape[2] // copies, copies)).sum(3, dtype=merge_dtype(dtype)).to(dtype)
+
+
+class _QKVToHeads(torch.autograd.Function):
+    """Sequence shards -> whole ring shard for this rank's heads: one all-to-all for q, k and v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, comm: AllToAllComm):
+        u = comm.world
+        copies = kv_replicas(k.shape[2], u)
+        sizes = [q.shape[2], k.shape[2] * copies, v.shape[2] * copies]
+        x = _as_sequence(comm.exchange(_pack([q, k, v], u, [1, copies, copies])))  # [B, S_ring, Hc, D]
+        ctx.comm, ctx.sizes, ctx.copies = comm, sizes, copies
+        hq, hk = sizes[0] // u, sizes[1] // u
+        return x[:, :, :hq], x[:, :, hq:hq + hk], x[:, :, hq + hk:]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dq, dk, dv):
+        comm, u = ctx.comm, ctx.comm.world
+        dq, dk, dv = _unpack_heads(comm.exchange(_seq_parts([dq, dk, dv], u)), ctx.sizes)
+        return dq, _fold_replicas(dk, ctx.copies, dk.dtype), _fold_replicas(dv, ctx.copies, dv.dtype), None
+
+
+class _HeadsToSequence(torch.autograd.Function):
+    """The ring's output for this rank's heads over the ring shard -> every head of this rank's sequence shard."""
+
+    @staticmethod
+    def forward(ctx, out, comm: AllToAllComm):
+        ctx.comm = comm
+        (full,) = _unpack_heads(comm.exchange(_seq_parts([out], comm.world)), [out.shape[2] * comm.world])
+        return full
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        comm = ctx.comm
+        return _as_sequence(comm.exchange(_pack([dout.contiguous()], comm.world))), None
+
+
+def sequence_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    ring_group: dist.ProcessGroup | None = None,
+    ulysses_group: dist.ProcessGroup | None = None,
+    causal: bool = True,
+    layout: str | Layout = "zigzag",
+    scale: float | None = None,
+    kernel: str | LocalKernel | None = "auto",
+    document_ids: torch.Tensor | RingDocuments | None = None,
+    window: int | None = None,
+    tile_tokens: int | None = None,
+) -> torch.Tensor:
+    """Attention over a sequence sharded across ring x Ulysses ranks; returns this rank's output, like q.
+
+    q [B, S_local, H, D], k/v [B, S_local, H_kv, D] and document_ids [B, S_local] sharded alike with
+    `shard_sequence(..., group=ring_group, ulysses_group=ulysses_group, layout=layout)`. `ring_group=None` is the
+    default group (or a world of one); `ulysses_group=None` is no Ulysses (exactly `ring_attention`). With a Ulysses
+    group of U ranks, H must be divisible by U and H_kv % U == 0 or U % H_kv == 0. Every other argument as in
+    `ring_attention`; masks (documents, windows) work for any (U, R).
+    """
+    comm = AllToAllComm(ulysses_group)
+    u = comm.world
+    if u == 1:
+        return ring_attention_with_comm(
+            RingComm(ring_group), q, k, v, causal=causal, layout=layout, scale=scale, kernel=kernel,
+            document_ids=document_ids, window=window, tile_tokens=tile_tokens,
+        )
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}: pass [B, S_local, heads, head_dim] tensors")
+    problems = ulysses_head_problems(q.shape[2], k.shape[2], u)
+    if problems:
+        raise ValueError("; ".join(problems))
+    layout = get_layout(layout)
+    docs = document_ids
+    if isinstance(docs, torch.Tensor):
+        if tuple(docs.shape) != tuple(q.shape[:2]):
+            raise ValueError(
+                f"document_ids has shape {tuple(docs.shape)} but q holds {tuple(q.shape[:2])} [B, S_local] tokens: "
+                "shard the ids exactly like q"
+            )
+        docs = gather_documents(docs.to(q.device), group=ring_group, layout=layout, ulysses_group=ulysses_group)
+    qh, kh, vh = _QKVToHeads.apply(q, k, v, comm)  # [B, S_ring_local, H/U, D], [..., H_kv'/U, D]
+    out = ring_attention_with_comm(
+        RingComm(ring_group), qh, kh, vh, causal=causal, layout=layout, scale=scale, kernel=kernel,
+        document_ids=docs, window=window, tile_tokens=tile_tokens,
+    )
+    return _HeadsToSequence.apply(out, comm)
