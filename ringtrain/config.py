@@ -26,7 +26,9 @@ from ringtrain.hf.rope import RopeConfig
 from ringtrain.metrics import LoggingConfig
 from ringtrain.model import ModelConfig
 from ringtrain.optim import OptimConfig
-from ringtrain.trainer import TrainLoopConfig
+from ringtrain.ring.layout import LAYOUTS, required_multiple
+from ringtrain.ring.ulysses import ulysses_head_problems
+from ringtrain.loop_config import TrainLoopConfig
 
 
 @dataclass
@@ -45,16 +47,17 @@ class TrainConfig:
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
-        sp, seq_len = self.parallel.sp_size, self.train.seq_len
-        multiple = 2 * sp if self.parallel.layout == "zigzag" else sp
-        if sp >= 1 and seq_len >= 1 and seq_len % multiple:
-            fixed = (seq_len // multiple + 1) * multiple
-            problems.append((
-                "train.seq_len",
-                f"train.seq_len={seq_len} is not a multiple of {multiple} "
-                f"({'2 x ' if self.parallel.layout == 'zigzag' else ''}parallel.sp_size={sp}, "
-                f"{self.parallel.layout} layout): use train.seq_len={fixed}",
-            ))
+        par, seq_len = self.parallel, self.train.seq_len
+        sp, u = par.sp_size, par.ulysses_size
+        if sp >= 1 and u >= 1 and sp % u == 0 and seq_len >= 1 and par.layout in LAYOUTS:
+            multiple = required_multiple(sp // u, par.layout, u)
+            if seq_len % multiple:
+                fixed = (seq_len // multiple + 1) * multiple
+                ring = f"parallel.sp_size={sp}" if u == 1 else \
+                    f"ring size {sp // u} x parallel.ulysses_size={u}"
+                times = "2 x " if par.layout == "zigzag" else ""
+                problems.append(("train.seq_len", f"train.seq_len={seq_len} is not a multiple of {multiple} "
+                                                  f"({times}{ring}, {par.layout} layout): use train.seq_len={fixed}"))
         return problems
 
 
@@ -317,9 +320,28 @@ def load_config(
             resolve_parallel_sizes(cfg.parallel, world_size)
         except ConfigError as e:
             problems.extend(e.problems)
+    if cfg is not None and not problems:
+        problems.extend(model_parallel_problems(cfg))
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def model_parallel_problems(cfg: TrainConfig) -> list[str]:
+    """What the model's shape rules out in the parallel settings (its heads against parallel.ulysses_size), each
+    naming the model's numbers and the valid choices. Needs the transformers config, so it runs after the
+    structural checks."""
+    u = cfg.parallel.ulysses_size
+    if u <= 1:
+        return []
+    from ringtrain.model import attention_heads
+
+    heads = attention_heads(cfg.model)
+    if heads is None:
+        return []  # the model config cannot be built: reported by the model checks
+    n_heads, n_kv = heads
+    return [f"parallel.ulysses_size={u}: {problem} (model: {n_heads} query heads, {n_kv} key/value heads)"
+            for problem in ulysses_head_problems(n_heads, n_kv, u)]
 
 
 def config_to_dict(cfg: Any) -> dict:

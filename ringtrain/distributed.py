@@ -38,6 +38,12 @@ class ParallelConfig:
     """How a sequence is split over the SP ranks: 'zigzag' (balanced for causal masks) or 'contiguous'."""
     timeout_s: float = 600.0
     """Collective timeout in seconds: a dead or stuck rank makes the others fail after this long."""
+    attention_kernel: str = "auto"
+    """Local attention kernel: auto (cuDNN, then FlashAttention-2, on CUDA; the CPU flash op on CPU), cuda_cudnn,
+    cuda_flash, cuda_efficient, flash_attn, cpu_flash or reference (exact, slow: tests)."""
+    tile_tokens: int = 0
+    """Plan granularity under document masks and windows: blocks nobody sees are skipped in tiles of at least this
+    many tokens (at most 16 per chunk); 0 = 256. Smaller skips more and makes more kernel calls."""
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -56,6 +62,13 @@ class ParallelConfig:
             problems.append(("layout", f"layout={self.layout!r} is not one of {', '.join(LAYOUTS)}"))
         if self.timeout_s <= 0:
             problems.append(("timeout_s", f"timeout_s={self.timeout_s} must be > 0 seconds"))
+        from ringtrain.ring.kernels import KERNELS
+
+        if self.attention_kernel not in ("auto", *KERNELS):
+            problems.append(("attention_kernel", f"attention_kernel={self.attention_kernel!r} is not one of auto, "
+                                                 f"{', '.join(KERNELS)}"))
+        if self.tile_tokens < 0:
+            problems.append(("tile_tokens", f"tile_tokens={self.tile_tokens} must be >= 1, or 0 for 256"))
         return problems
 
 
@@ -124,9 +137,13 @@ class Mesh:
     def ulysses_group(self) -> dist.ProcessGroup | None:
         return None if self.hybrid_mesh is None else self.hybrid_mesh.get_group("ulysses")
 
-    def sequence_parallel(self, layout: str | Layout = "zigzag") -> SequenceParallel:
-        """The SequenceParallel of this mesh's SP dimension (ring x Ulysses) with `layout`."""
-        return SequenceParallel(ring_group=self.ring_group, ulysses_group=self.ulysses_group, layout=layout)
+    def sequence_parallel(self, layout: str | Layout = "zigzag", parallel: ParallelConfig | None = None
+                          ) -> SequenceParallel:
+        """The SequenceParallel of this mesh's SP dimension (ring x Ulysses) with `layout` (and, from `parallel`,
+        the attention kernel and tile size)."""
+        extra = {} if parallel is None else {"kernel": parallel.attention_kernel,
+                                             "tile_tokens": parallel.tile_tokens or None}
+        return SequenceParallel(ring_group=self.ring_group, ulysses_group=self.ulysses_group, layout=layout, **extra)
 
     @property
     def dp_rank(self) -> int:

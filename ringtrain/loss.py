@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+"""The label of a position without a target (torch's and transformers' default): the one definition."""
 # Bytes of fp32 logits per chunk when the chunk size is automatic: small against activations at long
 # context, large enough that the matmuls stay efficient (1K tokens at a 32K vocabulary).
 AUTO_CHUNK_BYTES = 128 * 2**20

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ringtrain.log import get_logger
+from ringtrain.loss import chunked_cross_entropy_sum
+
+if TYPE_CHECKING:
+    from ringtrain.config import TrainConfig
 
 logger = get_logger(__name__)
 
@@ -67,6 +72,18 @@ def build_model_config(cfg: ModelConfig) -> Any:
     return AutoConfig.for_model(cfg.arch, **cfg.config)
 
 
+def attention_heads(cfg: ModelConfig) -> tuple[int, int] | None:
+    """(query heads, key/value heads) of the configured model, or None when its config cannot be built."""
+    try:
+        config = build_model_config(cfg)
+    except Exception:  # noqa: BLE001 - a bad path or config is reported by the model checks, not here
+        return None
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is None:
+        return None
+    return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
 def build_model(cfg: ModelConfig, model_config: Any, device: torch.device) -> torch.nn.Module:
     """Instantiate the causal LM on `device` in the resolved dtype; identical weights on every rank."""
     from transformers import AutoModelForCausalLM
@@ -84,3 +101,45 @@ def build_model(cfg: ModelConfig, model_config: Any, device: torch.device) -> to
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model %s: %.2fM parameters, %s", cfg.path or cfg.arch, n_params / 1e6, dtype)
     return model.to(device)
+
+
+def build_causal_lm(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The run's model, built the one way train and eval share: the transformers config with `model.config`
+    overrides and RoPE scaling (before the model exists: rotary buffers are built from it), then the weights of
+    model.path or a random init identical on every rank (seeded with train.seed)."""
+    from ringtrain.distributed import seed_everything
+    from ringtrain.hf.rope import apply_rope_scaling
+
+    # Every rank draws the same initial weights: FSDP keeps each rank's shard of what it initialised.
+    seed_everything(cfg.train.seed)
+    model_config = build_model_config(cfg.model)
+    apply_rope_scaling(model_config, cfg.rope)
+    return build_model(cfg.model, model_config, device)
+
+
+class CausalLMWithChunkedLoss(nn.Module):
+    """The HF model, untouched, plus the chunked loss: forward returns the *sum* of token losses.
+
+    Owning the loss in one module lets FSDP's root unit gather the embedding, final norm and
+    lm_head once per step, while the decoder runs with no [tokens, vocab] logits ever built.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(lm.config, attr, None) not in (None, 1.0):
+                raise ValueError(
+                    f"{type(lm).__name__} uses {attr}={getattr(lm.config, attr)}, which the chunked loss does not "
+                    "apply: this model is not supported by the trainer yet"
+                )
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                token_weights: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # document_ids reach the ring attention function through transformers' public **kwargs path.
+        extra = {} if document_ids is None else {"document_ids": document_ids}
+        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)[0]
+        weight = self.lm.get_output_embeddings().weight
+        return chunked_cross_entropy_sum(hidden, weight, labels, chunk_tokens=self.chunk_tokens,
+                                         token_weights=token_weights)

@@ -6,7 +6,6 @@ import contextlib
 import math
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,144 +14,19 @@ import torch.distributed as dist
 from torch import nn
 
 from ringtrain.log import get_logger, setup_logging
-from ringtrain.loss import chunked_cross_entropy_sum, count_valid_tokens
+from ringtrain.loop_config import NONFINITE_ACTIONS, TrainLoopConfig
+from ringtrain.loss import count_valid_tokens
+from ringtrain.model import CausalLMWithChunkedLoss
+from ringtrain.parallelize import all_reduce_gradients
 
 if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
     from ringtrain.distributed import Mesh
+    from ringtrain.ring import SequenceParallel
+
+__all__ = ["NONFINITE_ACTIONS", "CausalLMWithChunkedLoss", "TrainLoopConfig", "Trainer", "build_trainer", "train"]
 
 logger = get_logger(__name__)
-
-NONFINITE_ACTIONS = ("skip", "stop")
-
-
-@dataclass
-class TrainLoopConfig:
-    """The shape of the run: how long, how big a step, where it writes."""
-
-    output_dir: str
-    """Run folder: resolved config, metrics.jsonl, checkpoints/, the exported model in final_model/."""
-    seq_len: int = 1024
-    """Tokens per sequence (the context length trained); sharded over parallel.sp_size ranks."""
-    micro_batch_size: int = 1
-    """Sequences per data-parallel rank per forward/backward."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    max_steps: int = 100
-    """Optimizer steps to run."""
-    seed: int = 0
-    """Seed for model init (identical on every rank) and data order."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer in backward instead of storing its activations."""
-    offload_activations: bool = False
-    """With activation checkpointing, keep the saved layer inputs in CPU memory (long contexts on GPU)."""
-    loss_chunk_tokens: int = 0
-    """Tokens per chunk of the fused cross-entropy (full [tokens, vocab] logits never exist); 0 = about
-    128 MiB of fp32 logits per chunk (1K tokens at a 32K vocabulary)."""
-    on_nonfinite: str = "skip"
-    """A non-finite loss or gradient norm: skip the optimizer step, or stop the run with an error."""
-    fsdp: bool = True
-    """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (fully_shard)."""
-    threads: int = 0
-    """torch intra-op threads per rank; 0 keeps torch's default."""
-
-    def _validate(self) -> list[tuple[str, str]]:
-        problems = []
-        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps"):
-            value = getattr(self, name)
-            if value < 1:
-                problems.append((name, f"{name}={value} must be >= 1"))
-        if self.loss_chunk_tokens < 0:
-            problems.append(("loss_chunk_tokens", f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1, "
-                                                  "or 0 for an automatic size"))
-        if self.threads < 0:
-            problems.append(("threads", f"threads={self.threads} must be >= 0 (0 = torch's default)"))
-        if self.on_nonfinite not in NONFINITE_ACTIONS:
-            problems.append(("on_nonfinite", f"on_nonfinite={self.on_nonfinite!r} is not one of skip, stop"))
-        if self.offload_activations and not self.activation_checkpointing:
-            problems.append(("offload_activations", "offload_activations=true needs "
-                                                    "train.activation_checkpointing=true"))
-        return problems
-
-
-# --------------------------------------------------------------------------------------------------
-# The trainer. Assembled from small build_*/apply_* functions, called in one documented order.
-
-
-
-class CausalLMWithChunkedLoss(nn.Module):
-    """The HF model, untouched, plus the chunked loss: forward returns the *sum* of token losses.
-
-    Owning the loss in one module lets FSDP's root unit gather the embedding, final norm and
-    lm_head once per step, while the decoder runs with no [tokens, vocab] logits ever built.
-    """
-
-    def __init__(self, lm: nn.Module, chunk_tokens: int):
-        super().__init__()
-        self.lm = lm
-        self.chunk_tokens = chunk_tokens
-        for attr in ("final_logit_softcapping", "logit_scale"):
-            if getattr(lm.config, attr, None) not in (None, 1.0):
-                raise ValueError(
-                    f"{type(lm).__name__} uses {attr}={getattr(lm.config, attr)}, which the chunked loss does not "
-                    "apply: this model is not supported by the trainer yet"
-                )
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                token_weights: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # document_ids reach the ring attention function through transformers' public **kwargs path.
-        extra = {} if document_ids is None else {"document_ids": document_ids}
-        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)[0]
-        weight = self.lm.get_output_embeddings().weight
-        return chunked_cross_entropy_sum(hidden, weight, labels, chunk_tokens=self.chunk_tokens,
-                                         token_weights=token_weights)
-
-
-def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, found through HF's public `_no_split_modules` (what accelerate wraps too)."""
-    names = set(getattr(lm, "_no_split_modules", None) or [])
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(f"{type(lm).__name__} declares no _no_split_modules: cannot find its decoder layers")
-    return layers
-
-
-def apply_activation_checkpointing(lm: nn.Module, cfg: TrainLoopConfig) -> None:
-    """Recompute each decoder layer in backward (HF's public switch; non-reentrant, FSDP2-safe)."""
-    if cfg.activation_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def apply_fsdp(model: CausalLMWithChunkedLoss, mesh: Mesh) -> None:
-    """FSDP2 over every rank of the mesh (dp x sp): each decoder layer is a unit, the rest is the root.
-
-    SP ranks hold different tokens of the same sequences, so their gradients are partial sums just
-    like DP ranks': FSDP must SUM over the whole world. The loss is already divided by the global
-    token count, hence a divide factor of 1 instead of FSDP's default mean over ranks.
-    """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    for layer in decoder_layers(model.lm):
-        fully_shard(layer, mesh=mesh.world_mesh)
-    fully_shard(model, mesh=mesh.world_mesh)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            # Plain SUM collectives: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling anyway.
-            module.set_force_sum_reduction_for_comms(True)
-
-
-def all_reduce_gradients(model: nn.Module, mesh: Mesh) -> None:
-    """Without FSDP: sum gradients over the world (the same contract apply_fsdp sets up)."""
-    if mesh.world_size == 1:
-        return
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -173,10 +47,10 @@ def model_flops_per_token(lm: nn.Module, seq_len: int) -> float:
 class Trainer:
     """One training run. Build it with `build_trainer`; `fit()` runs to max_steps or to a stop signal."""
 
-    def __init__(self, cfg: TrainConfig, mesh: Mesh, model: CausalLMWithChunkedLoss, lm: nn.Module,
-                 tokenizer: Any, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+    def __init__(self, cfg: TrainConfig, mesh: Mesh, sp: SequenceParallel, model: CausalLMWithChunkedLoss,
+                 lm: nn.Module, tokenizer: Any, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                  checkpoints: Any, flops_per_token: float):
-        self.cfg, self.mesh, self.model, self.lm, self.tokenizer = cfg, mesh, model, lm, tokenizer
+        self.cfg, self.mesh, self.sp, self.model, self.lm, self.tokenizer = cfg, mesh, sp, model, lm, tokenizer
         self.loader, self.optimizer, self.scheduler, self.checkpoints = loader, optimizer, scheduler, checkpoints
         self.flops_per_token = flops_per_token
         from ringtrain.metrics import peak_tflops
@@ -215,7 +89,7 @@ class Trainer:
 
         tcfg, mesh = self.cfg.train, self.mesh
         dcfg = self.cfg.data
-        local = [shard_batch(b, group=mesh.sp_group, layout=self.cfg.parallel.layout,
+        local = [shard_batch(b, self.sp,
                              document_positions=dcfg.document_positions if dcfg.document_mask else "global")
                  for b in micro]
         # Normalise by the valid tokens of the whole step (all micro-batches, SP and DP ranks), so the
@@ -234,12 +108,11 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == len(local) - 1)
             with offload:
                 # With data.document_mask, attention stays inside each packed document (issue 7).
-                docs = batch.get("document_ids") if dcfg.document_mask else None
+                docs = batch.get("documents") if dcfg.document_mask else None
                 part = self.model(
                     batch["input_ids"].to(mesh.device), batch["position_ids"].to(mesh.device),
                     batch["shift_labels"].to(mesh.device),
-                    None if weights[i] is None else weights[i].to(mesh.device),
-                    None if docs is None else docs.to(mesh.device),
+                    None if weights[i] is None else weights[i].to(mesh.device), docs,
                 )
             (part / n_global).backward()
             loss_sum += part.detach()
@@ -344,39 +217,25 @@ class Trainer:
 
 
 def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
-    """Assemble a Trainer. The order of the apply_* calls matters and is explained inline."""
+    """Assemble a Trainer: the model (the builder eval shares), its parallelism, optimizer, data, checkpoints."""
     from ringtrain.checkpoint import CheckpointManager
     from ringtrain.data import build_dataloader, build_tokenizer
-    from ringtrain.distributed import seed_everything
-    from ringtrain.hf import apply_ring_attention
-    from ringtrain.hf.rope import apply_rope_scaling
-    from ringtrain.model import build_model, build_model_config
+    from ringtrain.model import build_causal_lm
     from ringtrain.optim import build_optimizer, build_scheduler
+    from ringtrain.parallelize import parallelize_model
 
     tcfg = cfg.train
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    # Every rank draws the same initial weights: FSDP keeps each rank's shard of what it initialised.
-    seed_everything(tcfg.seed)
-    model_config = build_model_config(cfg.model)
-    apply_rope_scaling(model_config, cfg.rope)  # before the model exists: rotary buffers are built from it
-    lm = build_model(cfg.model, model_config, mesh.device)
-    # 1. Ring attention first: it only swaps the attention function, so it must see plain HF modules.
-    apply_ring_attention(lm, group=mesh.sp_group, layout=cfg.parallel.layout)
-    # 2. Activation checkpointing before FSDP, so FSDP's unit boundaries wrap the checkpointed layers and
-    #    recomputation runs while a layer's parameters are gathered for its backward.
-    apply_activation_checkpointing(lm, tcfg)
-    lm.train()
-    model = CausalLMWithChunkedLoss(lm, tcfg.loss_chunk_tokens)
+    lm = build_causal_lm(cfg, mesh.device)
+    sp = mesh.sequence_parallel(cfg.parallel.layout, cfg.parallel)
     flops_per_token = model_flops_per_token(lm, tcfg.seq_len)
-    # 3. FSDP last: it replaces parameters by sharded DTensors, which the optimizer must then see.
-    if tcfg.fsdp:
-        apply_fsdp(model, mesh)
+    model = parallelize_model(lm, tcfg, mesh, sp)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
     loader = build_dataloader(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size, mesh=mesh,
                               tokenizer=tokenizer)
     checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, mesh)
-    return Trainer(cfg, mesh, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
+    return Trainer(cfg, mesh, sp, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
 
 
 def train(cfg: TrainConfig) -> Trainer:

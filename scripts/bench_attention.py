@@ -6,6 +6,7 @@ CPU (default): spawns P=1 and P=2 gloo ranks, one thread each, and compares agai
     python scripts/bench_attention.py                 # S=8192, H=8, D=64, fp32
     python scripts/bench_attention.py --quick         # small sizes, seconds
     python scripts/bench_attention.py --masks         # packed documents and sliding windows (issue 7)
+    python scripts/bench_attention.py --ulysses 1,2,4 # world 4: ring x Ulysses splits (issue 13)
 
 CUDA: `torchrun --nproc-per-node N scripts/bench_attention.py --backend nccl` (NCCL, one GPU per rank),
 or on one GPU `python scripts/bench_attention.py --virtual-ring 4 [--profile]`: every virtual rank's blockwise
@@ -120,21 +121,31 @@ class PeakRSS:
 
 
 class SentBytes:
-    """Counts the bytes this rank hands to isend inside dist.batch_isend_irecv while active."""
+    """Counts the bytes this rank sends while active: what it hands to isend inside dist.batch_isend_irecv (the
+    ring) and the parts of all_to_all_single buffers bound for other ranks (Ulysses)."""
 
     def __enter__(self) -> SentBytes:
-        self.total = 0
-        self._original = dist.batch_isend_irecv
+        self.total = self.ring = self.all_to_all = 0
+        self._p2p, self._a2a = dist.batch_isend_irecv, dist.all_to_all_single
 
-        def counting(ops):
-            self.total += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
-            return self._original(ops)
+        def counting_p2p(ops):
+            n = sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+            self.ring += n
+            self.total += n
+            return self._p2p(ops)
 
-        dist.batch_isend_irecv = counting
+        def counting_a2a(output, input, *args, group=None, **kwargs):
+            world = dist.get_world_size(group)
+            n = input.numel() * input.element_size() * (world - 1) // world  # the own part stays home
+            self.all_to_all += n
+            self.total += n
+            return self._a2a(output, input, *args, group=group, **kwargs)
+
+        dist.batch_isend_irecv, dist.all_to_all_single = counting_p2p, counting_a2a
         return self
 
     def __exit__(self, *exc) -> None:
-        dist.batch_isend_irecv = self._original
+        dist.batch_isend_irecv, dist.all_to_all_single = self._p2p, self._a2a
 
 
 def _sync(device: torch.device) -> None:
@@ -270,7 +281,70 @@ def report_masks(by_world: dict[int, list[dict]], args, machine: str) -> str:
     return "\n".join(lines)
 
 
+def bench_hybrid_rank(mesh, args) -> dict:
+    """Causal zigzag fwd+bwd on this rank of a ring x Ulysses split (the mesh's): time and bytes sent."""
+    sp = mesh.sequence_parallel("zigzag")
+    q, k, v, dout = _inputs(args, torch.device("cpu"))
+    ql, kl, vl, dl = (sp.shard(t) for t in (q, k, v, dout))
+    ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
+
+    def step():
+        out = sp.attention(ql, kl, vl)
+        out.backward(dl)
+        ql.grad = kl.grad = vl.grad = None
+
+    timing = _time(step, args, torch.device("cpu"), mesh.sp_group, barrier=True)
+    with SentBytes() as sent:
+        step()
+    return {**timing, "sent": sent.total, "ring": sent.ring, "all_to_all": sent.all_to_all,
+            "u": sp.ulysses_world, "r": sp.ring_world}
+
+
+def hybrid_min_bytes(args, world: int, u: int) -> tuple[int, int]:
+    """(all-to-all, ring) bytes one rank must send per fwd+bwd under (U, R = world / U), causal, no mask.
+
+    All-to-all: (U-1)/U of the local q, k, v and out in forward, dout and dq, dk, dv in backward (KV heads
+    replicated to U when U > H_kv). Ring: the other R-1 ring shards' K/V (S/R tokens, H_kv'/U heads) twice
+    (forward, backward recompute) and R-1 shards of fp32 dK/dV partials."""
+    from ringtrain.ring.ulysses import kv_replicas
+
+    elem = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    r = world // u
+    kv = args.kv_heads * kv_replicas(args.kv_heads, u)
+    local = args.batch * (args.seq // world) * args.head_dim
+    a2a = (u - 1) * local * (2 * (args.heads + 2 * kv) + 2 * args.heads) * elem // u
+    kv_shard = 2 * args.batch * (args.seq // r) * (kv // u) * args.head_dim
+    return a2a, (r - 1) * kv_shard * (2 * elem + 4)
+
+
+def report_hybrid(by_u: dict[int, list[dict]], args, machine: str) -> str:
+    world = len(next(iter(by_u.values())))
+    base = by_u.get(1)
+    lines = [
+        f"ring x Ulysses, causal zigzag fwd+bwd at world {world}: S={args.seq} B={args.batch} H={args.heads} "
+        f"H_kv={args.kv_heads} D={args.head_dim} {args.dtype}; min over {args.iters} iterations; {machine}",
+        "",
+        "| U x R | wall s/rank (median) | CPU s/rank | wall vs pure ring | CPU vs pure ring | sent MiB/rank "
+        "(all-to-all + ring) | sent / analytic minimum |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for u, ranks in sorted(by_u.items(), reverse=True):
+        tp, tpm, cp = (max(r[key] for r in ranks) for key in ("wall", "wall_median", "cpu"))
+        a2a, ring = hybrid_min_bytes(args, world, u)
+        sent = max(r["sent"] for r in ranks)
+        split = f"{max(r['all_to_all'] for r in ranks) / 2**20:.1f} + {max(r['ring'] for r in ranks) / 2**20:.1f}"
+        vs = "-" if base is None else f"{max(r['wall'] for r in base) / tp:.2f}"
+        vs_cpu = "-" if base is None else f"{max(r['cpu'] for r in base) / cp:.2f}"
+        lines.append(f"| {u} x {world // u} | {tp:.3f} ({tpm:.3f}) | {cp:.3f} | {vs} | {vs_cpu} | "
+                     f"{sent / 2**20:.1f} ({split}) | {sent / (a2a + ring):.3f} |")
+    lines.append("")
+    lines.append("wall/CPU vs pure ring: the pure ring's time / this split's (above 1 = faster).")
+    return "\n".join(lines)
+
+
 def _spawned(mesh, args) -> dict:
+    if args.ulysses:
+        return bench_hybrid_rank(mesh, args)
     if args.masks:
         return bench_masks_rank(mesh.sp_group, torch.device("cpu"), args)
     return bench_rank(mesh.sp_group, torch.device("cpu"), args)
@@ -398,6 +472,9 @@ def main() -> None:
                    help="documents and windows (issue 7): packed document-masked batch and a window of S/8, "
                         "against full causal attention on the same tokens")
     p.add_argument("--doc-tokens", type=int, default=1000, help="--masks: mean packed document length")
+    p.add_argument("--ulysses", default="", metavar="U,U,...",
+                   help="issue 13: Ulysses degrees to compare at --world (default 4) ranks, e.g. 1,2,4 (1 = pure ring)")
+    p.add_argument("--world", type=int, default=4, help="--ulysses: ranks")
     p.add_argument("--profile", action="store_true",
                    help="--virtual-ring: also print the ops taking the most device time (rank 0 and SDPA, causal)")
     p.add_argument("--sdpa-every-rank", action="store_true", help=argparse.SUPPRESS)
@@ -425,14 +502,19 @@ def main() -> None:
 
     from ringtrain.testing import run_distributed
 
+    machine = (f"{os.cpu_count()}-core CPU, torch {torch.__version__}, gloo, "
+               f"{args.threads} thread(s) per rank")
+    if args.ulysses:
+        by_u = {int(u): run_distributed(_spawned, args.world, args, ulysses_size=int(u), threads=args.threads,
+                                        timeout=3600) for u in args.ulysses.split(",")}
+        print(report_hybrid(by_u, args, machine))
+        return
     worlds = [int(w) for w in args.worlds.split(",")]
     if 1 not in worlds:
         p.error("--worlds must include 1 (the SDPA baseline runs there)")
     by_world = {}
     for world in worlds:
         by_world[world] = run_distributed(_spawned, world, args, threads=args.threads, timeout=3600)
-    machine = (f"{os.cpu_count()}-core CPU, torch {torch.__version__}, gloo, "
-               f"{args.threads} thread(s) per rank")
     if args.masks:
         print(report_masks(by_world, args, machine))
         return

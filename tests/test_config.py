@@ -77,6 +77,25 @@ BAD_FILES = [
                                                           r"did you mean 'llama'\?"),
     ("seq-len-multiple", {**GOOD, "parallel": {"sp_size": 2}, "train": {"output_dir": "x", "seq_len": 510}}, [],
      r"train\.seq_len=510 is not a multiple of 4 \(2 x parallel\.sp_size=2, zigzag layout\): use train\.seq_len=512"),
+    ("seq-len-multiple-ulysses", {**GOOD, "parallel": {"sp_size": 4, "ulysses_size": 2},
+                                  "train": {"output_dir": "x", "seq_len": 1004}}, [],
+     r"train\.seq_len=1004 is not a multiple of 8 \(2 x ring size 2 x parallel\.ulysses_size=2, zigzag layout\): "
+     r"use train\.seq_len=1008"),
+    # Issue 13: the Ulysses degree against sp_size and the model's heads, naming the numbers and the choices.
+    ("ulysses-not-dividing", {**GOOD, "parallel": {"sp_size": 4, "ulysses_size": 3}}, [],
+     r"parallel\.ulysses_size=3 does not divide parallel\.sp_size=4: choose ulysses_size among 1, 2, 4"),
+    ("ulysses-query-heads", {**GOOD, "model": {"arch": "llama", "config": {"num_attention_heads": 6,
+                                                                          "num_key_value_heads": 2,
+                                                                          "hidden_size": 96}},
+                             "parallel": {"sp_size": 4, "ulysses_size": 4}}, [],
+     r"parallel\.ulysses_size=4: 6 query heads are not divisible by ulysses size 4: choose among 1, 2, 3, 6 "
+     r"\(model: 6 query heads, 2 key/value heads\)"),
+    ("ulysses-kv-heads", {**GOOD, "model": {"arch": "llama", "config": {"num_attention_heads": 12,
+                                                                       "num_key_value_heads": 3,
+                                                                       "hidden_size": 96}},
+                          "parallel": {"sp_size": 4, "ulysses_size": 4}}, [],
+     r"parallel\.ulysses_size=4: 3 key/value heads with ulysses size 4: need kv_heads % ulysses == 0 or "
+     r"ulysses % kv_heads == 0 .*\(model: 12 query heads, 3 key/value heads\)"),
 ]
 
 BAD_OVERRIDES = [

@@ -64,7 +64,7 @@ def _reference(model, ids, mask, labels):
     return out.logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _ring_step(model, batch, group, layout):
+def _ring_step(model, batch, sp, group):
     """One forward/backward under the label contract: local loss sum / global label count, grads summed over SP."""
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     loss = token_loss_sum(logits, batch["shift_labels"]) / batch["num_label_tokens"]
@@ -73,13 +73,15 @@ def _ring_step(model, batch, group, layout):
     dist.all_reduce(total, group=group)
     for p in model.parameters():
         dist.all_reduce(p.grad, group=group)  # each rank saw only its tokens: the partial grads add up
-    return unshard_sequence(logits.detach(), group=group, dim=1, layout=layout), total
+    return sp.unshard(logits.detach()), total
 
 
-def _equivalence_worker(mesh, layouts):
+def _equivalence_worker(mesh, layouts, models=tuple(MODELS)):
     group = mesh.sp_group
     results = {}
     for seed, (name, (cls, extra)) in enumerate(MODELS.items()):
+        if name not in models:
+            continue
         torch.manual_seed(seed)  # identical weights on every rank
         ref = AutoModelForCausalLM.from_config(cls(**COMMON, **extra), attn_implementation="sdpa")
         ids, mask, labels = _batch(100 + seed)
@@ -87,9 +89,10 @@ def _equivalence_worker(mesh, layouts):
         for layout in layouts:
             model = copy.deepcopy(ref)
             model.zero_grad(set_to_none=True)
-            apply_ring_attention(model, group=group, layout=layout)
-            batch = shard_batch({"input_ids": ids, "labels": labels, "attention_mask": mask}, group, layout)
-            logits, loss = _ring_step(model, batch, group, layout)
+            sp = mesh.sequence_parallel(layout)  # ring x Ulysses as the mesh says
+            apply_ring_attention(model, sp)
+            batch = shard_batch({"input_ids": ids, "labels": labels, "attention_mask": mask}, sp)
+            logits, loss = _ring_step(model, batch, sp, group)
             real = mask.bool()  # pad queries see other pads under the ring, never real tokens: compare real rows
             grad_errs = {n: _rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters()}
             worst = max(grad_errs, key=grad_errs.get)
@@ -102,17 +105,31 @@ def _equivalence_worker(mesh, layouts):
     return results
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_models_match_single_process_sdpa(world):
-    per_rank = run_distributed(_equivalence_worker, world, ("zigzag", "contiguous"), timeout=240)
+def _check_equivalence(per_rank, n_models, where_):
     for rank, results in enumerate(per_rank):
-        assert len(results) == 2 * len(MODELS)
+        assert len(results) == 2 * n_models
         for (name, layout), r in results.items():
-            where = f"{name} {layout} world={world} rank={rank}"
+            where = f"{name} {layout} {where_} rank={rank}"
             assert r["n_grads"] == r["n_params"], where
             assert r["logits"] <= RTOL, f"{where}: logits rel err {r['logits']:.2e}"
             assert r["loss"] <= RTOL, f"{where}: loss rel err {r['loss']:.2e}"
             assert r["grad"] <= RTOL, f"{where}: grad rel err {r['grad']:.2e} in {r['worst']}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_models_match_single_process_sdpa(world):
+    per_rank = run_distributed(_equivalence_worker, world, ("zigzag", "contiguous"), timeout=240)
+    _check_equivalence(per_rank, len(MODELS), f"world={world}")
+
+
+@pytest.mark.parametrize("ulysses", [2, 4])
+def test_hybrid_ulysses_models_match_single_process_sdpa(ulysses):
+    """Issue 13: Llama and Qwen2 (4 query heads, 2 KV heads) at (U, R) = (2, 2) and (4, 1); at U = 4 each KV head
+    travels twice (U > H_kv)."""
+    models = ("llama", "qwen2")
+    per_rank = run_distributed(_equivalence_worker, 4, ("zigzag", "contiguous"), models, ulysses_size=ulysses,
+                               timeout=240)
+    _check_equivalence(per_rank, len(models), f"world=4 ulysses={ulysses}")
 
 
 def _errors_worker(mesh):
@@ -175,7 +192,7 @@ def _train_save_worker(mesh, out_dir):
     ids, mask, labels = _batch(1000)
     batch = shard_batch({"input_ids": ids, "labels": labels, "attention_mask": mask}, group)
     for _ in range(4):  # the same batch: the loss must fall
-        _, loss = _ring_step(model, batch, group, "zigzag")
+        _, loss = _ring_step(model, batch, mesh.sequence_parallel(), group)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))

@@ -138,5 +138,5 @@ def test_shard_batch_document_positions_world_of_one():
     torch.testing.assert_close(out["position_ids"], torch.arange(8).expand(2, 8))
     with pytest.raises(ValueError, match=r"document_positions='first' is not one of restart, global"):
         shard_batch({"input_ids": ids, "document_ids": docs}, document_positions="first")
-    with pytest.raises(ValueError, match=r"document_ids decrease along a row"):
+    with pytest.raises(ValueError, match=r"document_ids decrease along row 0"):
         shard_batch({"input_ids": ids, "document_ids": docs.flip(1)})

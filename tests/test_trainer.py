@@ -62,6 +62,35 @@ def test_sp_gradients_equal_single_process(tmp_path):
     _compare(ref, sp4_nofsdp, 2e-4)
 
 
+def _recompute_counts(mesh, cfg):
+    """(loss, grads, forward calls per decoder layer in one forward/backward)."""
+    from ringtrain.parallelize import decoder_layers
+    from ringtrain.trainer import build_trainer
+
+    trainer = build_trainer(cfg, mesh)
+    calls = [0] * len(decoder_layers(trainer.lm))
+    for i, layer in enumerate(decoder_layers(trainer.lm)):  # the MLP: a recomputed layer runs it twice
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    batch = [trainer.loader.dataset.batch([0, 1])]
+    loss = trainer.forward_backward(batch)
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
+    return loss, grads, calls
+
+
+def test_recompute_policies_are_exact_and_recompute_what_they_name(tmp_path):
+    """Issue 14: 'every:2' recomputes layers 0 and 2 of 4 (two forwards each), 'full' all of them, 'none' none;
+    losses and gradients are the same (fp32 rounding)."""
+    four = ["train.fsdp=false", "model.config.num_hidden_layers=4"]
+    runs = {policy: run_distributed(_recompute_counts, 1, _cfg(tmp_path / policy.replace(":", ""), *four,
+                                                               f"train.activation_checkpointing={policy}"))[0]
+            for policy in ("none", "every:2", "full")}
+    assert runs["none"][2] == [1, 1, 1, 1]
+    assert runs["every:2"][2] == [2, 1, 2, 1]
+    assert runs["full"][2] == [2, 2, 2, 2]
+    for policy in ("every:2", "full"):
+        _compare(runs["none"][:2], runs[policy][:2], 1e-5)
+
+
 def _losses(mesh, cfg):
     from ringtrain.trainer import build_trainer
 
@@ -85,6 +114,17 @@ def test_loss_trajectory_matches_single_process(tmp_path, world, sp, overrides):
     assert ref[-1] < ref[0]  # it learns
     for a, b in zip(ref, got, strict=True):
         assert math.isclose(a, b, rel_tol=1e-4), (ref, got)
+
+
+def test_ulysses_loss_trajectory_matches_the_ring(tmp_path):
+    """Issue 13: sp_size=4 with U = 2 and U = 4 (2 KV heads: each travels twice) follow U = 1 for 8 steps."""
+    common = ["train.max_steps=8", "checkpoint.export_final=false", "parallel.sp_size=4", "train.micro_batch_size=2"]
+    runs = {u: run_distributed(_losses, 4, _cfg(tmp_path / f"u{u}", *common, f"parallel.ulysses_size={u}"),
+                               ulysses_size=u, timeout=240)[0] for u in (1, 2, 4)}
+    assert len(runs[1]) == 8 and runs[1][-1] < runs[1][0]
+    for u in (2, 4):
+        for a, b in zip(runs[1], runs[u], strict=True):
+            assert math.isclose(a, b, rel_tol=1e-4), (u, runs[1], runs[u])
 
 
 def _export_and_logits(mesh, cfg):

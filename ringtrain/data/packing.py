@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from ringtrain.log import get_logger
+from ringtrain.loss import IGNORE_INDEX
 
 logger = get_logger(__name__)
 
-IGNORE_INDEX = -100  # transformers' / torch's cross-entropy ignore_index
 
 
 class PackedDataset:

@@ -24,6 +24,8 @@ from torch import nn
 
 from ringtrain.eval.tasks import EvalDocument, answer_token_hits, eval_documents, exact_match, sliding_windows
 from ringtrain.log import get_logger
+from ringtrain.loss import IGNORE_INDEX
+from ringtrain.ring import SequenceParallel
 
 if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-IGNORE_INDEX = -100
 RETRIEVAL_TASKS = ("passkey", "needle")
 
 
@@ -45,15 +46,14 @@ def _check_mesh(mesh: Mesh | None) -> None:
         raise ValueError("mesh=None means one process, but torch.distributed runs several ranks: pass the mesh")
 
 
-def _sp_world(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else mesh.sp_size
+def _sp(mesh: Mesh | None, layout: str) -> SequenceParallel:
+    """The mesh's sequence parallelism (ring x Ulysses) with `layout`; a world of one without a mesh."""
+    return SequenceParallel(layout=layout) if mesh is None else mesh.sequence_parallel(layout)
 
 
 def _padded_length(n: int, mesh: Mesh | None, layout: str) -> int:
     """`n` rounded up to what the layout can shard; the right padding is masked, so any length can be evaluated."""
-    from ringtrain.ring import num_chunks
-
-    multiple = num_chunks(_sp_world(mesh), layout)
+    multiple = _sp(mesh, layout).multiple
     return -(-n // multiple) * multiple
 
 
@@ -80,7 +80,7 @@ def _local_hidden(lm: nn.Module, batch: dict[str, torch.Tensor], mesh: Mesh | No
     """This rank's shard of `batch` and the final hidden states of its tokens [B, S_local, d]."""
     from ringtrain.hf import shard_batch
 
-    local = shard_batch(batch, group=None if mesh is None else mesh.sp_group, layout=layout)
+    local = shard_batch(batch, _sp(mesh, layout))
     local = {k: v.to(device) for k, v in local.items()}
     # The decoder stack, not the LM head: logits are only formed where they are scored.
     hidden = lm.get_decoder()(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False)[0]
@@ -203,7 +203,7 @@ def evaluate_retrieval(
 ) -> list[dict[str, Any]]:
     """Score each document's answer by exact match; one record per document, identical on every rank.
 
-    `lm` is a transformers causal LM prepared for `mesh` (`apply_ring_attention` over `mesh.sp_group`; with
+    `lm` is a transformers causal LM prepared for `mesh` (`apply_ring_attention` with `mesh.sequence_parallel(layout)`; with
     `mesh=None`, one process and any attention). Call it under `evaluation_mode`.
     """
     from ringtrain.data.tokenizer import pad_id_of
@@ -403,26 +403,21 @@ def evaluate_in_training(trainer: Trainer) -> dict[str, float]:
 
 
 def load_model_for_eval(cfg: TrainConfig, mesh: Mesh | None) -> tuple[nn.Module, int | None]:
-    """The model of `cfg` with ring attention over `mesh.sp_group`, weights from model.path or eval.checkpoint.
+    """The model of `cfg` with sequence-parallel attention over the mesh, weights from model.path or eval.checkpoint.
 
     Returns (model, the checkpoint's step or None). A checkpoint is loaded into an unsharded model: DCP reshards
     the saved FSDP shards into full tensors, so any world size can evaluate it. `mesh=None`: one process on CPU
     with the model's own (sdpa) attention, the reference the sharded evaluation is tested against.
     """
-    from ringtrain.distributed import seed_everything
     from ringtrain.hf import apply_ring_attention
-    from ringtrain.hf.rope import apply_rope_scaling
-    from ringtrain.model import build_model, build_model_config
+    from ringtrain.model import build_causal_lm
 
-    seed_everything(cfg.train.seed)
-    model_config = build_model_config(cfg.model)
-    apply_rope_scaling(model_config, cfg.rope)
-    lm = build_model(cfg.model, model_config, torch.device("cpu") if mesh is None else mesh.device)
+    lm = build_causal_lm(cfg, torch.device("cpu") if mesh is None else mesh.device)
     step = None
     if cfg.eval.checkpoint:
         from ringtrain.checkpoint import CheckpointManager, is_complete
         from ringtrain.errors import ConfigError
-        from ringtrain.trainer import CausalLMWithChunkedLoss
+        from ringtrain.model import CausalLMWithChunkedLoss
 
         manager = CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh)
         path = manager.latest() if cfg.eval.checkpoint == "latest" else Path(cfg.eval.checkpoint)
@@ -436,7 +431,7 @@ def load_model_for_eval(cfg: TrainConfig, mesh: Mesh | None) -> tuple[nn.Module,
         extra = manager.load(path, CausalLMWithChunkedLoss(lm, cfg.train.loss_chunk_tokens), restore_rng=False)
         step = extra.get("step")
     if mesh is not None:
-        apply_ring_attention(lm, group=mesh.sp_group, layout=cfg.parallel.layout)
+        apply_ring_attention(lm, mesh.sequence_parallel(cfg.parallel.layout, cfg.parallel))
     return lm, step
 
 

@@ -27,16 +27,7 @@ from ringtrain.data.packing import document_position_ids
 from ringtrain.hf.batch import check_right_padding
 from ringtrain.hf.rope import check_rotary_precision
 from ringtrain.log import get_logger
-from ringtrain.ring import (
-    LAYOUTS,
-    RingDocuments,
-    gather_documents,
-    group_world_rank,
-    ring_attention,
-    sequence_positions,
-    shard_sequence,
-    unshard_sequence,
-)
+from ringtrain.ring import RingDocuments, SequenceParallel, ulysses_head_problems
 
 logger = get_logger(__name__)
 
@@ -47,11 +38,10 @@ _applied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @dataclass(eq=False)
 class _RingBinding:
-    """The group and layout one registered attention function runs with, plus its first-forward sanity counter."""
+    """The sequence-parallel setup one registered attention function runs with, plus its first-forward check."""
 
     name: str
-    group: dist.ProcessGroup | None
-    layout: str
+    sp: SequenceParallel
     validate_inputs: bool
     calls: int = 0
     hooks: dict = field(default_factory=dict)
@@ -92,10 +82,10 @@ class _RingBinding:
             )
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         window = kwargs.get("sliding_window")  # transformers' convention: i - window < j <= i, like the ring's
-        out = ring_attention(  # q [B, S_local, H, D], k/v [B, S_local, H_kv, D]: GQA heads are not repeated
+        out = self.sp.attention(  # q [B, S_local, H, D], k/v [B, S_local, H_kv, D]: GQA heads are not repeated
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            group=self.group, causal=bool(causal), layout=self.layout, scale=scaling,
-            document_ids=kwargs.get("document_ids"), window=None if window is None else int(window),
+            causal=bool(causal), scale=scaling, document_ids=kwargs.get("document_ids"),
+            window=None if window is None else int(window),
         )
         return out, None
 
@@ -118,7 +108,7 @@ class _RingBinding:
         if tokens is None:
             return args, kwargs
         s_local = tokens.shape[1]
-        world, _ = group_world_rank(self.group)
+        world = self.sp.world
         docs = kwargs.get("document_ids")
         if isinstance(docs, torch.Tensor):
             if tuple(docs.shape) != tuple(tokens.shape[:2]):
@@ -126,9 +116,13 @@ class _RingBinding:
                     f"document_ids has shape {tuple(docs.shape)} but this rank holds {tuple(tokens.shape[:2])} tokens: "
                     "pass the sharded document_ids from shard_batch"
                 )
+            if not self.sp.layout.static:
+                raise ValueError(
+                    f"layout {self.sp.layout.name!r} is chosen per batch from the documents: pass the 'documents' "
+                    "entry of shard_batch's output as document_ids, not the sharded id tensor"
+                )
             # One all_gather per forward; every layer's ring call reuses it (and the plans made from it).
-            kwargs["document_ids"] = docs = gather_documents(docs.to(tokens.device), group=self.group,
-                                                             layout=self.layout)
+            kwargs["document_ids"] = docs = self.sp.gather_documents(docs.to(tokens.device))
         mask = kwargs.get("attention_mask")
         if mask is not None:  # checked even without validate_inputs: dropping a left-padding mask is silent harm
             if mask.ndim != 2 or mask.shape[1] != s_local:
@@ -138,12 +132,15 @@ class _RingBinding:
                 )
             # Every rank sees the same gathered mask, so every rank raises together instead of leaving peers
             # waiting in the ring.
-            check_right_padding(unshard_sequence(mask.to(torch.int32), group=self.group, dim=1,
-                                                 layout=self.layout))
+            check_right_padding(self._sp_for(docs).unshard(mask.to(torch.int32)))
             kwargs["attention_mask"] = None
         if self.validate_inputs:
             self._check_positions(module, kwargs.get("position_ids"), s_local, world, tokens.device, docs)
         return args, kwargs
+
+    def _sp_for(self, docs: RingDocuments | None) -> SequenceParallel:
+        """The setup of this batch: a per-batch layout comes with the batch's documents."""
+        return self.sp if docs is None else self.sp.with_layout(docs.layout)
 
     def _check_positions(
         self, module: torch.nn.Module, position_ids: torch.Tensor | None, s_local: int, world: int,
@@ -158,11 +155,11 @@ class _RingBinding:
                 "position_ids were not passed: transformers would number this rank's tokens 0..S_local-1 and RoPE "
                 "would be wrong on every rank but the first; pass the position_ids from shard_batch"
             )
-        expected = sequence_positions(s_local * world, group=self.group, layout=self.layout, device=device)
+        sp = self._sp_for(docs)
+        expected = sp.positions(s_local * world, device=device)
         ok = bool((position_ids == expected).all())
         if not ok and docs is not None:
-            per_doc = shard_sequence(document_position_ids(docs.global_ids), group=self.group, dim=1,
-                                     layout=self.layout)
+            per_doc = sp.shard(document_position_ids(docs.global_ids).to(device))
             ok = position_ids.shape[-1] == s_local and bool((position_ids == per_doc).all())
         bad = int(not ok)
         # transformers' dynamic and longrope RoPE pick their frequencies from max(position_ids) + 1, which differs
@@ -175,13 +172,14 @@ class _RingBinding:
         elif rope_type == "longrope":
             pick = int(int(position_ids.max()) + 1 > params["original_max_position_embeddings"])
         flags = torch.tensor([bad, pick, -pick], dtype=torch.int64, device=device)
-        if world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        for group in (self.sp.ring_group, self.sp.ulysses_group):
+            if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         if flags[0]:
             raise ValueError(
-                f"position_ids do not match the {self.layout} shard of a {s_local * world}-token sequence on at least "
-                "one rank: pass the position_ids from shard_batch with the same group and layout (positions that "
-                "restart at each document need the document_ids from shard_batch too)"
+                f"position_ids do not match the {sp.layout.name} shard of a {s_local * world}-token sequence on at "
+                "least one rank: pass the position_ids from shard_batch with the same SequenceParallel (positions "
+                "that restart at each document need the document_ids from shard_batch too)"
             )
         if flags[1] != -flags[2]:
             raise ValueError(
@@ -201,7 +199,7 @@ class _RingBinding:
         self.hooks.pop("check_called").remove()  # verified once; no per-step cost afterwards
 
 
-def _check_supported(model: torch.nn.Module) -> None:
+def _check_supported(model: torch.nn.Module, sp: SequenceParallel) -> None:
     config = model.config
     layer_types = getattr(config, "layer_types", None) or []
     unknown = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
@@ -216,33 +214,41 @@ def _check_supported(model: torch.nn.Module) -> None:
             "ring attention"
         )
     check_rotary_precision(model)
+    if sp.ulysses_world > 1:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        problems = ulysses_head_problems(heads, kv_heads, sp.ulysses_world)
+        if problems:
+            raise ValueError(f"{type(model).__name__}: " + "; ".join(problems))
 
 
 def apply_ring_attention(
     model: torch.nn.Module,
-    group: dist.ProcessGroup | None = None,
-    layout: str = "zigzag",
+    sp: SequenceParallel | dist.ProcessGroup | None = None,
+    layout: str | None = None,
     *,
+    group: dist.ProcessGroup | None = None,
     validate_inputs: bool = True,
 ) -> torch.nn.Module:
-    """Make a transformers causal LM compute attention with `ring_attention` over `group`; returns `model`.
+    """Make a transformers causal LM compute attention with sequence parallelism over `sp`; returns `model`.
 
-    Feed it the output of `shard_batch(batch, group, layout)` (same group and layout): `input_ids`,
-    `position_ids` and, for packed documents, `document_ids`; no `labels` (the pre-shifted `shift_labels` go to
-    the loss). Sliding-window layers (config `sliding_window`, `layer_types`) run windowed. Call before FSDP wrapping and
-    activation checkpointing; neither touches the attention implementation. With `validate_inputs` (default),
-    each forward checks the positions against the layout (one tiny all_reduce over `group`) and any 2-D padding
-    mask (one all_gather); turn it off under torch.compile once the input pipeline is trusted.
-    The saved config does not mention ringtrain: `save_pretrained` output reloads with default (sdpa) attention.
+    `sp`: a `SequenceParallel` (ring x Ulysses groups and the layout), or a process group for a pure ring with
+    `layout` (default zigzag; `group=` is the same). Feed the model the output of `shard_batch(batch, sp)` (the
+    same `sp`): `input_ids`, `position_ids` and, for packed documents, `documents` (as `document_ids`); no `labels`
+    (the pre-shifted `shift_labels` go to the loss). Sliding-window layers (config `sliding_window`,
+    `layer_types`) run windowed. Call before FSDP wrapping and activation checkpointing; neither touches the
+    attention implementation. With `validate_inputs` (default), each forward checks the positions against the
+    layout (one tiny all_reduce) and any 2-D padding mask (one all_gather); turn it off under torch.compile once
+    the input pipeline is trusted. The saved config does not mention ringtrain: `save_pretrained` output reloads
+    with default (sdpa) attention.
     """
     from transformers import AttentionInterface
 
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    sp = SequenceParallel.of(sp if sp is not None else group, layout)
     if model in _applied:
         raise ValueError("apply_ring_attention was already applied to this model: call remove_ring_attention first")
-    _check_supported(model)
-    binding = _RingBinding(f"ringtrain_ring_{layout}_{next(_names)}", group, layout, validate_inputs)
+    _check_supported(model, sp)
+    binding = _RingBinding(f"ringtrain_ring_{sp.layout.name}_{next(_names)}", sp, validate_inputs)
     AttentionInterface.register(binding.name, binding.attention)
     model.set_attn_implementation(binding.name)
     # `config._attn_implementation` is the attribute every modeling file dispatches on; transformers only logs a
@@ -256,9 +262,7 @@ def apply_ring_attention(
     binding.hooks["check_inputs"] = base.register_forward_pre_hook(binding.check_inputs, with_kwargs=True)
     binding.hooks["check_called"] = base.register_forward_hook(binding.check_called, with_kwargs=True)
     _applied[model] = binding
-    world, _ = group_world_rank(group)
-    logger.info("ring attention on %s: %s layout over %d ranks (%s)", type(model).__name__, layout, world,
-                binding.name)
+    logger.info("sequence-parallel attention on %s: %s (%s)", type(model).__name__, sp.describe(), binding.name)
     return model
 
 

@@ -9,15 +9,16 @@ usually lives on another rank. The returned labels are therefore already aligned
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from ringtrain.data.packing import document_position_ids
-from ringtrain.ring import sequence_positions, shard_sequence
-
-IGNORE_INDEX = -100
+from ringtrain.loss import IGNORE_INDEX
+from ringtrain.ring import SequenceParallel
+from ringtrain.ring.layout import Layout
 # Per-token tensors the data pipeline may add (docs/data.md). Label-aligned ones describe the label at t (the
 # prediction of token t), so they shift with the labels; token-aligned ones describe token t and only shard.
 LABEL_ALIGNED_KEYS = ("token_weights", "answer_mask")
@@ -48,15 +49,18 @@ def check_right_padding(attention_mask: torch.Tensor, what: str = "attention_mas
 
 def shard_batch(
     batch: Mapping[str, torch.Tensor],
-    group: dist.ProcessGroup | None = None,
-    layout: str = "zigzag",
+    sp: SequenceParallel | dist.ProcessGroup | None = None,
+    layout: str | Layout | None = None,
     *,
+    group: dist.ProcessGroup | None = None,
     ignore_index: int = IGNORE_INDEX,
     document_positions: str = "restart",
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """This rank's shard of a full-sequence batch, ready for a model prepared with `apply_ring_attention`.
 
-    `batch`: `input_ids` [B, S] (the full sequence, identical on every rank of `group`), optional `labels` [B, S]
+    `sp`: the model's `SequenceParallel`, or a process group for a pure ring with `layout` (default zigzag;
+    `group=` is the same).
+    `batch`: `input_ids` [B, S] (the full sequence, identical on every rank of `sp`), optional `labels` [B, S]
     (unshifted, `ignore_index` where no loss is wanted; default: the input ids), optional `attention_mask` [B, S]
     (right padding only). Returns
       - `input_ids` [B, S_local]: this rank's tokens,
@@ -69,12 +73,15 @@ def shard_batch(
         group: divide the summed local loss by it (and by its sum over data-parallel ranks) to get a mean,
       - `token_weights`, `answer_mask` if given: shifted exactly like the labels (aligned with `shift_labels`;
         0 / False at the last position), and `document_ids` [B, S_local] if given (non-decreasing per row):
-        sharded, not shifted; pass them to the model with `input_ids` and `position_ids` so attention stays
-        inside each document. The label of a document's last token (the next document's first token) is
-        ignored: no loss crosses a document boundary.
+        sharded, not shifted. The label of a document's last token (the next document's first token) is
+        ignored: no loss crosses a document boundary,
+      - `documents` (with `document_ids`): a `RingDocuments` built from the full ids, without communication; pass
+        it to the model as `document_ids=` with `input_ids` and `position_ids` so attention stays inside each
+        document (the plans made from it are kept for every layer of the forward).
     No attention mask is returned: with right padding the causal ring needs none. Any other key is an error,
     because whether it should shift cannot be guessed.
     """
+    sp = SequenceParallel.of(sp if sp is not None else group, layout)
     input_ids = batch["input_ids"]  # [B, S]
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: shard_batch takes [batch, seq]")
@@ -108,20 +115,22 @@ def shard_batch(
     if docs is not None:
         if docs.shape != input_ids.shape:
             raise ValueError(f"document_ids shape {tuple(docs.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        if bool((docs[:, 1:] < docs[:, :-1]).any()):
-            raise ValueError("document_ids decrease along a row: pass non-decreasing ids (0, 0, 1, 1, 1, 2, ...)")
+        documents = sp.documents(docs)  # checks the ids (non-decreasing); a per-batch layout comes from them
+        sp = sp.with_layout(documents.layout)
         shift_labels[:, :-1][docs[:, 1:] != docs[:, :-1]] = ignore_index
     if docs is not None and document_positions == "restart":
-        positions = shard_sequence(document_position_ids(docs), group=group, dim=1, layout=layout)
+        positions = sp.shard(document_position_ids(docs))
     else:
-        positions = sequence_positions(input_ids.shape[1], group=group, layout=layout, device=input_ids.device)
+        positions = sp.positions(input_ids.shape[1], device=input_ids.device)
         positions = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
-    out = {
-        "input_ids": shard_sequence(input_ids, group=group, dim=1, layout=layout),
+    out: dict[str, Any] = {
+        "input_ids": sp.shard(input_ids),
         "position_ids": positions,
-        "shift_labels": shard_sequence(shift_labels, group=group, dim=1, layout=layout),
+        "shift_labels": sp.shard(shift_labels),
         "num_label_tokens": (shift_labels != ignore_index).sum(),
     }
+    if docs is not None:
+        out["documents"] = documents
     for key in LABEL_ALIGNED_KEYS:
         if key in batch:
             value = batch[key]
@@ -129,10 +138,10 @@ def shard_batch(
                 raise ValueError(f"{key} shape {tuple(value.shape)} != input_ids shape {tuple(input_ids.shape)}")
             shifted = torch.zeros_like(value)  # 0 / False: the last position has no label
             shifted[:, :-1] = value[:, 1:]
-            out[key] = shard_sequence(shifted, group=group, dim=1, layout=layout)
+            out[key] = sp.shard(shifted)
     for key in TOKEN_ALIGNED_KEYS:
         if key in batch:
-            out[key] = shard_sequence(batch[key], group=group, dim=1, layout=layout)
+            out[key] = sp.shard(batch[key])
     return out
 
 

@@ -35,6 +35,10 @@ class SequenceParallel:
     ring_group: dist.ProcessGroup | None = None
     ulysses_group: dist.ProcessGroup | None = None
     layout: Layout = field(default="zigzag")  # type: ignore[assignment]  # a name is resolved to its object
+    kernel: str | LocalKernel = "auto"
+    """The local attention kernel (`ring.kernels.select_kernel`), unless a call names another."""
+    tile_tokens: int | None = None
+    """Plan granularity under masks (None: ring.attention.DEFAULT_TILE_TOKENS), unless a call names another."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", get_layout(self.layout))
@@ -117,7 +121,7 @@ class SequenceParallel:
     # --- documents ---------------------------------------------------------------------------------------------
     def documents(self, global_ids: torch.Tensor) -> RingDocuments:
         """`RingDocuments` from the full-sequence ids [B, S] that every rank holds (no communication)."""
-        check_document_ids(global_ids, self.layout)
+        check_document_ids(global_ids)
         return RingDocuments(global_ids, self.ring_world, self.layout)
 
     def gather_documents(self, local_ids: torch.Tensor) -> RingDocuments:
@@ -128,12 +132,14 @@ class SequenceParallel:
     # --- attention ---------------------------------------------------------------------------------------------
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None,
-        kernel: str | LocalKernel | None = "auto", document_ids: torch.Tensor | RingDocuments | None = None,
+        kernel: str | LocalKernel | None = None, document_ids: torch.Tensor | RingDocuments | None = None,
         window: int | None = None, tile_tokens: int | None = None,
     ) -> torch.Tensor:
-        """`sequence_parallel_attention` over this object's groups and layout (or the batch's documents' layout)."""
+        """`sequence_parallel_attention` over this object's groups and layout (or the batch's documents' layout),
+        with this object's kernel and tile size unless given."""
         layout = document_ids.layout if isinstance(document_ids, RingDocuments) else self.layout
         return sequence_parallel_attention(
             q, k, v, ring_group=self.ring_group, ulysses_group=self.ulysses_group, causal=causal, layout=layout,
-            scale=scale, kernel=kernel, document_ids=document_ids, window=window, tile_tokens=tile_tokens,
+            scale=scale, kernel=self.kernel if kernel is None else kernel, document_ids=document_ids, window=window,
+            tile_tokens=self.tile_tokens if tile_tokens is None else tile_tokens,
         )

@@ -1,0 +1,87 @@
+"""TrainLoopConfig: the shape of a run (a leaf module, so the config loader imports no training code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NONFINITE_ACTIONS = ("skip", "stop")
+
+
+@dataclass
+class TrainLoopConfig:
+    """The shape of the run: how long, how big a step, where it writes."""
+
+    output_dir: str
+    """Run folder: resolved config, metrics.jsonl, checkpoints/, the exported model in final_model/."""
+    seq_len: int = 1024
+    """Tokens per sequence (the context length trained); sharded over parallel.sp_size ranks."""
+    micro_batch_size: int = 1
+    """Sequences per data-parallel rank per forward/backward."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    seed: int = 0
+    """Seed for model init (identical on every rank) and data order."""
+    activation_checkpointing: bool | str = "none"
+    """Which decoder layers recompute their forward in backward instead of storing their activations: 'none';
+    'full' (every layer: activations of one layer at a time plus each layer's input, for one more forward of
+    compute, about +33% FLOPs); 'every:K' (layers 0, K, 2K, ...: 1/K of that recompute, and the memory of the
+    other layers' activations kept). true/false mean full/none. `ringtrain plan` says which fits."""
+    offload_activations: bool = False
+    """With activation checkpointing, keep the saved layer inputs in CPU memory (long contexts on GPU)."""
+    loss_chunk_tokens: int = 0
+    """Tokens per chunk of the fused cross-entropy (full [tokens, vocab] logits never exist); 0 = about
+    128 MiB of fp32 logits per chunk (1K tokens at a 32K vocabulary)."""
+    on_nonfinite: str = "skip"
+    """A non-finite loss or gradient norm: skip the optimizer step, or stop the run with an error."""
+    fsdp: bool = True
+    """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (fully_shard)."""
+    threads: int = 0
+    """torch intra-op threads per rank; 0 keeps torch's default."""
+
+    def _validate(self) -> list[tuple[str, str]]:
+        problems = []
+        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps"):
+            value = getattr(self, name)
+            if value < 1:
+                problems.append((name, f"{name}={value} must be >= 1"))
+        if self.loss_chunk_tokens < 0:
+            problems.append(("loss_chunk_tokens", f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1, "
+                                                  "or 0 for an automatic size"))
+        if self.threads < 0:
+            problems.append(("threads", f"threads={self.threads} must be >= 0 (0 = torch's default)"))
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            problems.append(("on_nonfinite", f"on_nonfinite={self.on_nonfinite!r} is not one of skip, stop"))
+        policy = recompute_policy(self.activation_checkpointing)
+        if policy is None:
+            problems.append(("activation_checkpointing", f"activation_checkpointing={self.activation_checkpointing!r} "
+                                                         "is not one of none, full, every:K (K >= 1, e.g. every:2)"))
+        if self.offload_activations and policy is not None and policy[0] == "none":
+            problems.append(("offload_activations", "offload_activations=true needs "
+                                                    "train.activation_checkpointing=true (or full, every:K)"))
+        return problems
+
+    @property
+    def recompute(self) -> tuple[str, int]:
+        """The checkpointing policy as (mode, K): ('none', 0), ('full', 1) or ('every', K)."""
+        policy = recompute_policy(self.activation_checkpointing)
+        if policy is None:
+            raise ValueError(f"train.activation_checkpointing={self.activation_checkpointing!r} is not a policy")
+        return policy
+
+
+def recompute_policy(value: bool | str) -> tuple[str, int] | None:
+    """('none', 0), ('full', 1) or ('every', K) for a train.activation_checkpointing value; None if invalid."""
+    if value is True or value == "full":
+        return "full", 1
+    if value is False or value == "none":
+        return "none", 0
+    if isinstance(value, str) and value.startswith("every:"):
+        try:
+            k = int(value.split(":", 1)[1])
+        except ValueError:
+            return None
+        if k >= 1:
+            return ("full", 1) if k == 1 else ("every", k)
+    return None

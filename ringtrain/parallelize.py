@@ -1,0 +1,98 @@
+"""Parallelism applied to an untouched transformers model, in one documented order: `parallelize_model`.
+
+Each `apply_*` function transforms the model in place and knows nothing of the others; `parallelize_model` calls
+them in the only order that works and says why next to each call (torchtitan's parallelize.py is the model).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch.distributed as dist
+from torch import nn
+
+from ringtrain.model import CausalLMWithChunkedLoss
+
+if TYPE_CHECKING:
+    from ringtrain.distributed import Mesh
+    from ringtrain.loop_config import TrainLoopConfig
+    from ringtrain.ring import SequenceParallel
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, found through HF's public `_no_split_modules` (what accelerate wraps too)."""
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(lm).__name__} declares no _no_split_modules: cannot find its decoder layers")
+    return layers
+
+
+def apply_activation_checkpointing(lm: nn.Module, cfg: TrainLoopConfig) -> list[int]:
+    """Recompute the decoder layers `train.activation_checkpointing` names in backward; returns their indices.
+
+    HF's public switch (non-reentrant, FSDP2-safe) turns it on for every layer; a partial policy ('every:K') then
+    turns it off again on the layers it keeps, through the per-layer flag of transformers' GradientCheckpointingLayer
+    (parameter names and checkpoints are unchanged, unlike a wrapper module)."""
+    mode, every = cfg.recompute
+    if mode == "none":
+        return []
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = decoder_layers(lm)
+    chosen = [i for i in range(len(layers)) if i % every == 0]
+    if mode == "every":
+        for i, layer in enumerate(layers):
+            if not hasattr(layer, "gradient_checkpointing"):
+                raise ValueError(f"{type(layer).__name__} is not a transformers GradientCheckpointingLayer: use "
+                                 "train.activation_checkpointing=full or none for this model")
+            layer.gradient_checkpointing = i in chosen
+    return chosen
+
+
+def apply_fsdp(model: CausalLMWithChunkedLoss, mesh: Mesh) -> None:
+    """FSDP2 over every rank of the mesh (dp x sp): each decoder layer is a unit, the rest is the root.
+
+    SP ranks hold different tokens of the same sequences, so their gradients are partial sums just
+    like DP ranks': FSDP must SUM over the whole world. The loss is already divided by the global
+    token count, hence a divide factor of 1 instead of FSDP's default mean over ranks.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    for layer in decoder_layers(model.lm):
+        fully_shard(layer, mesh=mesh.world_mesh)
+    fully_shard(model, mesh=mesh.world_mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # Plain SUM collectives: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling anyway.
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def all_reduce_gradients(model: nn.Module, mesh: Mesh) -> None:
+    """Without FSDP: sum gradients over the world (the same contract apply_fsdp sets up)."""
+    if mesh.world_size == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+
+
+def parallelize_model(lm: nn.Module, cfg: TrainLoopConfig, mesh: Mesh, sp: SequenceParallel) -> CausalLMWithChunkedLoss:
+    """The training model: `lm` with sequence-parallel attention, recompute, the chunked loss and FSDP2."""
+    from ringtrain.hf import apply_ring_attention
+
+    # 1. Sequence-parallel attention first: it only swaps the attention function, so it must see plain HF modules.
+    apply_ring_attention(lm, sp)
+    # 2. Activation checkpointing before FSDP, so FSDP's unit boundaries wrap the checkpointed layers and
+    #    recomputation runs while a layer's parameters are gathered for its backward.
+    apply_activation_checkpointing(lm, cfg)
+    lm.train()
+    model = CausalLMWithChunkedLoss(lm, cfg.loss_chunk_tokens)
+    # 3. FSDP last: it replaces parameters by sharded DTensors, which the optimizer must then see.
+    if cfg.fsdp:
+        apply_fsdp(model, mesh)
+    return model
