@@ -182,9 +182,33 @@ def test_shard_unshard_positions_and_errors_world3():
             assert all(res[layout].values()), (r, layout, res[layout])
 
 
+@pytest.mark.parametrize("name", ["cuda_cudnn", "cuda_flash", "cuda_efficient"])
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_cuda_kernel_arguments_on_meta_tensors(name: str, kv_heads: int):
+    """The CUDA wrappers' calls match the installed torch's op schemas, and return the layouts the ring wants: run
+    on the ops' meta kernels, so CI checks them without a GPU (S_q != S_k; GQA; a causal square)."""
+    kernel = KERNELS[name]
+    for sq, sk, causal in ((40, 72, False), (64, 64, True)):
+        q = torch.empty(2, sq, 8, 64, device="meta", dtype=torch.bfloat16)
+        k, v = (torch.empty(2, sk, kv_heads, 64, device="meta", dtype=torch.bfloat16) for _ in "kv")
+        out, lse = kernel.forward(q, k, v, causal, 0.125)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert lse.shape == (2, 8, sq) and lse.dtype == torch.float32
+        dout = torch.empty_like(q)
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, causal, 0.125)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    if getattr(kernel, "supports_window", False):  # a window edge piece: (left, right) window sizes
+        q = torch.empty(1, 16, 8, 64, device="meta", dtype=torch.bfloat16)
+        k = v = torch.empty(1, 24, kv_heads, 64, device="meta", dtype=torch.bfloat16)
+        out, lse = kernel.forward(q, k, v, False, 0.125, window=(9, 0))
+        assert out.shape == q.shape and lse.shape == (1, 8, 16)
+        grads = kernel.backward(torch.empty_like(q), q, k, v, out, lse, False, 0.125, window=(9, 0))
+        assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["cuda_flash", "cuda_efficient", "flash_attn"])
+@pytest.mark.parametrize("name", ["cuda_cudnn", "cuda_flash", "cuda_efficient", "flash_attn"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_kernels_match_reference(name: str, causal: bool):
     if name == "flash_attn":
@@ -204,4 +228,28 @@ def test_cuda_kernels_match_reference(name: str, causal: bool):
     for got, want in zip(mine.backward(dout, q, k, v, out_r, lse_r, causal, 0.125),
                          ref.backward(dout, q, k, v, out_r, lse_r, causal, 0.125), strict=True):
         assert got.shape == want.shape
+        assert (got.float() - want.float()).abs().max() / want.abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_flash_window_piece_matches_reference():
+    """A window edge (BAND piece) on the CUDA flash op's window sizes equals the reference with the piece's mask."""
+    from ringtrain.ring.pieces import Piece, PieceKind
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    q, k, v = (t.to(dev, torch.bfloat16) for t in _qkv(b=2, s=48, h=8, hkv=2, d=64))
+    q = q[:, :40]  # 40 queries against 48 keys
+    piece = Piece(0, 2, 0, 40, 0, 48, PieceKind.BAND, offset=20, window=16)
+    mask = piece.band_mask(dev)
+    assert bool(mask.any(-1).all())  # every query sees a key: a trimmed piece
+    ref, mine = KERNELS["reference"], KERNELS["cuda_flash"]
+    out_r, lse_r = ref.forward(q, k, v, False, 0.125, mask=mask)
+    out_m, lse_m = mine.forward(q, k, v, False, 0.125, window=piece.flash_window())
+    torch.testing.assert_close(out_m.float(), out_r.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse_m, lse_r, atol=1e-3, rtol=1e-3)
+    dout = torch.randn_like(q)
+    for got, want in zip(mine.backward(dout, q, k, v, out_r, lse_r, False, 0.125, window=piece.flash_window()),
+                         ref.backward(dout, q, k, v, out_r, lse_r, False, 0.125, mask=mask), strict=True):
         assert (got.float() - want.float()).abs().max() / want.abs().max() < 2e-2

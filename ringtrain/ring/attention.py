@@ -20,11 +20,12 @@ from ringtrain.ring.layout import (
     check_seq_len,
     get_layout,
     group_world_rank,
-    layout_name,
     rank_positions,
     unshard_sequence,
 )
+from ringtrain.ring.pieces import Piece, PieceKind, block_pieces
 from ringtrain.ring.plan import (
+    Block,
     RingClassification,
     RingPlan,
     build_plan,
@@ -57,20 +58,6 @@ def _covers(sl: slice, length: int) -> bool:
     return sl.start == 0 and sl.stop == length
 
 
-def _accumulate(acc: torch.Tensor | None, value: torch.Tensor, sl: slice, shape, dtype: torch.dtype) -> torch.Tensor:
-    """acc[:, sl] += value, where acc=None stands for zeros.
-
-    An empty accumulator adopts a value that covers it whole instead of allocating zeros and adding:
-    step 0 is always one block over the whole local sequence, so this saves a buffer and a pass.
-    """
-    if acc is None:
-        if _covers(sl, shape[1]):
-            return value.to(dtype)
-        acc = torch.zeros(shape, dtype=dtype, device=value.device)
-    acc[:, sl] += value
-    return acc
-
-
 class RingDocuments:
     """The document ids of the whole sequence on every rank, and the plans made from them: one per batch.
 
@@ -101,13 +88,13 @@ class RingDocuments:
         return self.classification(causal, window, tile_tokens).plan(rank)
 
 
-def check_document_ids(global_ids: torch.Tensor, layout: str | Layout) -> None:
+def check_document_ids(global_ids: torch.Tensor) -> None:
     """Raise unless `global_ids` [B, S] are non-decreasing along every row (one owner for this rule)."""
     if not bool((global_ids[:, 1:] >= global_ids[:, :-1]).all()):
         row = int((global_ids[:, 1:] < global_ids[:, :-1]).any(1).nonzero()[0])
         raise ValueError(
-            f"document_ids decrease along row {row} of the full sequence: pass ids that are non-decreasing "
-            f"(0, 0, 1, 1, 1, 2, ...) before sharding, sharded with layout={layout_name(layout)!r} like q"
+            f"document_ids decrease along row {row} of the full sequence: pass ids that are non-decreasing along "
+            "each full sequence (0, 0, 1, 1, 1, 2, ...), sharded like q"
         )
 
 
@@ -124,49 +111,86 @@ def gather_documents(
     world, _ = group_world_rank(group)
     global_ids = unshard_sequence(document_ids, group=group, dim=1, layout=layout, ulysses_group=ulysses_group)
     # Every rank checks the same gathered ids, so every rank raises together (nobody is left in the ring).
-    check_document_ids(global_ids, layout)
+    check_document_ids(global_ids)
     return RingDocuments(global_ids, world, layout)
 
 
-class _BlockMasks:
-    """Builds a MASKED block's bool mask [B or 1, S_q, S_k] from global positions and document ids (no sync)."""
+class _BlockPieces:
+    """The pieces (ringtrain.ring.pieces) of this rank's MASKED blocks, from global positions and document ids.
+
+    Computed on the host once per block in forward and kept for backward (no device sync in the ring loop)."""
 
     def __init__(self, world: int, rank: int, layout: Layout, seq_len: int, causal: bool, window: int | None,
-                 docs: RingDocuments | None, device: torch.device) -> None:
+                 docs: RingDocuments | None, batch: int, device: torch.device) -> None:
         self.world, self.rank, self.layout, self.seq_len = world, rank, layout, seq_len
-        self.causal, self.window, self.docs, self.device = causal, window, docs, device
+        self.causal, self.window, self.docs, self.batch, self.device = causal, window, docs, batch, device
         self._pos: dict[int, torch.Tensor] = {}
+        self._pieces: dict[tuple, list[Piece]] = {}
 
     def positions(self, rank: int) -> torch.Tensor:
         if rank not in self._pos:
-            self._pos[rank] = rank_positions(self.seq_len, self.layout, self.world, rank, device=self.device)
+            self._pos[rank] = rank_positions(self.seq_len, self.layout, self.world, rank)
         return self._pos[rank]
 
-    def __call__(self, step: int, qs: slice, ks: slice) -> torch.Tensor:
-        qp = self.positions(self.rank)[qs]
-        kp = self.positions(step_source(self.world, self.rank, step))[ks]
-        dist_ = qp[:, None] - kp[None, :]  # query position - key position
-        mask = torch.ones(1, len(qp), len(kp), dtype=torch.bool, device=self.device)
-        if self.causal:
-            mask &= dist_ >= 0
-        if self.window is not None:
-            mask &= dist_ < self.window
-        if self.docs is not None:
-            ids = self.docs.global_ids.to(self.device)
-            mask = mask & (ids[:, qp][:, :, None] == ids[:, kp][:, None, :])
-        return mask
+    def __call__(self, step: int, qs: slice, ks: slice) -> list[Piece]:
+        key = (step, qs.start, qs.stop, ks.start, ks.stop)
+        if key not in self._pieces:
+            qp = self.positions(self.rank)[qs]
+            kp = self.positions(step_source(self.world, self.rank, step))[ks]
+            ids = None if self.docs is None else self.docs.global_ids.cpu()
+            self._pieces[key] = block_pieces(
+                qp, kp, None if ids is None else ids[:, qp], None if ids is None else ids[:, kp],
+                self.causal, self.window, self.batch,
+            )
+        return self._pieces[key]
 
 
-def _kernel_for(blk, step: int, qs: slice, ks: slice, kernel: LocalKernel, masks: _BlockMasks | None):
-    """(kernel, extra kwargs) for one block: masked blocks get their mask and, if needed, the fallback kernel."""
-    if blk.masked:
-        return mask_fallback(kernel), {"mask": masks(step, qs, ks)}
-    return kernel, {}
+_ALL_ROWS = slice(None)
+
+
+def _calls(blk: Block, step: int, kernel: LocalKernel, pieces: _BlockPieces | None):
+    """The kernel calls of one block: (kernel, rows, q slice, kv slice, causal, extra kwargs).
+
+    A plain block is one call. A MASKED block is its pieces: FULL and CAUSAL pieces are plain calls of `kernel`;
+    a BAND piece (a window edge) takes its window sizes on a kernel that takes them (`supports_window`), else its
+    small mask, on `kernel` if it takes masks, else on the fallback."""
+    qs, ks = blk.slices()
+    if not blk.masked:
+        yield kernel, _ALL_ROWS, qs, ks, blk.causal, {}
+        return
+    for pc in pieces(step, qs, ks):
+        q_sl = slice(qs.start + pc.q_start, qs.start + pc.q_stop)
+        k_sl = slice(ks.start + pc.k_start, ks.start + pc.k_stop)
+        if pc.kind == PieceKind.BAND and getattr(kernel, "supports_window", False):
+            yield kernel, pc.rows, q_sl, k_sl, False, {"window": pc.flash_window()}
+        elif pc.kind == PieceKind.BAND:
+            yield mask_fallback(kernel), pc.rows, q_sl, k_sl, False, {"mask": pc.band_mask(pieces.device)}
+        else:
+            yield kernel, pc.rows, q_sl, k_sl, pc.kind == PieceKind.CAUSAL, {}
+
+
+def _covers_all(rows: slice, sl: slice, shape) -> bool:
+    return rows == _ALL_ROWS and _covers(sl, shape[1])
+
+
+def _accumulate(acc: torch.Tensor | None, value: torch.Tensor, rows: slice, sl: slice, shape,
+                dtype: torch.dtype) -> torch.Tensor:
+    """acc[rows, sl] += value, where acc=None stands for zeros.
+
+    An empty accumulator adopts a value that covers it whole instead of allocating zeros and adding:
+    step 0 is usually one block over the whole local sequence, so this saves a buffer and a pass.
+    """
+    if acc is None:
+        if _covers_all(rows, sl, shape):
+            return value.to(dtype)
+        acc = torch.zeros(shape, dtype=dtype, device=value.device)
+    acc[rows, sl] += value
+    return acc
 
 
 def _ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    comm: RingComm, plan: RingPlan, scale: float, kernel: LocalKernel, masks: _BlockMasks | None,
+    comm: RingComm, plan: RingPlan, scale: float, kernel: LocalKernel, pieces: _BlockPieces | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, S, H, D] in q's dtype, lse [B, H, S] in the merge dtype) for this rank's queries."""
     b, s, h, d = q.shape
@@ -179,16 +203,15 @@ def _ring_forward(
     for step in range(n):
         works = comm.post([kv], [kv_next]) if step < n - 1 else []
         for blk in plan.steps[step]:
-            qs, ks = blk.slices()
-            kern, extra = _kernel_for(blk, step, qs, ks, kernel, masks)
-            o, lse = kern.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk.causal, scale, **extra)
-            if out_acc is None and _covers(qs, s):
-                out_acc, lse_acc = o.to(acc), lse.to(acc).contiguous()
-                continue
-            if out_acc is None:
-                out_acc = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
-                lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
-            merge_partial(out_acc[:, qs], lse_acc[:, :, qs], o, lse)
+            for kern, rows, qs, ks, causal, extra in _calls(blk, step, kernel, pieces):
+                o, lse = kern.forward(q[rows, qs], kv[0][rows, ks], kv[1][rows, ks], causal, scale, **extra)
+                if out_acc is None and _covers_all(rows, qs, q.shape):
+                    out_acc, lse_acc = o.to(acc), lse.to(acc).contiguous()
+                    continue
+                if out_acc is None:
+                    out_acc = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
+                    lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+                merge_partial(out_acc[rows, qs], lse_acc[rows, :, qs], o, lse)
         comm.wait(works)
         kv, kv_next = kv_next, kv
     return out_acc.to(q.dtype), lse_acc
@@ -196,7 +219,7 @@ def _ring_forward(
 
 def _ring_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    comm: RingComm, plan: RingPlan, scale: float, kernel: LocalKernel, masks: _BlockMasks | None,
+    comm: RingComm, plan: RingPlan, scale: float, kernel: LocalKernel, pieces: _BlockPieces | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for this rank's q and its own K/V.
 
@@ -229,19 +252,18 @@ def _ring_backward(
             # This rank's part for the K/V held now (from rank - step).
             dkv_mine = torch.zeros(dkv_shape, dtype=acc, device=q.device) if dkv_mine is None else dkv_mine.zero_()
         for blk in plan.steps[step]:
-            qs, ks = blk.slices()
-            kern, extra = _kernel_for(blk, step, qs, ks, kernel, masks)
-            dq, dk, dv = kern.backward(
-                dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], blk.causal, scale,
-                **extra,
-            )
-            dq_acc = _accumulate(dq_acc, dq, qs, q.shape, acc)
-            if step == 0:
-                dk_own = _accumulate(dk_own, dk, ks, k.shape, acc)
-                dv_own = _accumulate(dv_own, dv, ks, v.shape, acc)
-            else:
-                dkv_mine[0, :, ks] += dk
-                dkv_mine[1, :, ks] += dv
+            for kern, rows, qs, ks, causal, extra in _calls(blk, step, kernel, pieces):
+                dq, dk, dv = kern.backward(
+                    dout[rows, qs], q[rows, qs], kv[0][rows, ks], kv[1][rows, ks], out[rows, qs], lse[rows, :, qs],
+                    causal, scale, **extra,
+                )
+                dq_acc = _accumulate(dq_acc, dq, rows, qs, q.shape, acc)
+                if step == 0:
+                    dk_own = _accumulate(dk_own, dk, rows, ks, k.shape, acc)
+                    dv_own = _accumulate(dv_own, dv, rows, ks, v.shape, acc)
+                else:
+                    dkv_mine[0, rows, ks] += dk
+                    dkv_mine[1, rows, ks] += dv
         comm.wait(works)
         if step == 1:
             # Nobody before this rank has touched this K/V's accumulator: this rank's part is all of it.
@@ -254,19 +276,25 @@ def _ring_backward(
         dkv_recv = torch.empty_like(dkv_send) if dkv_recv is None else dkv_recv
         # Last hop, home to the owner rank - (n-1): nothing left to overlap with.
         comm.wait(comm.post([dkv_send], [dkv_recv], hops=(1 - n) % world))
-        dk_own = _accumulate(dk_own, dkv_recv[0], slice(0, k.shape[1]), k.shape, acc)
-        dv_own = _accumulate(dv_own, dkv_recv[1], slice(0, k.shape[1]), v.shape, acc)
+        dk_own = _accumulate(dk_own, dkv_recv[0], _ALL_ROWS, slice(0, k.shape[1]), k.shape, acc)
+        dv_own = _accumulate(dv_own, dkv_recv[1], _ALL_ROWS, slice(0, k.shape[1]), v.shape, acc)
+    # A rank whose queries see nothing (possible under documents at step 0 only with nothing local) still owes
+    # zeros of the right shape.
+    dq_acc = torch.zeros_like(q, dtype=acc) if dq_acc is None else dq_acc
+    dk_own = torch.zeros_like(k, dtype=acc) if dk_own is None else dk_own
+    dv_own = torch.zeros_like(v, dtype=acc) if dv_own is None else dv_own
     return dq_acc.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
 
 
 class _RingAttentionFunction(torch.autograd.Function):
-    """Saves only the local q, k, v, out and lse: O(S/P) activation memory; backward recomputes blocks (and masks)."""
+    """Saves only the local q, k, v, out and lse: O(S/P) activation memory; backward recomputes blocks (pieces are
+    kept from forward)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, comm, plan, scale, kernel, masks):
-        out, lse = _ring_forward(q, k, v, comm, plan, scale, kernel, masks)
+    def forward(ctx, q, k, v, comm, plan, scale, kernel, pieces):
+        out, lse = _ring_forward(q, k, v, comm, plan, scale, kernel, pieces)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (comm, plan, scale, kernel, masks)
+        ctx.args = (comm, plan, scale, kernel, pieces)
         return out
 
     @staticmethod
@@ -393,7 +421,7 @@ def ring_attention_with_comm(
     local_kernel = select_kernel(q, kernel)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     seq_len = q.shape[1] * world
-    masks = None
+    pieces = None
     if window is None and docs is None:
         plan = build_plan(world, rank, layout, seq_len, causal=causal)
     else:
@@ -402,5 +430,5 @@ def ring_attention_with_comm(
             plan = build_plan(world, rank, layout, seq_len, causal=causal, window=window, tile_tokens=tiles)
         else:
             plan = docs.plan(rank, causal, window, tiles)
-        masks = _BlockMasks(world, rank, layout, seq_len, causal, window, docs, q.device)
-    return _RingAttentionFunction.apply(q, k, v, comm, plan, scale, local_kernel, masks)
+        pieces = _BlockPieces(world, rank, layout, seq_len, causal, window, docs, q.shape[0], q.device)
+    return _RingAttentionFunction.apply(q, k, v, comm, plan, scale, local_kernel, pieces)

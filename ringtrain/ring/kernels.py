@@ -10,10 +10,12 @@
 # GQA: kernels that lack it repeat K/V here, locally, and sum dK/dV back over the query-head group;
 # only H_kv heads ever travel around the ring.
 #
-# Masks (issue 7): a block the plan marks MASKED comes with `mask`, bool [B or 1, S_q, S_k], True = may attend,
-# holding causality, window and documents. Kernels with `supports_mask = True` take it; the driver sends masked
-# blocks of the others to `mask_fallback(kernel)`. A query row the mask hides entirely must come back with
-# lse = -inf and a finite out (the merge then gives it weight 0); backward always gets the final, finite lse.
+# Masks (issues 7, 14): a block the plan marks MASKED is cut into pieces (pieces.py), plain calls of one document
+# each. Only a window edge (a BAND piece) needs more: kernels with `supports_window = True` take
+# `window=(left, right)` (flash attention's bottom-right aligned window sizes); kernels with `supports_mask = True`
+# take `mask`, bool [B or 1, S_q, S_k], True = may attend; the others' BAND pieces go to `mask_fallback(kernel)`.
+# A query row the mask hides entirely must come back with lse = -inf and a finite out (the merge then gives it
+# weight 0); backward always gets the final, finite lse.
 
 from __future__ import annotations
 
@@ -169,6 +171,14 @@ def _rng_placeholders(op_name: str) -> tuple[tuple[tuple[int, ...], torch.dtype]
     if op_name == "flash":
         res = torch.ops.aten._scaled_dot_product_flash_attention(t, t, t, 0.0, False, False)
         seed, offset = res[6], res[7]
+    elif op_name == "flash_window":  # _flash_attention_forward: [B, S, H, D]; rng_state and `unused`
+        t = t.transpose(1, 2)
+        res = torch.ops.aten._flash_attention_forward(t, t, t, None, None, 8, 8, 0.0, False, False,
+                                                      window_size_left=1, window_size_right=0)
+        seed, offset = res[2], res[3]
+    elif op_name == "cudnn":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(t, t, t, None, True, 0.0, False, False)
+        seed, offset = res[6], res[7]
     else:
         res = torch.ops.aten._scaled_dot_product_efficient_attention(t, t, t, None, True, 0.0, False)
         seed, offset = res[2], res[3]
@@ -179,18 +189,93 @@ def _placeholders(op_name: str, device: torch.device) -> list[torch.Tensor]:
     return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in _rng_placeholders(op_name)]
 
 
-class CudaFlashKernel:
-    """PyTorch's CUDA flash op (`_scaled_dot_product_flash_attention`): fp16/bf16, head_dim % 8 == 0, <= 256."""
+@cache
+def cudnn_lse_is_4d() -> bool:
+    """Whether the cuDNN op returns its LSE as [B, H, S_q, 1] (torch >= 2.9) rather than [B, H, S_q]: asked of the
+    meta kernel, so the wrapper follows the installed torch (PyTorch CP issue #163075 was this shape)."""
+    t = torch.empty(1, 1, 8, 64, device="meta", dtype=torch.float16)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(t, t, t, None, True, 0.0, False, False)[1].dim() == 4
 
-    name = "cuda_flash"
-    supports_mask = False  # masked blocks go to mask_fallback()
+
+def _like_strides(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`x` with `like`'s strides (a copy only when they differ): the cuDNN backward wants grad_out laid out like
+    out (PyTorch CP issue #176915)."""
+    if x.stride() == like.stride():
+        return x
+    return torch.empty_strided(like.shape, like.stride(), dtype=x.dtype, device=x.device).copy_(x)
+
+
+class CudnnKernel:
+    """PyTorch's cuDNN attention op (`_scaled_dot_product_cudnn_attention`), the kernel SDPA picks on Hopper:
+    fp16/bf16, head_dim % 8 == 0, <= 128. Its causal mask is top-left, which the ring only asks for on square
+    diagonal blocks."""
+
+    name = "cuda_cudnn"
+    supports_mask = False
 
     def forward(self, q, k, v, causal, scale):
+        k, v = _expand_kv(k, v, q.shape[2])
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            *_bhsd(q, k, v), None, True, 0.0, causal, False, scale=scale
+        )
+        lse = res[1]
+        return res[0].transpose(1, 2), lse.squeeze(-1) if lse.dim() == 4 else lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        kv_heads = k.shape[2]
+        k, v = _expand_kv(k, v, q.shape[2])
+        seed, offset = _placeholders("cudnn", q.device)
+        qb, kb, vb, ob = _bhsd(q, k, v, out)
+        lse = (lse.unsqueeze(-1) if cudnn_lse_is_4d() else lse).contiguous()
+        # This block's own lengths as max_q/max_k (not the forward's of another block), undefined cum_seq: dense.
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            _like_strides(dout.transpose(1, 2), ob), qb, kb, vb, ob, lse, seed, offset, None, None, None,
+            q.shape[1], k.shape[1], 0.0, causal, scale=scale,
+        )
+        dk, dv = _reduce_kv(dk.transpose(1, 2), dv.transpose(1, 2), kv_heads)
+        return dq.transpose(1, 2), dk, dv
+
+
+class CudaFlashKernel:
+    """PyTorch's CUDA flash op (`_scaled_dot_product_flash_attention`): fp16/bf16, head_dim % 8 == 0, <= 256.
+
+    Window edges (BAND pieces) run on `_flash_attention_forward` with its window sizes instead of a mask."""
+
+    name = "cuda_flash"
+    supports_mask = False
+    supports_window = True
+
+    def forward(self, q, k, v, causal, scale, window=None):
+        if window is not None:
+            return self._forward_window(q, k, v, scale, window)
         k, v = _expand_kv(k, v, q.shape[2])
         res = torch.ops.aten._scaled_dot_product_flash_attention(*_bhsd(q, k, v), 0.0, causal, False, scale=scale)
         return res[0].transpose(1, 2), res[1]
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def _forward_window(self, q, k, v, scale, window):
+        k, v = _expand_kv(k, v, q.shape[2])
+        left, right = window  # bottom-right aligned, see pieces.Piece.flash_window
+        res = torch.ops.aten._flash_attention_forward(
+            q, k, v, None, None, q.shape[1], k.shape[1], 0.0, False, False, scale=scale,
+            window_size_left=left, window_size_right=right,
+        )
+        return res[0], res[1]
+
+    def _backward_window(self, dout, q, k, v, out, lse, scale, window):
+        kv_heads = k.shape[2]
+        k, v = _expand_kv(k, v, q.shape[2])
+        rng, unused = _placeholders("flash_window", q.device)
+        left, right = window
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), None, None, q.shape[1], k.shape[1],
+            0.0, False, rng, unused, scale=scale, window_size_left=left, window_size_right=right,
+        )
+        dk, dv = _reduce_kv(dk, dv, kv_heads)
+        return dq, dk, dv
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale, window=None):
+        if window is not None:
+            return self._backward_window(dout, q, k, v, out, lse, scale, window)
         kv_heads = k.shape[2]
         k, v = _expand_kv(k, v, q.shape[2])
         seed, offset = _placeholders("flash", q.device)
@@ -274,7 +359,8 @@ class FlashAttnPackageKernel:
 
 KERNELS: dict[str, LocalKernel] = {
     k.name: k
-    for k in (ReferenceKernel(), CpuFlashKernel(), CudaFlashKernel(), CudaEfficientKernel(), FlashAttnPackageKernel())
+    for k in (ReferenceKernel(), CpuFlashKernel(), CudnnKernel(), CudaFlashKernel(), CudaEfficientKernel(),
+              FlashAttnPackageKernel())
 }
 
 
@@ -304,7 +390,33 @@ def _supports(name: str, device: torch.device, dtype: torch.dtype, head_dim: int
         return "needs fp16/bf16 and head_dim a multiple of 8 up to 256"
     if name == "flash_attn" and not _flash_attn_available():
         return "needs the flash-attn package (pip install 'ringtrain[flash]')"
+    if name == "cuda_cudnn":
+        if head_dim > 128:
+            return "needs head_dim <= 128"
+        if not torch.backends.cuda.cudnn_sdp_enabled():
+            return "is disabled (torch.backends.cuda.enable_cudnn_sdp(False))"
     return None
+
+
+@cache
+def cudnn_probe(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None if the cuDNN kernel runs forward and backward on this device, dtype and head_dim and agrees with the
+    reference, else why not. Run once per combination before `auto` picks it (the cuDNN library, its version and
+    the GPU decide what it supports, and a failure must not surface mid-step)."""
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v, dout = (torch.randn(1, 64, 2, head_dim, generator=g).to(device, dtype) for _ in range(4))
+        ref, mine = KERNELS["reference"], KERNELS["cuda_cudnn"]
+        out, lse = mine.forward(q, k, v, True, head_dim ** -0.5)
+        ref_out, ref_lse = ref.forward(q, k, v, True, head_dim ** -0.5)
+        grads = mine.backward(dout, q, k, v, ref_out, ref_lse, True, head_dim ** -0.5)
+        ref_grads = ref.backward(dout, q, k, v, ref_out, ref_lse, True, head_dim ** -0.5)
+        errors = [(out.float() - ref_out.float()).abs().max(), (lse - ref_lse).abs().max()]
+        errors += [(a.float() - b.float()).abs().max() for a, b in zip(grads, ref_grads, strict=True)]
+        worst = float(max(errors))
+    except (RuntimeError, NotImplementedError) as e:
+        return f"failed its probe ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None if worst < 5e-2 else f"disagrees with the reference by {worst:.2e} in its probe"
 
 
 def select_kernel(q: torch.Tensor, kernel: str | LocalKernel | None = "auto") -> LocalKernel:
@@ -317,9 +429,16 @@ def select_kernel(q: torch.Tensor, kernel: str | LocalKernel | None = "auto") ->
             # fp64 goes to the reference: the CPU op would work, but references want exact fp64 math.
             order = ["cpu_flash"] if q.dtype != torch.float64 else []
         else:
-            order = ["flash_attn", "cuda_flash", "cuda_efficient"]
+            # cuDNN first: on Hopper it takes half the time of FlashAttention-2 on the same blocks (benchmarks.md).
+            order = ["cuda_cudnn", "flash_attn", "cuda_flash", "cuda_efficient"]
         for name in [*order, "reference"]:
-            if _supports(name, q.device, q.dtype, head_dim) is None:
+            why = _supports(name, q.device, q.dtype, head_dim)
+            if why is None and name == "cuda_cudnn":
+                why = cudnn_probe(q.device, q.dtype, head_dim)
+                if why is not None and (q.device, q.dtype, head_dim) not in _warned_probe:
+                    _warned_probe.add((q.device, q.dtype, head_dim))
+                    logger.warning("kernel 'cuda_cudnn' %s: using the next kernel", why)
+            if why is None:
                 return KERNELS[name]
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of auto, {', '.join(KERNELS)}: pass one of those names")
@@ -333,18 +452,19 @@ def select_kernel(q: torch.Tensor, kernel: str | LocalKernel | None = "auto") ->
 
 
 def mask_fallback(kernel: LocalKernel) -> LocalKernel:
-    """The kernel for MASKED blocks: `kernel` itself if it takes masks, else the reference kernel (exact, any
-    device; it materialises the block's scores, which tiles keep small). Chosen per call, stated in the log."""
+    """The kernel for a piece that needs a mask (a window edge, pieces.PieceKind.BAND): `kernel` itself if it takes
+    masks, else the reference kernel (exact, any device; it materialises the piece's scores, which are at most a
+    tile by a tile). Chosen per call, stated in the log once."""
     if getattr(kernel, "supports_mask", False):
         return kernel
     if kernel.name not in _warned_fallback:
         _warned_fallback.add(kernel.name)
-        logger.info("kernel %r takes no mask: masked blocks (window edges, document boundaries) use 'reference'",
-                    kernel.name)
+        logger.info("kernel %r takes neither masks nor windows: window edges use 'reference'", kernel.name)
     return KERNELS["reference"]
 
 
 _warned_fallback: set[str] = set()
+_warned_probe: set[tuple] = set()
 
 
 def default_scale(head_dim: int) -> float:

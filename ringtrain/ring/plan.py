@@ -200,12 +200,24 @@ def step_source(world: int, rank: int, step: int) -> int:
 
 
 def _coalesce(kinds: list[list[int]], own: bool, causal: bool, q_off: Sequence[int],
-              kv_off: Sequence[int]) -> tuple[Block, ...]:
-    """One step's (local q tile x kv tile) kinds as kernel calls, in tokens."""
+              kv_off: Sequence[int], masked: str = "merge") -> tuple[Block, ...]:
+    """One step's (local q tile x kv tile) kinds as kernel calls, in tokens.
+
+    `masked`: how MASKED tiles become blocks (their pieces are cut from positions and documents, see pieces.py):
+    "merge" into rectangles like the other kinds; "step", the whole step as one masked block when any tile is
+    masked (documents: a document's tiles then run as one call, not one per tile); "tile", one block per masked
+    tile pair (windows: a BAND piece then stays tile-sized, so its small mask is bounded)."""
     n = len(kinds)
     if not any(k for row in kinds for k in row):
         return ()
-    full, diag, skip = int(PairKind.FULL), int(PairKind.DIAGONAL), int(PairKind.SKIP)
+    full, diag, skip, mask = int(PairKind.FULL), int(PairKind.DIAGONAL), int(PairKind.SKIP), int(PairKind.MASKED)
+    if masked == "step" and any(k == mask for row in kinds for k in row):
+        return (Block(0, q_off[-1], 0, kv_off[-1], causal=False, masked=True),)
+    if masked == "tile":
+        singles = tuple(Block(q_off[a], q_off[a + 1], kv_off[b], kv_off[b + 1], causal=False, masked=True)
+                        for a in range(n) for b in range(len(kinds[a])) if kinds[a][b] == mask)
+        rest = [[skip if k == mask else k for k in row] for row in kinds]
+        return _coalesce(rest, own, causal, q_off, kv_off) + singles
     if causal and own and all(
         kinds[a][b] == (full if b < a else diag if a == b else skip) for a in range(n) for b in range(n)
     ):
@@ -248,6 +260,9 @@ class RingClassification:
     """int8 [n_tiles_total, n_tiles_total], rank-major (RingTiles.flat order)."""
     causal: bool
     n_steps: int
+    masked: str = "merge"
+    """How masked tiles become blocks (see `_coalesce`): from the masks, "step" under documents alone, "tile" under
+    a window."""
 
     @staticmethod
     def build(tiles: RingTiles, causal: bool, window: int | None,
@@ -262,7 +277,8 @@ class RingClassification:
         active = pair_work[ranks[:, None], sources] > 0
         steps_used = active.any(0).nonzero().flatten()
         n_steps = 1 + int(steps_used.max()) if steps_used.numel() else 1
-        return RingClassification(tiles, kinds, causal, n_steps)
+        masked = "tile" if window is not None else "step" if bounds is not None else "merge"
+        return RingClassification(tiles, kinds, causal, n_steps, masked)
 
     def _tile_index(self, rank: int) -> slice:
         first = sum(len(t) for t in self.tiles.starts[:rank])
@@ -277,7 +293,7 @@ class RingClassification:
         for step in range(self.n_steps):
             src = step_source(world, rank, step)
             sub = self.kinds[q_idx, self._tile_index(src)].tolist()
-            steps.append(_coalesce(sub, step == 0, self.causal, q_off, self.tiles.offsets(src)))
+            steps.append(_coalesce(sub, step == 0, self.causal, q_off, self.tiles.offsets(src), self.masked))
         return RingPlan(tuple(steps))
 
     def rank_work(self) -> list[int]:
