@@ -27,6 +27,7 @@ Measured quantities:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -417,40 +418,123 @@ def _profile_table(fn, title: str, rows: int = 12) -> str:
     return f"\nprofile: {title}\n" + prof.key_averages().table(sort_by=key, row_limit=rows) + "\n"
 
 
-def virtual_ring(args) -> str:
-    """One GPU: sum over P virtual ranks of blockwise compute + merge, against one SDPA call."""
+def _packed_baseline_step(q, k, v, dout, docs: torch.Tensor) -> None:
+    """Packed documents over the whole sequence without a ring: the flash varlen op on CUDA (one call over every
+    document, cumulative lengths), one SDPA call per document on CPU. Forward and backward."""
+    b, s, h, d = q.shape
+    ids = docs[0]
+    bounds = torch.cat([torch.tensor([0]), torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1, torch.tensor([s])])
+    if q.device.type == "cuda":
+        from ringtrain.ring.kernels import _expand_kv, _placeholders
+
+        cu = bounds.to(q.device, torch.int32)
+        longest = int((bounds[1:] - bounds[:-1]).max())
+        kk, vv = _expand_kv(k, v, h)
+        flat = [t[0] for t in (q, kk, vv)]  # [T, H, D]
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(*flat, cu, cu, longest, longest, 0.0, True, False)
+        rng, unused = _placeholders("flash_window", q.device)
+        torch.ops.aten._flash_attention_backward(dout[0], *flat, out, lse, cu, cu, longest, longest, 0.0, True,
+                                                 rng, unused)
+        return
+    for a, c in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        _sdpa_step(q[:, a:c], k[:, a:c], v[:, a:c], dout[:, a:c], True)
+
+
+def _window_baseline_step(q, k, v, dout, window: int) -> None:
+    """A causal sliding window over the whole sequence without a ring: the flash op's window sizes on CUDA, SDPA
+    with a dense band mask on CPU (a smoke figure only). Forward and backward."""
+    h = q.shape[2]
+    if q.device.type == "cuda":
+        from ringtrain.ring.kernels import KERNELS
+
+        kernel = KERNELS["cuda_flash"]
+        out, lse = kernel.forward(q, k, v, False, q.shape[-1] ** -0.5, window=(window - 1, 0))
+        kernel.backward(dout, q, k, v, out, lse, False, q.shape[-1] ** -0.5, window=(window - 1, 0))
+        return
+    i = torch.arange(q.shape[1])
+    band = (i[:, None] - i[None, :] >= 0) & (i[:, None] - i[None, :] < window)
+    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=band, enable_gqa=kt.shape[1] != h)
+    out.backward(dout.transpose(1, 2))
+
+
+VIRTUAL_CONFIGS = [  # (name, documents: mean length as a fraction of S, window as a fraction of S)
+    ("causal", None, None),
+    ("packed documents (mean S/16)", 1 / 16, None),
+    ("window S/8", None, 1 / 8),
+]
+
+
+def virtual_ring(args) -> tuple[str, list[dict]]:
+    """One GPU: sum over P virtual ranks of blockwise compute + merge (zigzag), against the same attention over the
+    whole sequence in one process: one SDPA call (causal), flash varlen (packed documents), the flash window op."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run of the script
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     q, k, v, dout = _inputs(args, device)
     profiles: list[str] = []  # printed after the table
     lines = [f"virtual ring P={args.virtual_ring} on {device_name}, torch {torch.__version__}: "
-             f"S={args.seq} H={args.heads} H_kv={args.kv_heads} D={args.head_dim} {args.dtype}",
-             "| config | SDPA s | virtual ring s (sum of ranks) | SDPA / ring | SDPA working MiB | ring working "
-             "MiB/rank (max) |", "|---|---|---|---|---|---|"]
-    world = args.virtual_ring
-    for name, causal, layout in CONFIGS:
-        sdpa = _time(lambda c=causal: _sdpa_step(q, k, v, dout, c), args, device)
-        sdpa_t = sdpa["wall"]
+             f"S={args.seq} H={args.heads} H_kv={args.kv_heads} D={args.head_dim} {args.dtype}, zigzag",
+             "| config | baseline | baseline s | virtual ring s (sum of ranks) | baseline / ring | baseline working "
+             "MiB | ring working MiB/rank (max) |", "|---|---|---|---|---|---|---|"]
+    world, records = args.virtual_ring, []
+    for name, doc_frac, window_frac in VIRTUAL_CONFIGS:
+        docs = None if doc_frac is None else packed_document_ids(1, args.seq, int(args.seq * doc_frac))
+        window = None if window_frac is None else int(args.seq * window_frac)
+        if docs is not None:
+            base_name, base = "flash varlen" if device.type == "cuda" else "SDPA per document", \
+                _time(lambda: _packed_baseline_step(q, k, v, dout, docs), args, device)
+        elif window is not None:
+            base_name, base = "flash window" if device.type == "cuda" else "SDPA + band mask", \
+                _time(lambda: _window_baseline_step(q, k, v, dout, window), args, device)
+        else:
+            base_name, base = "SDPA", _time(lambda: _sdpa_step(q, k, v, dout, True), args, device)
+        ring_docs = None if docs is None else RingDocuments(docs.to(device), world, "zigzag")
         total, mem = 0.0, 0
         for rank in range(world):
-            pos = rank_positions(args.seq, layout, world, rank, device=device)
+            pos = rank_positions(args.seq, "zigzag", world, rank, device=device)
             ql, kl, vl, dl = (t[:, pos] for t in (q, k, v, dout))
             ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
             comm = LoopbackComm(world, rank)
 
-            def step(ql=ql, kl=kl, vl=vl, dl=dl, comm=comm, causal=causal, layout=layout):
-                out = ring_attention_with_comm(comm, ql, kl, vl, causal=causal, layout=layout)
+            def step(ql=ql, kl=kl, vl=vl, dl=dl, comm=comm, window=window, ring_docs=ring_docs):
+                out = ring_attention_with_comm(comm, ql, kl, vl, window=window, document_ids=ring_docs)
                 out.backward(dl)
                 ql.grad = kl.grad = vl.grad = None
 
             timing = _time(step, args, device)
             total, mem = total + timing["wall"], max(mem, timing["mem"])
-            if args.profile and rank == 0 and layout == "zigzag" and causal:
-                profiles.append(_profile_table(step, f"virtual rank 0 of {world}, causal-zigzag"))
+            if args.profile and rank == 0 and docs is None and window is None:
+                profiles.append(_profile_table(step, f"virtual rank 0 of {world}, causal"))
                 profiles.append(_profile_table(lambda: _sdpa_step(q, k, v, dout, True), "SDPA causal"))
-        lines.append(f"| {name} | {sdpa_t:.4f} | {total:.4f} | {sdpa_t / total:.3f} | {sdpa['mem'] / 2**20:.0f} "
-                     f"| {mem / 2**20:.0f} |")
-    return "\n".join(lines + profiles)
+        records.append({"config": name, "seq": args.seq, "world": world, "baseline": base_name,
+                        "baseline_s": base["wall"], "ring_s": total, "baseline_over_ring": base["wall"] / total,
+                        "baseline_mib": base["mem"] / 2**20, "ring_mib_per_rank": mem / 2**20,
+                        "n_docs": None if docs is None else int(docs.max()) + 1})
+        lines.append(f"| {name} | {base_name} | {base['wall']:.4f} | {total:.4f} | {base['wall'] / total:.3f} "
+                     f"| {base['mem'] / 2**20:.0f} | {mem / 2**20:.0f} |")
+    return "\n".join(lines + profiles), records
+
+
+def ulysses_local(args) -> tuple[str, dict]:
+    """Issue 13: what a rank of pure Ulysses (R = 1) computes, one local call over the whole sequence for H/U heads
+    through the ring driver (a world of one), against one SDPA call on the same heads: the same kernel, so ~1."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    u = args.ulysses_local
+    heads, kv = args.heads // u, max(1, args.kv_heads // u)
+    shape = argparse.Namespace(**{**vars(args), "heads": heads, "kv_heads": kv})
+    q, k, v, dout = _inputs(shape, device)
+    sdpa = _time(lambda: _sdpa_step(q, k, v, dout, True), args, device)
+
+    def step():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        ring_attention(qq, kk, vv).backward(dout)
+
+    ring = _time(step, args, device)
+    rec = {"config": f"ulysses local (U={u})", "seq": args.seq, "heads": heads, "kv_heads": kv,
+           "sdpa_s": sdpa["wall"], "ringtrain_s": ring["wall"], "sdpa_over_ringtrain": sdpa["wall"] / ring["wall"]}
+    text = (f"Ulysses local attention, U={u}: S={args.seq}, {heads} heads ({kv} KV), one call through the driver "
+            f"{ring['wall']:.4f} s vs one SDPA call {sdpa['wall']:.4f} s: {rec['sdpa_over_ringtrain']:.3f}")
+    return text, rec
 
 
 def main() -> None:
@@ -475,6 +559,10 @@ def main() -> None:
     p.add_argument("--ulysses", default="", metavar="U,U,...",
                    help="issue 13: Ulysses degrees to compare at --world (default 4) ranks, e.g. 1,2,4 (1 = pure ring)")
     p.add_argument("--world", type=int, default=4, help="--ulysses: ranks")
+    p.add_argument("--ulysses-local", type=int, default=0, metavar="U",
+                   help="--virtual-ring: also time the local attention of pure Ulysses (H/U heads, the whole "
+                        "sequence) against one SDPA call")
+    p.add_argument("--json", type=Path, help="--virtual-ring: also write the records here")
     p.add_argument("--profile", action="store_true",
                    help="--virtual-ring: also print the ops taking the most device time (rank 0 and SDPA, causal)")
     p.add_argument("--sdpa-every-rank", action="store_true", help=argparse.SUPPRESS)
@@ -484,7 +572,16 @@ def main() -> None:
         args.seq, args.iters, args.warmup = 1024, 2, 1
 
     if args.virtual_ring:
-        print(virtual_ring(args))
+        text, records = virtual_ring(args)
+        print(text)
+        if args.ulysses_local:
+            text, rec = ulysses_local(args)
+            print(text)
+            records.append(rec)
+        if args.json:
+            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+            args.json.write_text(json.dumps({"device": device, "torch": torch.__version__, "records": records},
+                                            indent=1))
         return
     if args.backend == "nccl":
         local_rank = int(os.environ["LOCAL_RANK"])

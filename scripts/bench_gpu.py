@@ -110,26 +110,38 @@ def measure_context(kind: str, held: dict, mesh, seq_len: int, vocab: int, args)
     return measure(step, mesh.device, args.warmup, args.steps)
 
 
-def run_loop(kind: str, mesh, model: dict, contexts: list[int], args) -> list[dict]:
-    """One model per loop (built once: a 1.1B random init takes ~35 s), contexts in ascending order, each with
-    its own peak; stops at the first out-of-memory context."""
+def run_loop(kind: str, mesh, model: dict, contexts: list[int], args, recompute: str = "full",
+             time_limit_s: float = 0.0) -> list[dict]:
+    """One model per loop, contexts in ascending order, each with its own peak; stops at the first out-of-memory
+    context, or (with `time_limit_s`) before a context whose step would not finish in what is left: a step's time
+    is predicted as 4x the last one's (attention grows with the square of the context)."""
     records: list[dict] = []
     if not contexts:
         return records
     contexts = sorted(contexts)
-    spec = {"seq_len": contexts[-1], "model": model, "layout": "zigzag", "ac": True, "loss_chunk": 0}
+    start = time.perf_counter()
+    spec = {"seq_len": contexts[-1], "model": model, "layout": "zigzag", "ac": recompute, "loss_chunk": 0}
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         held = build_loop(kind, mesh, spec, args, out)
         print(f"  {kind}: built in {time.perf_counter() - t0:.0f}s", flush=True)
         for seq_len in contexts:
             t0 = time.perf_counter()
+            last = next((r for r in reversed(records) if "step_s" in r), None)
+            if time_limit_s and last is not None:
+                predicted = 4 * last["step_s"] * (args.warmup + args.steps)
+                if t0 - start + predicted > time_limit_s:
+                    records.append({"kind": kind, "recompute": recompute, "seq_len": seq_len, "not_tried":
+                                    f"predicted {predicted:.0f}s, {time_limit_s - (t0 - start):.0f}s left"})
+                    print(f"  {kind} S={seq_len}: not tried ({records[-1]['not_tried']})", flush=True)
+                    break
             try:
                 res = measure_context(kind, held, mesh, seq_len, model["vocab_size"], args)
             except torch.OutOfMemoryError as e:
                 res = {"oom": str(e).splitlines()[0][:160]}
             _free(mesh.device)  # outside the except clause: the traceback's frames hold the attempt's tensors
-            res.update(kind=kind, seq_len=seq_len, elapsed_s=time.perf_counter() - t0)
+            res.update(kind=kind, seq_len=seq_len, elapsed_s=time.perf_counter() - t0,
+                       recompute=recompute if kind == "ringtrain" else "none")
             records.append(res)
             if "oom" in res:
                 print(f"  {kind} S={seq_len}: out of memory ({res['elapsed_s']:.0f}s)", flush=True)
@@ -158,8 +170,11 @@ def report(records: list[dict], device_name: str, args, lm_meta) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        name = "ringtrain SP=1 (ring/flash, AC, chunked loss, FSDP2)" if r["kind"] == "ringtrain" else \
-            "plain transformers (sdpa, full logits, no AC)"
+        name = f"ringtrain SP=1 (recompute {r['recompute']}, chunked loss, FSDP2)" if r["kind"] == "ringtrain" else \
+            "plain transformers (sdpa, full logits, no recompute)"
+        if "not_tried" in r:
+            lines.append(f"| {name} | {r['seq_len']:,} | not tried: {r['not_tried']} | - | - | - | - | - |")
+            continue
         if "oom" in r:
             lines.append(f"| {name} | {r['seq_len']:,} | OOM | - | - | - | > {args.gpu_gib:.0f} | - |")
             continue
@@ -170,14 +185,16 @@ def report(records: list[dict], device_name: str, args, lm_meta) -> str:
             f"| {tflops:.1f} | {'-' if mfu is None else f'{mfu:.1%}'} "
             f"| {r['peak_bytes'] / GIB:.1f} | {r['losses'][0]:.5f} |"
         )
-    both = {(r["kind"], r["seq_len"]): r for r in records if "oom" not in r}
-    pairs = [s for (k, s) in both if k == "plain" and ("ringtrain", s) in both]
+    done = [r for r in records if "step_s" in r]
+    plain = {r["seq_len"]: r for r in done if r["kind"] == "plain"}
+    pairs = [r for r in done if r["kind"] == "ringtrain" and r["seq_len"] in plain]
     if pairs:
-        lines += ["", "| context | ringtrain / plain tokens/s | ringtrain / plain peak memory |", "|---|---|---|"]
-        for s in sorted(pairs):
-            rt, pl = both[("ringtrain", s)], both[("plain", s)]
+        lines += ["", "| recompute | context | ringtrain / plain tokens/s | ringtrain / plain peak memory |",
+                  "|---|---|---|---|"]
+        for rt in sorted(pairs, key=lambda r: (r["recompute"], r["seq_len"])):
+            pl = plain[rt["seq_len"]]
             mem = f"{rt['peak_bytes'] / pl['peak_bytes']:.2f}x" if pl["peak_bytes"] else "- (CPU: not measured)"
-            lines.append(f"| {s:,} | {pl['step_s'] / rt['step_s']:.2f}x | {mem} |")
+            lines.append(f"| {rt['recompute']} | {rt['seq_len']:,} | {pl['step_s'] / rt['step_s']:.2f}x | {mem} |")
     return "\n".join(lines)
 
 
@@ -190,12 +207,27 @@ def main() -> None:
                    help="the plain loop stops at the first that runs out of memory")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--recompute", default="full",
+                   help="comma-separated train.activation_checkpointing policies, one ringtrain loop each "
+                        "(e.g. none,every:2,full); 128K runs only with the last")
+    p.add_argument("--max-context", type=int, default=0, metavar="S",
+                   help="instead: the longest context that trains one step, doubling from S (recompute full)")
+    p.add_argument("--max-context-limit", type=int, default=1 << 20, help="--max-context: the largest tried")
+    p.add_argument("--time-limit", type=float, default=100.0,
+                   help="--max-context: seconds; a context whose predicted step would not fit is not tried")
     p.add_argument("--quick", action="store_true", help="tiny model, contexts 256 and 1,024, fp32: a smoke run")
     p.add_argument("--json", type=Path, help="also write the raw records here")
     args = p.parse_args()
     if args.quick:
         args.model, args.dtype = "tiny", "float32"
         args.ringtrain_contexts, args.plain_contexts = [256, 1024], [256, 1024]
+    if args.max_context:
+        args.ringtrain_contexts, args.plain_contexts = [], []
+        size = args.max_context
+        while size <= args.max_context_limit:
+            args.ringtrain_contexts.append(size)
+            size *= 2
+        args.warmup, args.steps = 0, 1
 
     from ringtrain.distributed import ParallelConfig, init_distributed, teardown_distributed
     from ringtrain.log import setup_logging
@@ -208,9 +240,16 @@ def main() -> None:
     model = MODEL_1B if args.model == "1b" else MODEL_TINY
     model = {**model, "max_position_embeddings": max([*args.ringtrain_contexts, *args.plain_contexts])}
     records = []
+    policies = args.recompute.split(",")
     try:
-        records += run_loop("ringtrain", mesh, model, args.ringtrain_contexts, args)
-        records += run_loop("plain", mesh, model, args.plain_contexts, args)
+        if args.max_context:
+            records += run_loop("ringtrain", mesh, model, args.ringtrain_contexts, args, "full", args.time_limit)
+        else:
+            for i, policy in enumerate(policies):
+                # The longest context only with the last policy (full recompute: the one that reaches it).
+                contexts = args.ringtrain_contexts if i == len(policies) - 1 else args.ringtrain_contexts[:-1]
+                records += run_loop("ringtrain", mesh, model, contexts, args, policy)
+            records += run_loop("plain", mesh, model, args.plain_contexts, args)
     finally:
         teardown_distributed()
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -218,9 +257,12 @@ def main() -> None:
     with torch.device("meta"):  # shapes only: parameter count and config for the FLOP formula
         lm_meta = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **model))
     print(report(records, device_name, args, lm_meta))
+    if args.max_context:
+        trained = [r["seq_len"] for r in records if "step_s" in r]
+        print(f"longest context that trained one step: {max(trained) if trained else 'none'}")
     if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "records": records},
-                                        indent=1))
+        args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "records": records,
+                                         "max_context": bool(args.max_context)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,48 +1,85 @@
 #!/usr/bin/env bash
-# The checks only a GPU can make, in one run of at most BUDGET_S seconds (default 540); docs/benchmarks.md holds
-# their figures. In order of value, each step capped by what is left of the budget:
-#   1. the CUDA kernels, and the multi-rank ring on CUDA, against float64 references (pytest -m gpu);
-#   2. ring attention on one GPU: the virtual ring against SDPA, time and working memory, 32K and 128K tokens;
-#   3. the trainer on CUDA against a plain transformers loop: tokens/s, MFU, peak memory, 8K-128K tokens;
-#   4. the trainer alone at 256K tokens (memory at long context on one device).
-# On one H200 (2026-11-26): tests 23 s, virtual rings 56 s, trainer ~210 s (each 1.1B build then took 35-60 s: init
-# on the host, since moved to the device), so step 4 (~170 s) fits a 540 s budget. Add the device's start-up
-# (1-2 min) when sizing a lease.
-# Usage: bash scripts/gpu_check.sh [OUT_DIR]      logs and JSON land in OUT_DIR (default: gpu_check/)
+# The one GPU script (issues 13, 14, 16): every check a GPU lease should run, in order of value, each step capped by
+# what is left of a budget of BUDGET_S seconds (default 480: 8 minutes on one H200, leaving a lease room to rerun):
+#   1. tests: the CUDA kernels (cuDNN, flash, efficient, flash windows) and the multi-rank ring on CUDA, against
+#      float64 references (pytest -m gpu);
+#   2. attention: the virtual ring against one SDPA call (causal), flash varlen over the documents (packed
+#      documents, mean length S/16) and the flash window op (window S/8), at 32K (P=4) and 128K (P=8); and the
+#      Ulysses local attention (one call over S for H/U heads) against one SDPA call with H/U heads;
+#   3. trainer: the 1.1B Llama shape at 8K/32K/128K against a plain transformers loop, per recompute policy;
+#   4. the longest context that trains one step (doubling from 128K until out of memory or out of time).
+# Writes OUT/summary.json (every step's status and figures) and OUT/summary.md (the tables for docs/benchmarks.md),
+# and exits non-zero when any step failed or timed out.
+#   bash scripts/gpu_check.sh [--out DIR]       default DIR: gpu_check/
+#   bash scripts/gpu_check.sh --cpu-smoke       the same script end to end on CPU with tiny sizes (the test suite
+#                                               runs it, so a lease is never spent on a broken script)
 set -u
-out=${1:-gpu_check}
+out=gpu_check
+smoke=0
+while (($#)); do
+    case $1 in
+        --cpu-smoke) smoke=1; shift ;;
+        --out) out=$2; shift 2 ;;
+        *) echo "usage: bash scripts/gpu_check.sh [--cpu-smoke] [--out DIR]" >&2; exit 2 ;;
+    esac
+done
 mkdir -p "$out"
 py=${PYTHON:-python3}
-budget=${BUDGET_S:-540}
+budget=${BUDGET_S:-480}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+status_file="$out/status.tsv"
+: > "$status_file"
+failed=0
 
-# step NAME MAX_SECONDS CMD...: run CMD (output to $out/NAME.log and the terminal) for at most MAX_SECONDS or
-# what is left of the budget; skipped when under 30 s are left.
+# step NAME MAX_SECONDS CMD...: run CMD (output to $out/NAME.log) for at most MAX_SECONDS or what is left of the
+# budget; skipped (and counted as failed) when under 20 s are left.
 step() {
-    local name=$1 max=$2 left=$((budget - SECONDS))
+    local name=$1 max=$2 left=$((budget - SECONDS)) t0=$SECONDS rc
     shift 2
     ((left < max)) && max=$left
-    if ((max < 30)); then
+    if ((max < 20)); then
         echo "== $name: skipped, ${left}s of the budget left" | tee "$out/$name.log"
+        printf '%s\tskipped\t0\n' "$name" >> "$status_file"
+        failed=1
         return
     fi
     echo "== $name (at ${SECONDS}s, limit ${max}s): $*"
     timeout "$max" "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    tail -n 40 "$out/$name.log"
-    echo "== $name: rc=$rc after ${SECONDS}s"
+    rc=$?
+    tail -n 25 "$out/$name.log"
+    echo "== $name: rc=$rc after $((SECONDS - t0))s"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$status_file"
+    ((rc != 0)) && failed=1
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+{ if ((smoke)); then echo "cpu smoke run"; else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
   $py -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-'transformers', transformers.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$out/env.log"
+'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"
+} > "$out/env.log" 2>&1
+cat "$out/env.log"
 
-step tests 200 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py
-step vring_32k 60 $py scripts/bench_attention.py --virtual-ring 4 --seq 32768 --heads 32 --kv-heads 8 \
-    --head-dim 128 --dtype bf16 --iters 3 --warmup 1
-step vring_128k 120 $py scripts/bench_attention.py --virtual-ring 8 --seq 131072 --heads 32 --kv-heads 8 \
-    --head-dim 128 --dtype bf16 --iters 2 --warmup 1
-step trainer 240 $py scripts/bench_gpu.py --json "$out/trainer.json"
-# One step of ~100 s after a ~60 s build (a 1.1B random init on the host): the peak, not a throughput figure.
-step trainer_256k 200 $py scripts/bench_gpu.py --ringtrain-contexts 262144 --plain-contexts --warmup 0 --steps 1 \
-    --json "$out/trainer_256k.json"
+if ((smoke)); then
+    attn=(--seq 1024 --heads 4 --kv-heads 2 --head-dim 32 --dtype fp32 --iters 1 --warmup 0)
+    step tests 120 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py
+    step attention_small 60 $py scripts/bench_attention.py --virtual-ring 2 "${attn[@]}" --json "$out/attention_small.json"
+    step attention_large 60 $py scripts/bench_attention.py --virtual-ring 4 "${attn[@]}" --ulysses-local 2 \
+        --json "$out/attention_large.json"
+    step trainer 120 $py scripts/bench_gpu.py --quick --recompute none,full --json "$out/trainer.json"
+    step max_context 60 $py scripts/bench_gpu.py --quick --max-context 1024 --max-context-limit 4096 \
+        --json "$out/max_context.json"
+else
+    attn=(--heads 32 --kv-heads 8 --head-dim 128 --dtype bf16)
+    step tests 150 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py
+    step attention_small 50 $py scripts/bench_attention.py --virtual-ring 4 --seq 32768 "${attn[@]}" --iters 3 \
+        --warmup 1 --ulysses-local 8 --json "$out/attention_small.json"
+    step attention_large 80 $py scripts/bench_attention.py --virtual-ring 8 --seq 131072 "${attn[@]}" --iters 2 \
+        --warmup 1 --json "$out/attention_large.json"
+    step trainer 150 $py scripts/bench_gpu.py --recompute none,every:2,full --json "$out/trainer.json"
+    step max_context 120 $py scripts/bench_gpu.py --max-context 262144 --max-context-limit 1048576 \
+        --json "$out/max_context.json"
+fi
+
+$py scripts/gpu_summary.py "$out" || failed=1
+echo "== summary: $out/summary.md, $out/summary.json (failed=$failed, ${SECONDS}s)"
+exit $failed

@@ -23,7 +23,7 @@ from ringtrain.ring.layout import (
     rank_positions,
     unshard_sequence,
 )
-from ringtrain.ring.pieces import Piece, PieceKind, block_pieces
+from ringtrain.ring.pieces import Piece, PieceKind, block_pieces, split_causal
 from ringtrain.ring.plan import (
     Block,
     RingClassification,
@@ -132,16 +132,20 @@ class _BlockPieces:
             self._pos[rank] = rank_positions(self.seq_len, self.layout, self.world, rank)
         return self._pos[rank]
 
-    def __call__(self, step: int, qs: slice, ks: slice) -> list[Piece]:
-        key = (step, qs.start, qs.stop, ks.start, ks.stop)
+    def __call__(self, step: int, qs: slice, ks: slice, causal_block: int = 0) -> list[Piece]:
+        """The block's pieces; with `causal_block`, long CAUSAL pieces split for the kernel (`split_causal`)."""
+        key = (step, qs.start, qs.stop, ks.start, ks.stop, causal_block)
         if key not in self._pieces:
             qp = self.positions(self.rank)[qs]
             kp = self.positions(step_source(self.world, self.rank, step))[ks]
             ids = None if self.docs is None else self.docs.global_ids.cpu()
-            self._pieces[key] = block_pieces(
+            pieces = block_pieces(
                 qp, kp, None if ids is None else ids[:, qp], None if ids is None else ids[:, kp],
                 self.causal, self.window, self.batch,
             )
+            if causal_block:
+                pieces = [p for pc in pieces for p in split_causal(pc, causal_block)]
+            self._pieces[key] = pieces
         return self._pieces[key]
 
 
@@ -158,7 +162,8 @@ def _calls(blk: Block, step: int, kernel: LocalKernel, pieces: _BlockPieces | No
     if not blk.masked:
         yield kernel, _ALL_ROWS, qs, ks, blk.causal, {}
         return
-    for pc in pieces(step, qs, ks):
+    causal_block = getattr(kernel, "causal_block", 0)
+    for pc in pieces(step, qs, ks, causal_block):
         q_sl = slice(qs.start + pc.q_start, qs.start + pc.q_stop)
         k_sl = slice(ks.start + pc.k_start, ks.start + pc.k_stop)
         if pc.kind == PieceKind.BAND and getattr(kernel, "supports_window", False):

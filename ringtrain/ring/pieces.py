@@ -75,6 +75,23 @@ class Piece:
         return shift - self.offset + self.window - 1, self.offset - shift
 
 
+def split_causal(piece: Piece, block: int) -> list[Piece]:
+    """A CAUSAL piece longer than `block` as causal squares of `block` tokens on the diagonal plus, for each, one
+    FULL piece of its queries against every key before it: the same pairs, for kernels whose causal call computes
+    masked work per row up to a fixed key block (the CPU flash op computes a short causal square whole)."""
+    n = piece.q_stop - piece.q_start
+    if piece.kind != PieceKind.CAUSAL or n <= block:
+        return [piece]
+    out = []
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        q0, k0 = piece.q_start + lo, piece.k_start + lo
+        out.append(Piece(piece.row_start, piece.row_stop, q0, q0 + hi - lo, k0, k0 + hi - lo, PieceKind.CAUSAL))
+        if lo:
+            out.append(Piece(piece.row_start, piece.row_stop, q0, q0 + hi - lo, piece.k_start, k0, PieceKind.FULL))
+    return out
+
+
 def _segments(pos: torch.Tensor, docs: torch.Tensor | None) -> list[tuple[int, int, int, int]]:
     """(local start, local stop, first position, document) of each maximal run of consecutive positions in one
     document."""

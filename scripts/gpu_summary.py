@@ -1,0 +1,83 @@
+"""Merge what scripts/gpu_check.sh wrote into OUT/summary.json and OUT/summary.md (the tables for docs/benchmarks.md).
+
+    python scripts/gpu_summary.py OUT
+
+Exits 1 when a step failed or a file a step should have written is missing, so gpu_check.sh fails with it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+STEP_FILES = {"attention_small": "attention_small.json", "attention_large": "attention_large.json",
+              "trainer": "trainer.json", "max_context": "max_context.json"}
+
+
+def _steps(out: Path) -> list[dict]:
+    rows = []
+    for line in (out / "status.tsv").read_text().splitlines():
+        name, rc, seconds = line.split("\t")
+        rows.append({"step": name, "status": "ok" if rc == "0" else "skipped" if rc == "skipped" else f"rc={rc}",
+                     "seconds": int(seconds)})
+    return rows
+
+
+def _attention_md(records: list[dict]) -> list[str]:
+    lines = ["| attention | S | P | baseline | baseline s | ringtrain s | baseline / ringtrain |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "baseline_s" in r:
+            lines.append(f"| {r['config']} | {r['seq']:,} | {r['world']} | {r['baseline']} | {r['baseline_s']:.4f} "
+                         f"| {r['ring_s']:.4f} | {r['baseline_over_ring']:.3f} |")
+        else:
+            lines.append(f"| {r['config']} ({r['heads']} heads) | {r['seq']:,} | 1 | SDPA | {r['sdpa_s']:.4f} "
+                         f"| {r['ringtrain_s']:.4f} | {r['sdpa_over_ringtrain']:.3f} |")
+    return lines
+
+
+def _trainer_md(records: list[dict]) -> list[str]:
+    lines = ["| loop | recompute | context | step s | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
+    for r in records:
+        if "step_s" in r:
+            lines.append(f"| {r['kind']} | {r['recompute']} | {r['seq_len']:,} | {r['step_s']:.3f} "
+                         f"| {r['seq_len'] / r['step_s']:,.0f} | {r['peak_bytes'] / 2**30:.1f} |")
+        else:
+            why = r.get("oom", r.get("not_tried", "?"))
+            lines.append(f"| {r['kind']} | {r['recompute']} | {r['seq_len']:,} | {why[:60]} | - | - |")
+    return lines
+
+
+def main(out: Path) -> int:
+    steps = _steps(out)
+    summary: dict = {"steps": steps, "env": (out / "env.log").read_text() if (out / "env.log").exists() else ""}
+    failed = [s["step"] for s in steps if s["status"] != "ok"]
+    md = ["# GPU check", "", "```", summary["env"].strip(), "```", "", "| step | status | seconds |", "|---|---|---|"]
+    md += [f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps]
+    ran = {s["step"] for s in steps if s["status"] == "ok"}
+    for step, name in STEP_FILES.items():
+        path = out / name
+        if not path.exists():
+            if step in ran:
+                failed.append(f"{step} (wrote no {name})")
+            continue
+        data = json.loads(path.read_text())
+        summary[step] = data
+        md += ["", f"## {step} ({data['device']}, torch {data['torch']})", ""]
+        md += _attention_md(data["records"]) if step.startswith("attention") else _trainer_md(data["records"])
+        if step == "max_context":
+            trained = [r["seq_len"] for r in data["records"] if "step_s" in r]
+            summary["longest_context"] = max(trained) if trained else None
+            md += ["", f"Longest context that trained one step: {summary['longest_context']}"]
+    summary["failed"] = failed
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/gpu_summary.py OUT")
+    sys.exit(main(Path(sys.argv[1])))
