@@ -23,12 +23,12 @@ from ringtrain.distributed import ParallelConfig, resolve_parallel_sizes
 from ringtrain.errors import ConfigError
 from ringtrain.eval import EvalConfig
 from ringtrain.hf.rope import RopeConfig
+from ringtrain.loop_config import TrainLoopConfig
 from ringtrain.metrics import LoggingConfig
 from ringtrain.model import ModelConfig
 from ringtrain.optim import OptimConfig
 from ringtrain.ring.layout import LAYOUTS, required_multiple
 from ringtrain.ring.ulysses import ulysses_head_problems
-from ringtrain.loop_config import TrainLoopConfig
 
 
 @dataclass
@@ -49,15 +49,16 @@ class TrainConfig:
         problems = []
         par, seq_len = self.parallel, self.train.seq_len
         sp, u = par.sp_size, par.ulysses_size
-        if sp >= 1 and u >= 1 and sp % u == 0 and seq_len >= 1 and par.layout in LAYOUTS:
-            multiple = required_multiple(sp // u, par.layout, u)
+        layout = "zigzag" if par.layout == "auto" else par.layout  # balanced falls back to zigzag without documents
+        if sp >= 1 and u >= 1 and sp % u == 0 and seq_len >= 1 and layout in LAYOUTS:
+            multiple = required_multiple(sp // u, layout, u)
             if seq_len % multiple:
                 fixed = (seq_len // multiple + 1) * multiple
                 ring = f"parallel.sp_size={sp}" if u == 1 else \
                     f"ring size {sp // u} x parallel.ulysses_size={u}"
-                times = "2 x " if par.layout == "zigzag" else ""
+                times = "2 x " if layout != "contiguous" else ""
                 problems.append(("train.seq_len", f"train.seq_len={seq_len} is not a multiple of {multiple} "
-                                                  f"({times}{ring}, {par.layout} layout): use train.seq_len={fixed}"))
+                                                  f"({times}{ring}, {layout} layout): use train.seq_len={fixed}"))
         return problems
 
 

@@ -34,8 +34,10 @@ class ParallelConfig:
     whole ring shard for H/U heads; K/V rotate around a ring of sp_size / U ranks. 1: the pure ring."""
     dp_size: int = 0
     """Data-parallel degree; 0 means world_size // sp_size."""
-    layout: str = "zigzag"
-    """How a sequence is split over the SP ranks: 'zigzag' (balanced for causal masks) or 'contiguous'."""
+    layout: str = "auto"
+    """How a sequence is split over the ring: 'zigzag' (balances one causal sequence), 'contiguous', 'balanced'
+    (per batch, balances the causal work of packed documents without padding; zigzag without documents), or 'auto':
+    balanced when data.document_mask is on, else zigzag (the log says which)."""
     timeout_s: float = 600.0
     """Collective timeout in seconds: a dead or stuck rank makes the others fail after this long."""
     attention_kernel: str = "auto"
@@ -58,8 +60,8 @@ class ParallelConfig:
                                              f"{', '.join(map(str, choices))}"))
         if self.dp_size < 0:
             problems.append(("dp_size", f"dp_size={self.dp_size} must be >= 1, or 0 for world_size // sp_size"))
-        if self.layout not in LAYOUTS:
-            problems.append(("layout", f"layout={self.layout!r} is not one of {', '.join(LAYOUTS)}"))
+        if self.layout not in (*LAYOUTS, "auto"):
+            problems.append(("layout", f"layout={self.layout!r} is not one of {', '.join(LAYOUTS)}, auto"))
         if self.timeout_s <= 0:
             problems.append(("timeout_s", f"timeout_s={self.timeout_s} must be > 0 seconds"))
         from ringtrain.ring.kernels import KERNELS
@@ -156,6 +158,17 @@ class Mesh:
     @property
     def world_size(self) -> int:
         return dist.get_world_size()
+
+
+def resolve_layout(parallel: ParallelConfig, document_mask: bool, log: bool = True) -> str:
+    """parallel.layout with 'auto' resolved: balanced when attention is masked per document (packed documents are
+    where zigzag leaves stragglers), zigzag otherwise. Logged, so a run says what it chose."""
+    if parallel.layout != "auto":
+        return parallel.layout
+    layout = "balanced" if document_mask else "zigzag"
+    if log:
+        logger.info("parallel.layout=auto -> %s (data.document_mask=%s)", layout, document_mask)
+    return layout
 
 
 def build_mesh(parallel: ParallelConfig, device: torch.device | None = None) -> Mesh:

@@ -220,6 +220,7 @@ def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
     """Assemble a Trainer: the model (the builder eval shares), its parallelism, optimizer, data, checkpoints."""
     from ringtrain.checkpoint import CheckpointManager
     from ringtrain.data import build_dataloader, build_tokenizer
+    from ringtrain.distributed import resolve_layout
     from ringtrain.model import build_causal_lm
     from ringtrain.optim import build_optimizer, build_scheduler
     from ringtrain.parallelize import parallelize_model
@@ -227,7 +228,7 @@ def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
     tcfg = cfg.train
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     lm = build_causal_lm(cfg, mesh.device)
-    sp = mesh.sequence_parallel(cfg.parallel.layout, cfg.parallel)
+    sp = mesh.sequence_parallel(resolve_layout(cfg.parallel, cfg.data.document_mask), cfg.parallel)
     flops_per_token = model_flops_per_token(lm, tcfg.seq_len)
     model = parallelize_model(lm, tcfg, mesh, sp)
     optimizer = build_optimizer(model, cfg.optim)

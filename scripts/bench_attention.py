@@ -7,6 +7,8 @@ CPU (default): spawns P=1 and P=2 gloo ranks, one thread each, and compares agai
     python scripts/bench_attention.py --quick         # small sizes, seconds
     python scripts/bench_attention.py --masks         # packed documents and sliding windows (issue 7)
     python scripts/bench_attention.py --ulysses 1,2,4 # world 4: ring x Ulysses splits (issue 13)
+    python scripts/bench_attention.py --balance --world 8 --seq 131072 --doc-lengths 65536,1000,... [--json F]
+                                                      # issue 17: work balance of each layout, no attention run
 
 CUDA: `torchrun --nproc-per-node N scripts/bench_attention.py --backend nccl` (NCCL, one GPU per rank),
 or on one GPU `python scripts/bench_attention.py --virtual-ring 4 [--profile]`: every virtual rank's blockwise
@@ -44,10 +46,17 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ringtrain.ring import RingDocuments, rank_work, ring_attention, shard_sequence  # noqa: E402
-from ringtrain.ring.attention import DEFAULT_TILE_TOKENS, ring_attention_with_comm  # noqa: E402
+from ringtrain.ring import (  # noqa: E402
+    RingDocuments,
+    SequenceParallel,
+    rank_work,
+    ring_attention,
+    select_kernel,
+    shard_sequence,
+)
+from ringtrain.ring.attention import DEFAULT_TILE_TOKENS, pairs_evaluated, ring_attention_with_comm  # noqa: E402
 from ringtrain.ring.layout import get_layout, rank_positions  # noqa: E402
-from ringtrain.ring.plan import static_classification, visible_work  # noqa: E402
+from ringtrain.ring.plan import visible_work  # noqa: E402
 
 CONFIGS = [  # (name, causal, layout)
     ("causal-zigzag", True, "zigzag"),
@@ -60,6 +69,7 @@ MASK_CONFIGS = [
     ("causal-zigzag (no mask)", "zigzag", False, None),
     ("packed docs, zigzag", "zigzag", True, None),
     ("packed docs, contiguous", "contiguous", True, None),
+    ("packed docs, balanced", "balanced", True, None),
     ("window S/8, zigzag", "zigzag", False, 1 / 8),
     ("window S/8, contiguous", "contiguous", False, 1 / 8),
 ]
@@ -79,14 +89,6 @@ def packed_document_ids(batch: int, seq: int, mean_tokens: int, seed: int = 0) -
             total += lengths[-1]
         rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
     return torch.stack(rows)
-
-
-def plan_work(args, world: int, layout: str, docs: torch.Tensor | None, window: int | None) -> list[int]:
-    """Per-rank work of the plan ring_attention builds for these inputs (same tile choice)."""
-    if docs is None:
-        tiles = None if window is None else DEFAULT_TILE_TOKENS
-        return static_classification(args.seq, world, get_layout(layout), True, window, tiles).rank_work()
-    return RingDocuments(docs, world, layout).classification(True, window, DEFAULT_TILE_TOKENS).rank_work()
 
 
 class PeakRSS:
@@ -234,12 +236,14 @@ def bench_masks_rank(group, device: torch.device, args) -> dict:
     for name, layout, use_docs, window_frac in MASK_CONFIGS:
         window = None if window_frac is None else int(args.seq * window_frac)
         docs = docs_full if use_docs else None
-        ql, kl, vl, dl = (shard_sequence(t, group=group, layout=layout) for t in (q, k, v, dout))
+        sp = SequenceParallel(ring_group=group, layout=layout)
+        ring_docs = None if docs is None else sp.documents(docs)  # the batch's own layout for 'balanced'
+        sp = sp if ring_docs is None else sp.with_layout(ring_docs.layout)
+        ql, kl, vl, dl = (sp.shard(t) for t in (q, k, v, dout))
         ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
-        dl_docs = None if docs is None else shard_sequence(docs, group=group, layout=layout).to(device)
 
-        def step(ql=ql, kl=kl, vl=vl, dl=dl, layout=layout, window=window, dl_docs=dl_docs):
-            out = ring_attention(ql, kl, vl, group=group, layout=layout, window=window, document_ids=dl_docs)
+        def step(ql=ql, kl=kl, vl=vl, dl=dl, sp=sp, window=window, ring_docs=ring_docs):
+            out = sp.attention(ql, kl, vl, window=window, document_ids=ring_docs)
             out.backward(dl)
             ql.grad = kl.grad = vl.grad = None
 
@@ -248,8 +252,9 @@ def bench_masks_rank(group, device: torch.device, args) -> dict:
             step()
         res["configs"][name] = {
             **timing, "sent": sent.total,
-            "work": plan_work(args, world, layout, docs, window),
-            "visible": visible_work(docs, world, layout, seq_len=args.seq, window=window),
+            "work": pairs_evaluated(ring_docs, world, sp.layout, args.seq, args.batch, window=window,
+                                    causal_block=getattr(select_kernel(ql), "causal_block", 0))[0],
+            "visible": visible_work(docs, world, sp.layout, seq_len=args.seq, window=window),
             "n_docs": None if docs is None else int(docs[0].max()) + 1,
         }
     return res
@@ -341,6 +346,47 @@ def report_hybrid(by_u: dict[int, list[dict]], args, machine: str) -> str:
     lines.append("")
     lines.append("wall/CPU vs pure ring: the pure ring's time / this split's (above 1 = faster).")
     return "\n".join(lines)
+
+
+def balance_report(args) -> tuple[str, dict]:
+    """Issue 17: for zigzag, contiguous and balanced, the pairs each rank's kernel calls evaluate (from the plan and
+    its pieces), the visible pairs, max/min over ranks, the K/V bytes each rank sends per fwd+bwd (from the number
+    of ring steps), and the time to plan one batch on one rank. Nothing is computed on tensors of activations."""
+    from ringtrain.ring.attention import pairs_evaluated
+
+    lengths = [int(x) for x in args.doc_lengths.split(",") if x.strip()]
+    if sum(lengths) < args.seq:
+        lengths.append(args.seq - sum(lengths))  # the rest of the sequence: one more document
+    lengths, total = [n for n in lengths if n > 0], 0
+    cut = []
+    for n in lengths:
+        cut.append(min(n, args.seq - total))
+        total += cut[-1]
+        if total == args.seq:
+            break
+    docs = torch.repeat_interleave(torch.arange(len(cut)), torch.tensor(cut))[None]
+    world = args.world
+    elem = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    kv_shard = 2 * (args.seq // world) * args.kv_heads * args.head_dim  # K and V of one rank, batch 1
+    out: dict = {}
+    lines = [f"layout balance: P={world}, S={args.seq}, {len(cut)} documents (longest {max(cut)}, shortest "
+             f"{min(cut)}); H_kv={args.kv_heads} D={args.head_dim} {args.dtype}", "",
+             "| layout | pairs evaluated (M, max/rank) | work max/min | visible max/min | ring steps "
+             "| K/V MiB sent/rank | plan s/batch (one rank) |", "|---|---|---|---|---|---|---|"]
+    for name in ("zigzag", "contiguous", "balanced"):
+        t0 = time.perf_counter()
+        ring_docs = RingDocuments(docs, world, get_layout(name).for_documents(docs, world))
+        ring_docs.plan(0, True, None, DEFAULT_TILE_TOKENS)
+        plan_s = time.perf_counter() - t0
+        work, n_steps = pairs_evaluated(ring_docs, world, name, args.seq)
+        visible = visible_work(docs, world, ring_docs.layout)
+        sent = (n_steps - 1) * kv_shard * (2 * elem + 4)  # K/V forward and backward, fp32 dK/dV partials
+        out[name] = {"work": work, "visible": visible, "work_max_min": max(work) / max(min(work), 1),
+                     "visible_max_min": max(visible) / max(min(visible), 1), "ring_steps": n_steps,
+                     "kv_bytes_per_rank": [sent] * world, "plan_s": plan_s}
+        lines.append(f"| {name} | {max(work) / 1e6:.1f} | {out[name]['work_max_min']:.3f} "
+                     f"| {out[name]['visible_max_min']:.3f} | {n_steps} | {sent / 2**20:.1f} | {plan_s:.4f} |")
+    return "\n".join(lines), out
 
 
 def _spawned(mesh, args) -> dict:
@@ -482,10 +528,10 @@ def virtual_ring(args) -> tuple[str, list[dict]]:
         window = None if window_frac is None else int(args.seq * window_frac)
         if docs is not None:
             base_name, base = "flash varlen" if device.type == "cuda" else "SDPA per document", \
-                _time(lambda: _packed_baseline_step(q, k, v, dout, docs), args, device)
+                _time(lambda docs=docs: _packed_baseline_step(q, k, v, dout, docs), args, device)
         elif window is not None:
             base_name, base = "flash window" if device.type == "cuda" else "SDPA + band mask", \
-                _time(lambda: _window_baseline_step(q, k, v, dout, window), args, device)
+                _time(lambda window=window: _window_baseline_step(q, k, v, dout, window), args, device)
         else:
             base_name, base = "SDPA", _time(lambda: _sdpa_step(q, k, v, dout, True), args, device)
         ring_docs = None if docs is None else RingDocuments(docs.to(device), world, "zigzag")
@@ -558,7 +604,11 @@ def main() -> None:
     p.add_argument("--doc-tokens", type=int, default=1000, help="--masks: mean packed document length")
     p.add_argument("--ulysses", default="", metavar="U,U,...",
                    help="issue 13: Ulysses degrees to compare at --world (default 4) ranks, e.g. 1,2,4 (1 = pure ring)")
-    p.add_argument("--world", type=int, default=4, help="--ulysses: ranks")
+    p.add_argument("--world", type=int, default=4, help="--ulysses, --balance: ranks")
+    p.add_argument("--balance", action="store_true",
+                   help="issue 17: work balance, ring steps and bytes of each layout for --doc-lengths (no attention)")
+    p.add_argument("--doc-lengths", default="", help="--balance: comma-separated document lengths (the rest of "
+                                                     "--seq becomes one more document)")
     p.add_argument("--ulysses-local", type=int, default=0, metavar="U",
                    help="--virtual-ring: also time the local attention of pure Ulysses (H/U heads, the whole "
                         "sequence) against one SDPA call")
@@ -571,6 +621,13 @@ def main() -> None:
     if args.quick:
         args.seq, args.iters, args.warmup = 1024, 2, 1
 
+    if args.balance:
+        torch.set_num_threads(args.threads)  # the plan's small ops: pool threads only add spin time on a busy host
+        text, records = balance_report(args)
+        print(text)
+        if args.json:
+            args.json.write_text(json.dumps(records, indent=1))
+        return
     if args.virtual_ring:
         text, records = virtual_ring(args)
         print(text)

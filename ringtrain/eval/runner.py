@@ -334,7 +334,9 @@ class Evaluator:
 
     def run(self, lm: nn.Module, step: int | None = None, fsdp_root: nn.Module | None = None) -> dict[str, Any]:
         """Results of every task (a JSON-able dict, the same on every rank)."""
-        e, layout = self.cfg.eval, self.cfg.parallel.layout
+        from ringtrain.distributed import resolve_layout
+
+        e, layout = self.cfg.eval, resolve_layout(self.cfg.parallel, False, log=False)  # no documents in evaluation
         t0 = time.perf_counter()
         results: dict[str, Any] = {"step": step, "mode": e.mode, "samples_per_cell": e.samples_per_cell,
                                    "retrieval": {}, "perplexity": [], "documents": []}
@@ -409,6 +411,7 @@ def load_model_for_eval(cfg: TrainConfig, mesh: Mesh | None) -> tuple[nn.Module,
     the saved FSDP shards into full tensors, so any world size can evaluate it. `mesh=None`: one process on CPU
     with the model's own (sdpa) attention, the reference the sharded evaluation is tested against.
     """
+    from ringtrain.distributed import resolve_layout
     from ringtrain.hf import apply_ring_attention
     from ringtrain.model import build_causal_lm
 
@@ -431,7 +434,7 @@ def load_model_for_eval(cfg: TrainConfig, mesh: Mesh | None) -> tuple[nn.Module,
         extra = manager.load(path, CausalLMWithChunkedLoss(lm, cfg.train.loss_chunk_tokens), restore_rng=False)
         step = extra.get("step")
     if mesh is not None:
-        apply_ring_attention(lm, mesh.sequence_parallel(cfg.parallel.layout, cfg.parallel))
+        apply_ring_attention(lm, mesh.sequence_parallel(resolve_layout(cfg.parallel, False), cfg.parallel))
     return lm, step
 
 

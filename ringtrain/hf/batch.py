@@ -19,6 +19,7 @@ from ringtrain.data.packing import document_position_ids
 from ringtrain.loss import IGNORE_INDEX
 from ringtrain.ring import SequenceParallel
 from ringtrain.ring.layout import Layout
+
 # Per-token tensors the data pipeline may add (docs/data.md). Label-aligned ones describe the label at t (the
 # prediction of token t), so they shift with the labels; token-aligned ones describe token t and only shard.
 LABEL_ALIGNED_KEYS = ("token_weights", "answer_mask")

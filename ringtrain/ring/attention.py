@@ -109,6 +109,12 @@ def gather_documents(
             "[B, S_local], sharded like q"
         )
     world, _ = group_world_rank(group)
+    if get_layout(layout).per_batch:
+        raise ValueError(
+            f"layout {get_layout(layout).name!r} is chosen per batch from the full document ids, so sharded ids "
+            "cannot be gathered back: build the RingDocuments from the full ids (SequenceParallel.documents, or "
+            "the 'documents' entry of shard_batch) and shard with its layout"
+        )
     global_ids = unshard_sequence(document_ids, group=group, dim=1, layout=layout, ulysses_group=ulysses_group)
     # Every rank checks the same gathered ids, so every rank raises together (nobody is left in the ring).
     check_document_ids(global_ids)
@@ -347,6 +353,33 @@ def check_window(window: int | None, causal: bool) -> None:
             raise ValueError(f"window={window} with causal=False: sliding windows are causal; pass causal=True")
 
 
+def pairs_evaluated(docs: RingDocuments | None, world: int, layout: str | Layout, seq_len: int, batch: int = 1, *,
+                    causal: bool = True, window: int | None = None, tile_tokens: int | None = None,
+                    causal_block: int = 0) -> tuple[list[int], int]:
+    """(query, key) pairs each rank's kernel calls evaluate over one forward, from the plan and its pieces alone
+    (no attention runs), and the number of ring steps: what the balance benchmark and tests compare."""
+    layout = docs.layout if docs is not None else get_layout(layout)
+    masked = docs is not None or window is not None
+    tiles = (DEFAULT_TILE_TOKENS if tile_tokens is None else tile_tokens) if masked else None
+    per_rank = []
+    for rank in range(world):
+        if docs is not None:
+            plan = docs.plan(rank, causal, window, tiles)
+        else:
+            plan = build_plan(world, rank, layout, seq_len, causal=causal, window=window, tile_tokens=tiles)
+        pieces = _BlockPieces(world, rank, layout, seq_len, causal, window, docs, batch, torch.device("cpu"))
+        total = 0
+        for step, blocks in enumerate(plan.steps):
+            for blk in blocks:
+                if blk.masked:
+                    qs, ks = blk.slices()
+                    total += sum(pc.pairs() * (pc.row_stop - pc.row_start) for pc in pieces(step, qs, ks, causal_block))
+                else:
+                    total += blk.score_entries() * batch
+        per_rank.append(total)
+    return per_rank, plan.n_steps
+
+
 DEFAULT_TILE_TOKENS = 256
 """Under a window or documents, chunks are cut into tiles of at least this many tokens (at most 16 per chunk), so
 the plan skips at that granularity; smaller tiles skip more but pay more kernel calls."""
@@ -404,10 +437,12 @@ def ring_attention_with_comm(
     compute and merge with a loopback communicator (document ids must then come as a RingDocuments).
     """
     layout = get_layout(layout)
+    docs = document_ids
+    if isinstance(docs, RingDocuments) and layout.per_batch and layout.name == docs.layout.name:
+        layout = docs.layout  # the batch's own permutation, chosen from its documents
     _check_inputs(q, k, v, comm.world, layout)
     world, rank = comm.world, comm.rank
     check_window(window, causal)
-    docs = document_ids
     if isinstance(docs, torch.Tensor):
         if tuple(docs.shape) != tuple(q.shape[:2]):
             raise ValueError(
@@ -415,7 +450,7 @@ def ring_attention_with_comm(
                 "shard the ids exactly like q"
             )
         docs = gather_documents(docs.to(q.device), group=comm.group, layout=layout)
-    elif docs is not None and (docs.world, docs.layout, tuple(docs.global_ids.shape)) != (
+    if docs is not None and (docs.world, docs.layout, tuple(docs.global_ids.shape)) != (
         world, layout, (q.shape[0], q.shape[1] * world)
     ):
         raise ValueError(

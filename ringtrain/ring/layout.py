@@ -70,6 +70,14 @@ class Layout:
         """Global positions (LongTensor [seq_len // world]) of rank `rank`'s tokens, in local order."""
         return torch.cat([torch.arange(a, b, device=device) for a, b in self.runs(seq_len, world, rank)])
 
+    per_batch: bool = False
+    """The layout of a batch is chosen from its documents (`for_documents`): sharded document ids alone cannot be
+    gathered back without it."""
+
+    def for_documents(self, global_ids: torch.Tensor, world: int) -> Layout:
+        """The layout of a batch with these document ids [B, S] over `world` ranks (static layouts: themselves)."""
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -126,9 +134,48 @@ class ContiguousLayout(ChunkLayout):
         return (rank,)
 
 
+class PermutedLayout(Layout):
+    """Explicit runs per rank for one sequence length and world: the layout of one batch (issue 17)."""
+
+    static = False
+
+    def __init__(self, name: str, seq_len: int, world: int, runs: tuple[Runs, ...]) -> None:
+        self.name, self.seq_len, self.world, self._runs = name, seq_len, world, runs
+
+    def multiple(self, world: int) -> int:
+        return world
+
+    def runs(self, seq_len: int, world: int, rank: int) -> Runs:
+        if (seq_len, world) != (self.seq_len, self.world):
+            raise ValueError(f"the {self.name} layout of this batch was made for {self.seq_len} tokens over "
+                             f"{self.world} ranks, not {seq_len} over {world}: make one per batch")
+        return self._runs[rank]
+
+    def __repr__(self) -> str:
+        return f"PermutedLayout({self.name!r}, {self.seq_len}, {self.world}, runs per rank: " \
+               f"{[len(r) for r in self._runs]})"
+
+
+class BalancedLayout(ZigzagLayout):
+    """Per batch, a permutation that balances causal work over packed documents without padding
+    (`ring.balance.balanced_runs`); without documents, exactly zigzag."""
+
+    name = "balanced"
+    per_batch = True
+
+    def multiple_reason(self, world: int) -> str:
+        return f"2 x world size {world}, layout='balanced' (zigzag when a batch has no documents)"
+
+    def for_documents(self, global_ids: torch.Tensor, world: int) -> Layout:
+        from ringtrain.ring.balance import balanced_runs
+
+        return PermutedLayout(self.name, global_ids.shape[1], world, balanced_runs(global_ids, world))
+
+
 ZIGZAG = ZigzagLayout()
 CONTIGUOUS = ContiguousLayout()
-STATIC_LAYOUTS: dict[str, Layout] = {ZIGZAG.name: ZIGZAG, CONTIGUOUS.name: CONTIGUOUS}
+BALANCED = BalancedLayout()
+STATIC_LAYOUTS: dict[str, Layout] = {ZIGZAG.name: ZIGZAG, CONTIGUOUS.name: CONTIGUOUS, BALANCED.name: BALANCED}
 LAYOUTS = tuple(STATIC_LAYOUTS)
 """Names accepted wherever a layout is given as a string."""
 
@@ -139,8 +186,7 @@ def get_layout(layout: str | Layout) -> Layout:
         return layout
     if layout not in STATIC_LAYOUTS:
         raise ValueError(
-            f"layout={layout!r} is not one of {', '.join(LAYOUTS)}: pass layout='zigzag' or 'contiguous' "
-            "(or a Layout object)"
+            f"layout={layout!r} is not one of {', '.join(LAYOUTS)}: pass one of those names (or a Layout object)"
         )
     return STATIC_LAYOUTS[layout]
 

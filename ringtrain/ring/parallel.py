@@ -122,7 +122,7 @@ class SequenceParallel:
     def documents(self, global_ids: torch.Tensor) -> RingDocuments:
         """`RingDocuments` from the full-sequence ids [B, S] that every rank holds (no communication)."""
         check_document_ids(global_ids)
-        return RingDocuments(global_ids, self.ring_world, self.layout)
+        return RingDocuments(global_ids, self.ring_world, self.layout.for_documents(global_ids, self.ring_world))
 
     def gather_documents(self, local_ids: torch.Tensor) -> RingDocuments:
         """`RingDocuments` from this rank's ids [B, S_local] (one all_gather)."""
