@@ -27,7 +27,7 @@ from ringtrain.loop_config import TrainLoopConfig
 from ringtrain.metrics import LoggingConfig
 from ringtrain.model import ModelConfig
 from ringtrain.optim import OptimConfig
-from ringtrain.ring.layout import LAYOUTS, required_multiple
+from ringtrain.ring.layout import LAYOUT_NAMES, required_multiple
 from ringtrain.ring.ulysses import ulysses_head_problems
 
 
@@ -50,7 +50,7 @@ class TrainConfig:
         par, seq_len = self.parallel, self.train.seq_len
         sp, u = par.sp_size, par.ulysses_size
         layout = "zigzag" if par.layout == "auto" else par.layout  # balanced falls back to zigzag without documents
-        if sp >= 1 and u >= 1 and sp % u == 0 and seq_len >= 1 and layout in LAYOUTS:
+        if sp >= 1 and u >= 1 and sp % u == 0 and seq_len >= 1 and layout in LAYOUT_NAMES:
             multiple = required_multiple(sp // u, layout, u)
             if seq_len % multiple:
                 fixed = (seq_len // multiple + 1) * multiple

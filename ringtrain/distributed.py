@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ringtrain.errors import ConfigError
 from ringtrain.log import get_logger
-from ringtrain.ring.layout import LAYOUTS, Layout
+from ringtrain.ring.layout import LAYOUT_NAMES, Layout
 from ringtrain.ring.parallel import SequenceParallel
 
 logger = get_logger(__name__)
@@ -60,8 +60,8 @@ class ParallelConfig:
                                              f"{', '.join(map(str, choices))}"))
         if self.dp_size < 0:
             problems.append(("dp_size", f"dp_size={self.dp_size} must be >= 1, or 0 for world_size // sp_size"))
-        if self.layout not in (*LAYOUTS, "auto"):
-            problems.append(("layout", f"layout={self.layout!r} is not one of {', '.join(LAYOUTS)}, auto"))
+        if self.layout not in (*LAYOUT_NAMES, "auto"):
+            problems.append(("layout", f"layout={self.layout!r} is not one of {', '.join(LAYOUT_NAMES)}, auto"))
         if self.timeout_s <= 0:
             problems.append(("timeout_s", f"timeout_s={self.timeout_s} must be > 0 seconds"))
         from ringtrain.ring.kernels import KERNELS

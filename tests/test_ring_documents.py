@@ -36,6 +36,7 @@ from ringtrain.ring.plan import (
     step_source,
     visible_work,
 )
+from ringtrain.ring.varlen import SegmentLoopVarlen
 from ringtrain.testing import run_distributed
 
 SEQ = 48  # a multiple of 2 x world for worlds 1-4
@@ -203,6 +204,25 @@ def _cases_worker(mesh) -> dict:
             for name, x, r in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad), ref, strict=True)
         }
         calls["fallback"] = (no_mask.calls, no_mask.masked_calls, no_mask.empty_masked_calls)
+        # Issue 14: document pieces packed into varlen waves (the CUDA path), run here through a segment loop over
+        # the CPU flash op with the varlen interface: the grouping, gather, merge and scatter are what is tested.
+        for layout in LAYOUTS:
+            for pname in ("crossing", "many_short", "with_length_1"):
+                for window in (None, 5):
+                    docs = document_patterns(seed=8)[pname]
+                    q, dout = (torch.randn(B, SEQ, H, D, generator=g) for _ in "qd")
+                    k, v = (torch.randn(B, SEQ, H_KV, D, generator=g) for _ in "kv")
+                    ref = dense_reference(q, k, v, dout, docs, window)
+                    ql, kl, vl = (shard_sequence(t, group=group, layout=layout).requires_grad_() for t in (q, k, v))
+                    out = ring_attention(ql, kl, vl, group=group, layout=layout, window=window, tile_tokens=2,
+                                         kernel=SegmentLoopVarlen(KERNELS["cpu_flash"]),
+                                         document_ids=shard_sequence(docs, group=group, layout=layout))
+                    out.backward(shard_sequence(dout, group=group, layout=layout))
+                    errors[("varlen", layout, pname, window)] = {
+                        name: rel_err(x, shard_sequence(r, group=group, layout=layout), r)
+                        for name, x, r in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad), ref,
+                                              strict=True)
+                    }
     finally:
         dist.batch_isend_irecv = original
     return {"errors": errors, "wire": wire, "calls": calls}

@@ -204,6 +204,14 @@ def test_cuda_kernel_arguments_on_meta_tensors(name: str, kv_heads: int):
         assert out.shape == q.shape and lse.shape == (1, 8, 16)
         grads = kernel.backward(torch.empty_like(q), q, k, v, out, lse, False, 0.125, window=(9, 0))
         assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    if getattr(kernel, "supports_varlen", False):  # document pieces packed: [T, H, D] with cumulative lengths
+        q = torch.empty(50, 8, 64, device="meta", dtype=torch.bfloat16)
+        k = v = torch.empty(70, kv_heads, 64, device="meta", dtype=torch.bfloat16)
+        cu_q = torch.empty(4, device="meta", dtype=torch.int32)
+        out, lse = kernel.varlen_forward(q, k, v, cu_q, cu_q, 30, 40, True, 0.125)
+        assert out.shape == q.shape and lse.shape == (8, 50) and lse.dtype == torch.float32
+        grads = kernel.varlen_backward(torch.empty_like(q), q, k, v, out, lse, cu_q, cu_q, 30, 40, True, 0.125)
+        assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
 @pytest.mark.gpu
@@ -253,3 +261,34 @@ def test_cuda_flash_window_piece_matches_reference():
     for got, want in zip(mine.backward(dout, q, k, v, out_r, lse_r, False, 0.125, window=piece.flash_window()),
                          ref.backward(dout, q, k, v, out_r, lse_r, False, 0.125, mask=mask), strict=True):
         assert (got.float() - want.float()).abs().max() / want.abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_large_document_masked_block_has_bounded_memory_on_cuda():
+    """Issue 14: a 32K-token packed batch on one rank is one masked block per step; its pieces (flash varlen waves on
+    CUDA) never build [S_q, S_k] scores (dense fp32 scores would take 32 GiB here) and equal per-document SDPA."""
+    torch.manual_seed(0)
+    dev, s, h, d = torch.device("cuda"), 32768, 8, 64
+    lengths = torch.randint(1, 4000, (64,))
+    lengths = lengths[lengths.cumsum(0) < s].tolist()
+    lengths.append(s - sum(lengths))
+    docs = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(dev)
+    q, k, v, dout = (torch.randn(1, s, h, d, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = ring_attention(ql, kl, vl, document_ids=docs)
+    out.backward(dout)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 2**30
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        qr, kr, vr = (t[:, sl].transpose(1, 2).float().requires_grad_() for t in (q, k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
+        ref.backward(dout[:, sl].transpose(1, 2).float())
+        for got, want in ((out[:, sl], ref.transpose(1, 2)), (ql.grad[:, sl], qr.grad.transpose(1, 2))):
+            assert (got.float() - want).abs().max() / want.abs().max() < 3e-2
+        start += n

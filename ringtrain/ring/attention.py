@@ -24,6 +24,7 @@ from ringtrain.ring.layout import (
     unshard_sequence,
 )
 from ringtrain.ring.pieces import Piece, PieceKind, block_pieces, split_causal
+from ringtrain.ring.varlen import Wave, build_waves, wave_backward, wave_forward
 from ringtrain.ring.plan import (
     Block,
     RingClassification,
@@ -154,22 +155,40 @@ class _BlockPieces:
             self._pieces[key] = pieces
         return self._pieces[key]
 
+    def waves(self, step: int, qs: slice, ks: slice, causal_block: int = 0) -> list[Wave]:
+        """The block's FULL and CAUSAL pieces packed into varlen waves (ring.varlen), on the device, kept for
+        backward."""
+        key = ("waves", step, qs.start, qs.stop, ks.start, ks.stop, causal_block)
+        if key not in self._pieces:
+            self._pieces[key] = [w.to(self.device) for w in
+                                 build_waves(self(step, qs, ks, causal_block), qs.start, ks.start)]
+        return self._pieces[key]
+
 
 _ALL_ROWS = slice(None)
+
+
+def _varlen(blk: Block, kernel: LocalKernel) -> bool:
+    """Whether a block's FULL and CAUSAL pieces run as varlen waves (ring.varlen) rather than one call each."""
+    return blk.masked and getattr(kernel, "supports_varlen", False)
 
 
 def _calls(blk: Block, step: int, kernel: LocalKernel, pieces: _BlockPieces | None):
     """The kernel calls of one block: (kernel, rows, q slice, kv slice, causal, extra kwargs).
 
-    A plain block is one call. A MASKED block is its pieces: FULL and CAUSAL pieces are plain calls of `kernel`;
-    a BAND piece (a window edge) takes its window sizes on a kernel that takes them (`supports_window`), else its
-    small mask, on `kernel` if it takes masks, else on the fallback."""
+    A plain block is one call. A MASKED block is its pieces: FULL and CAUSAL pieces are plain calls of `kernel`
+    (or, on a varlen kernel, its waves, run by the caller); a BAND piece (a window edge) takes its window sizes on a
+    kernel that takes them (`supports_window`), else its small mask, on `kernel` if it takes masks, else on the
+    fallback."""
     qs, ks = blk.slices()
     if not blk.masked:
         yield kernel, _ALL_ROWS, qs, ks, blk.causal, {}
         return
     causal_block = getattr(kernel, "causal_block", 0)
+    varlen = _varlen(blk, kernel)
     for pc in pieces(step, qs, ks, causal_block):
+        if varlen and pc.kind != PieceKind.BAND:
+            continue  # in a wave
         q_sl = slice(qs.start + pc.q_start, qs.start + pc.q_stop)
         k_sl = slice(ks.start + pc.k_start, ks.start + pc.k_stop)
         if pc.kind == PieceKind.BAND and getattr(kernel, "supports_window", False):
@@ -214,6 +233,13 @@ def _ring_forward(
     for step in range(n):
         works = comm.post([kv], [kv_next]) if step < n - 1 else []
         for blk in plan.steps[step]:
+            if _varlen(blk, kernel):
+                if out_acc is None:
+                    out_acc = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
+                    lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+                qs, ks = blk.slices()
+                for wave in pieces.waves(step, qs, ks, getattr(kernel, "causal_block", 0)):
+                    wave_forward(kernel, wave, q, kv[0], kv[1], out_acc, lse_acc, scale)
             for kern, rows, qs, ks, causal, extra in _calls(blk, step, kernel, pieces):
                 o, lse = kern.forward(q[rows, qs], kv[0][rows, ks], kv[1][rows, ks], causal, scale, **extra)
                 if out_acc is None and _covers_all(rows, qs, q.shape):
@@ -263,6 +289,15 @@ def _ring_backward(
             # This rank's part for the K/V held now (from rank - step).
             dkv_mine = torch.zeros(dkv_shape, dtype=acc, device=q.device) if dkv_mine is None else dkv_mine.zero_()
         for blk in plan.steps[step]:
+            if _varlen(blk, kernel):
+                dq_acc = torch.zeros_like(q, dtype=acc) if dq_acc is None else dq_acc
+                if step == 0:
+                    dk_own = torch.zeros_like(k, dtype=acc) if dk_own is None else dk_own
+                    dv_own = torch.zeros_like(v, dtype=acc) if dv_own is None else dv_own
+                dk_acc, dv_acc = (dk_own, dv_own) if step == 0 else (dkv_mine[0], dkv_mine[1])
+                qs, ks = blk.slices()
+                for wave in pieces.waves(step, qs, ks, getattr(kernel, "causal_block", 0)):
+                    wave_backward(kernel, wave, dout, q, kv[0], kv[1], out, lse, scale, dq_acc, dk_acc, dv_acc)
             for kern, rows, qs, ks, causal, extra in _calls(blk, step, kernel, pieces):
                 dq, dk, dv = kern.backward(
                     dout[rows, qs], q[rows, qs], kv[0][rows, ks], kv[1][rows, ks], out[rows, qs], lse[rows, :, qs],

@@ -216,8 +216,20 @@ class CudnnKernel:
 
     name = "cuda_cudnn"
     supports_mask = False
+    # Window edges and document pieces go to the flash op's window sizes and varlen calls: cuDNN's own varlen
+    # path needs nested tensors and its sliding window differs across versions.
+    supports_window = True
+    supports_varlen = True
 
-    def forward(self, q, k, v, causal, scale):
+    def varlen_forward(self, *args):
+        return KERNELS["cuda_flash"].varlen_forward(*args)
+
+    def varlen_backward(self, *args):
+        return KERNELS["cuda_flash"].varlen_backward(*args)
+
+    def forward(self, q, k, v, causal, scale, window=None):
+        if window is not None:
+            return KERNELS["cuda_flash"].forward(q, k, v, False, scale, window=window)
         k, v = _expand_kv(k, v, q.shape[2])
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
             *_bhsd(q, k, v), None, True, 0.0, causal, False, scale=scale
@@ -225,7 +237,9 @@ class CudnnKernel:
         lse = res[1]
         return res[0].transpose(1, 2), lse.squeeze(-1) if lse.dim() == 4 else lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, window=None):
+        if window is not None:
+            return KERNELS["cuda_flash"].backward(dout, q, k, v, out, lse, False, scale, window=window)
         kv_heads = k.shape[2]
         k, v = _expand_kv(k, v, q.shape[2])
         seed, offset = _placeholders("cudnn", q.device)
@@ -248,6 +262,25 @@ class CudaFlashKernel:
     name = "cuda_flash"
     supports_mask = False
     supports_window = True
+    supports_varlen = True  # document pieces as a few varlen calls (ring.varlen), not one launch each
+
+    def varlen_forward(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        """Packed q [Tq, H, D], k/v [Tk, H_kv, D] with cumulative lengths -> (out [Tq, H, D], lse [H, Tq])."""
+        k, v = _expand_kv(k[None], v[None], q.shape[1])
+        res = torch.ops.aten._flash_attention_forward(q, k[0], v[0], cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+                                                      scale=scale)
+        return res[0], res[1]
+
+    def varlen_backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+        kv_heads = k.shape[1]
+        k, v = _expand_kv(k[None], v[None], q.shape[1])
+        rng, unused = _placeholders("flash_window", q.device)
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout.contiguous(), q, k[0], v[0], out.contiguous(), lse.contiguous(), cu_q, cu_k, max_q, max_k, 0.0,
+            causal, rng, unused, scale=scale,
+        )
+        dk, dv = _reduce_kv(dk[None], dv[None], kv_heads)
+        return dq, dk[0], dv[0]
 
     def forward(self, q, k, v, causal, scale, window=None):
         if window is not None:

@@ -175,20 +175,24 @@ class BalancedLayout(ZigzagLayout):
 ZIGZAG = ZigzagLayout()
 CONTIGUOUS = ContiguousLayout()
 BALANCED = BalancedLayout()
-STATIC_LAYOUTS: dict[str, Layout] = {ZIGZAG.name: ZIGZAG, CONTIGUOUS.name: CONTIGUOUS, BALANCED.name: BALANCED}
+STATIC_LAYOUTS: dict[str, Layout] = {ZIGZAG.name: ZIGZAG, CONTIGUOUS.name: CONTIGUOUS}
 LAYOUTS = tuple(STATIC_LAYOUTS)
-"""Names accepted wherever a layout is given as a string."""
+"""The data-independent layouts (sharded ids of any batch can be gathered back with them)."""
+NAMED_LAYOUTS: dict[str, Layout] = {**STATIC_LAYOUTS, BALANCED.name: BALANCED}
+LAYOUT_NAMES = tuple(NAMED_LAYOUTS)
+"""Names accepted wherever a layout is given as a string (balanced: chosen per batch from its documents)."""
 
 
 def get_layout(layout: str | Layout) -> Layout:
     """The layout object for a name or an object (returned as is)."""
     if isinstance(layout, Layout):
         return layout
-    if layout not in STATIC_LAYOUTS:
+    if layout not in NAMED_LAYOUTS:
         raise ValueError(
-            f"layout={layout!r} is not one of {', '.join(LAYOUTS)}: pass one of those names (or a Layout object)"
+            f"layout={layout!r} is not one of {', '.join(LAYOUT_NAMES)}: pass one of those names (or a Layout "
+            "object)"
         )
-    return STATIC_LAYOUTS[layout]
+    return NAMED_LAYOUTS[layout]
 
 
 def check_layout(layout: str | Layout) -> None:
