@@ -240,6 +240,13 @@ def init_distributed(parallel: ParallelConfig, seed: int | None = None) -> Mesh:
     if seed is not None:
         seed_everything(seed)
     mesh = build_mesh(parallel, device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    if parallel.ulysses_size > 1 and local % parallel.ulysses_size:
+        # Correct either way, but the all-to-all is the bandwidth-hungry part: it belongs inside a node.
+        logger.warning("parallel.ulysses_size=%d does not divide the %d ranks per node: Ulysses groups cross nodes "
+                       "and their all-to-alls go over the network; choose a ulysses_size that divides the GPUs per "
+                       "node (the ring, sp_size / ulysses_size, is the part that should span nodes)",
+                       parallel.ulysses_size, local)
     logger.info(
         "initialised %s world=%d dp=%d sp=%d (ulysses %d) device=%s",
         dist.get_backend(), dist.get_world_size(), mesh.dp_size, mesh.sp_size, mesh.ulysses_size, device,

@@ -144,3 +144,17 @@ def test_bad_heads_raise_on_every_rank():
         assert len(msgs) == 2
         assert "3 query heads are not divisible by ulysses size 2" in msgs[0]
         assert "3 key/value heads with ulysses size 2" in msgs[1]
+
+
+def test_evaluation_with_ulysses_equals_single_process(tmp_path):
+    """`ringtrain eval`'s sharded forward at U=2 (pure Ulysses, 2 ranks): the same predictions, NLL and perplexity
+    as one process with sdpa (the ring's guarantee, test_eval.py, now through the all-to-all)."""
+    from test_eval import TINY, _assert_same_results, _evaluate
+
+    from ringtrain.config import load_config
+
+    common = [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"]
+    ref = _evaluate(None, load_config(None, common))
+    cfg = load_config(None, [*common, "parallel.sp_size=2", "parallel.ulysses_size=2"])
+    for rank_result in run_distributed(_evaluate, 2, cfg, ulysses_size=2, timeout=240):
+        _assert_same_results(ref, rank_result)
