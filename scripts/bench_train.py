@@ -235,7 +235,7 @@ def _progress(tag: str, r: dict) -> None:
 # The three parts.
 
 def _spec(args: argparse.Namespace, seq_len: int, steps: int, warmup: int, loss_chunk: int) -> dict:
-    return {"seq_len": seq_len, "model": model_kwargs(args), "layout": "zigzag", "ac": True,
+    return {"seq_len": seq_len, "model": model_kwargs(args), "layout": "zigzag", "ac": args.recompute,
             "loss_chunk": loss_chunk, "steps": steps, "warmup": warmup}
 
 
@@ -415,6 +415,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--loss-chunk", type=int, default=0, help="train.loss_chunk_tokens; 0 keeps the trainer default")
+    p.add_argument("--recompute", default="full", help="ringtrain's train.activation_checkpointing (none, full, "
+                                                       "every:K); the plain loop never recomputes")
     p.add_argument("--small-loss-chunk", type=int, default=512,
                    help="also measure ringtrain with this train.loss_chunk_tokens at the larger memory context (0: no)")
     p.add_argument("--quiet-wait", type=float, default=15.0,

@@ -24,7 +24,6 @@ from ringtrain.ring.layout import (
     unshard_sequence,
 )
 from ringtrain.ring.pieces import Piece, PieceKind, block_pieces, split_causal
-from ringtrain.ring.varlen import Wave, build_waves, wave_backward, wave_forward
 from ringtrain.ring.plan import (
     Block,
     RingClassification,
@@ -34,6 +33,7 @@ from ringtrain.ring.plan import (
     document_bounds,
     step_source,
 )
+from ringtrain.ring.varlen import Wave, build_waves, wave_backward, wave_forward
 
 logger = get_logger(__name__)
 
@@ -96,6 +96,15 @@ def check_document_ids(global_ids: torch.Tensor) -> None:
         raise ValueError(
             f"document_ids decrease along row {row} of the full sequence: pass ids that are non-decreasing along "
             "each full sequence (0, 0, 1, 1, 1, 2, ...), sharded like q"
+        )
+
+
+def check_local_document_ids(document_ids: torch.Tensor, q: torch.Tensor) -> None:
+    """Raise unless this rank's ids [B, S_local] are shaped like q's first two dims."""
+    if tuple(document_ids.shape) != tuple(q.shape[:2]):
+        raise ValueError(
+            f"document_ids has shape {tuple(document_ids.shape)} but q holds {tuple(q.shape[:2])} [B, S_local] "
+            "tokens: shard the ids exactly like q"
         )
 
 
@@ -479,11 +488,7 @@ def ring_attention_with_comm(
     world, rank = comm.world, comm.rank
     check_window(window, causal)
     if isinstance(docs, torch.Tensor):
-        if tuple(docs.shape) != tuple(q.shape[:2]):
-            raise ValueError(
-                f"document_ids has shape {tuple(docs.shape)} but q holds {tuple(q.shape[:2])} [B, S_local] tokens: "
-                "shard the ids exactly like q"
-            )
+        check_local_document_ids(docs, q)
         docs = gather_documents(docs.to(q.device), group=comm.group, layout=layout)
     if docs is not None and (docs.world, docs.layout, tuple(docs.global_ids.shape)) != (
         world, layout, (q.shape[0], q.shape[1] * world)

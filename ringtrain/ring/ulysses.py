@@ -17,7 +17,12 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from ringtrain.ring.attention import RingDocuments, gather_documents, ring_attention_with_comm
+from ringtrain.ring.attention import (
+    RingDocuments,
+    check_local_document_ids,
+    gather_documents,
+    ring_attention_with_comm,
+)
 from ringtrain.ring.comm import AllToAllComm, RingComm
 from ringtrain.ring.kernels import LocalKernel, merge_dtype
 from ringtrain.ring.layout import Layout, get_layout
@@ -173,11 +178,7 @@ def sequence_parallel_attention(
     layout = get_layout(layout)
     docs = document_ids
     if isinstance(docs, torch.Tensor):
-        if tuple(docs.shape) != tuple(q.shape[:2]):
-            raise ValueError(
-                f"document_ids has shape {tuple(docs.shape)} but q holds {tuple(q.shape[:2])} [B, S_local] tokens: "
-                "shard the ids exactly like q"
-            )
+        check_local_document_ids(docs, q)
         docs = gather_documents(docs.to(q.device), group=ring_group, layout=layout, ulysses_group=ulysses_group)
     qh, kh, vh = _QKVToHeads.apply(q, k, v, comm)  # [B, S_ring_local, H/U, D], [..., H_kv'/U, D]
     out = ring_attention_with_comm(
