@@ -43,6 +43,11 @@ CASES = [
     Case("fp32-auto-gqa8x2-d64", torch.float32, "auto", 1, 8, 2, 64),  # auto picks cuda_efficient for fp32
     Case("bf16-flash-window40", torch.bfloat16, "cuda_flash", 1, 4, 2, 64, mask="window"),
     Case("bf16-flash-documents", torch.bfloat16, "cuda_flash", 2, 4, 2, 64, mask="documents"),
+    # Issue 14: cuDNN for dense blocks, the flash window op for window edges and flash varlen waves for documents.
+    Case("bf16-cudnn-gqa8x2-d128", torch.bfloat16, "cuda_cudnn", 2, 8, 2, 128),
+    Case("bf16-cudnn-window40", torch.bfloat16, "cuda_cudnn", 1, 4, 2, 64, mask="window"),
+    Case("bf16-cudnn-documents", torch.bfloat16, "cuda_cudnn", 2, 4, 2, 64, mask="documents"),
+    Case("bf16-auto-documents", torch.bfloat16, "auto", 1, 8, 2, 64, mask="documents"),
 ]
 # max |ring - reference| / max |reference|; rounding of the input dtype dominates (fp32: the kernels' own sums).
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
