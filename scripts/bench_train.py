@@ -290,7 +290,7 @@ def bench_memory(args: argparse.Namespace, log: list, sp1_runs: dict[int, dict])
             base = run_config(args, kind, 1, _spec(args, args.mem_contexts[0], 0, 0, chunk))
             log.append(base)
             baselines[kind] = base["peak_bytes"]
-        loop = {"kind": kind, "loss_chunk": chunk, "baseline_peak_bytes": baselines[kind], "runs": []}
+        loop = {"kind": kind, "loss_chunk": chunk, "ac": args.recompute, "baseline_peak_bytes": baselines[kind], "runs": []}
         for seq_len in contexts:
             steps = args.mem_warmup + args.mem_steps
             reused = kind == "ringtrain" and chunk == args.loss_chunk and seq_len in sp1_runs
@@ -333,8 +333,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _loop_name(loop: dict) -> str:
     if loop["kind"] == "plain":
-        return "plain transformers (sdpa, full logits, no AC)"
-    return f"ringtrain SP=1 (AC, FSDP2, loss chunk {loop['loss_chunk'] or 'default'})"
+        return "plain transformers (sdpa, full logits, no recompute)"
+    return f"ringtrain SP=1 (recompute {loop.get('ac', 'full')}, FSDP2, loss chunk {loop['loss_chunk'] or 'default'})"
 
 
 def report(args: argparse.Namespace, sp_rows: list[dict], mem: dict | None) -> str:
