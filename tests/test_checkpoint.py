@@ -271,3 +271,25 @@ def test_signal_on_one_rank_stops_every_rank(sig, sender):
     assert [r["local"] for r in out] == [sig if r == sender else 0 for r in range(2)]
     assert [r["disabled"] for r in out] == [(0, True), (0, True)]
     assert all(r["restored"] for r in out)
+
+
+def test_a_repeated_signal_is_one_request_and_another_stops_at_once(monkeypatch):
+    """SLURM signals every process of a step while torchrun forwards the same signal: that signal again within
+    REPEAT_WINDOW_S is the same request; a different one ends the process at once with 128 + its number."""
+    exits = []
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code: int) -> None:  # os._exit itself would end pytest
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    with SignalFlag() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (flag.received, exits) == (signal.SIGTERM, [])
+        with pytest.raises(Exited):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert exits == [128 + signal.SIGINT]
