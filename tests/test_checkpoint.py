@@ -155,6 +155,8 @@ def _inspect_after_crash(mesh, out_dir: Path):
     results["extra"] = mgr.load(results["auto"] and root / results["auto"], model, opt, sched)
     mgr.save(3, model, opt, sched, extra={"step": 3})  # the next successful save sweeps the debris
     results["dirs_after"] = sorted(p.name for p in root.iterdir())
+    # A save at the step of a folder left without its marker replaces that folder instead of failing to rename.
+    results["replaced"] = is_complete(mgr.save(6, model, opt, sched, extra={"step": 6}))
     return results
 
 
@@ -178,6 +180,7 @@ def test_interrupted_checkpoint_is_never_used(tmp_path):
         assert "does not exist" in r["errors"]["nowhere"]
         assert all("checkpoint.resume=" in e and "step_00000002" in e for e in r["errors"].values() if "nowhere" not in e)
         assert r["dirs_after"] == ["step_00000002", "step_00000003", "step_00000006"]
+        assert r["replaced"]
 
 
 def _keep_last_and_resume_modes(mesh, out_dir: Path):
