@@ -65,11 +65,10 @@ def check_before_training(cfg: TrainConfig, mesh: Mesh) -> None:
 
     found: list[list[str] | None] = [None] * mesh.world_size
     dist.all_gather_object(found, output_dir_problems(cfg.train.output_dir, write=True))
-    problems = list(dict.fromkeys(p for rank_problems in found for p in rank_problems or []))
-    decided: list[list[str]] = [problems]
-    if mesh.rank == 0 and not problems:
-        decided[0] = [*data_file_problems(cfg.data),
-                      *CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh).run_folder_problems()]
+    decided = [list(dict.fromkeys(p for rank_problems in found for p in rank_problems or []))]
+    if mesh.rank == 0:
+        decided[0] += [*data_file_problems(cfg.data),
+                       *CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh).run_folder_problems()]
     dist.broadcast_object_list(decided, src=0)
     if decided[0]:
         raise ConfigError(decided[0], agreed=True)

@@ -94,8 +94,8 @@ def apply_resumed_settings(meta: dict[str, Any], cfg: TrainConfig, optimizer: to
 
     saved = meta.get("config")
     if saved is None:
-        logger.warning("checkpoint of step %d holds no config (an older ringtrain): changed settings cannot be "
-                       "listed; this config's apply", step)
+        logger.info("the checkpoint of step %d holds no config (an older ringtrain): changed settings cannot be "
+                    "listed; this config's apply", step)
     else:
         for key, old, new in changed_settings(saved, config_to_dict(cfg)):
             logger.info("resume at step %d: %s changed from %s to %s, applied from step %d on",
