@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -32,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from ringtrain.distributed import Mesh
-from ringtrain.log import get_logger
+from ringtrain.errors import ConfigError
+from ringtrain.log import describe_exception, get_logger
 
 logger = get_logger(__name__)
 
@@ -40,6 +43,8 @@ RESUME_MODES = ("auto", "none")
 COMPLETE_MARKER = "COMPLETE"
 META_FILE = "meta.json"
 RNG_DIR = "rng"
+DCP_INDEX = ".metadata"
+MODEL_PREFIX = "train.model."  # DCP key prefix of the model tensors (see _TrainState)
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_INFIX = ".tmp-"
 
@@ -49,15 +54,20 @@ class CheckpointConfig:
     """When to save, how many checkpoints to keep, and where to resume from."""
 
     every_steps: int = 0
-    """Save every N optimizer steps; 0 saves only at the end of training and on SIGTERM/SIGUSR1."""
+    """Save every N optimizer steps; 0 saves only at the end of training and on a stop signal."""
     keep_last: int = 3
     """How many complete checkpoints to keep; older ones are deleted after each successful save."""
     resume: str = "auto"
-    """'auto' = newest complete checkpoint under <output_dir>/checkpoints if any, 'none', or a step_* folder."""
+    """'auto' = newest usable checkpoint under <output_dir>/checkpoints if any, 'none', or a step_* folder."""
     save_on_signal: bool = True
-    """On SIGTERM or SIGUSR1, save at the next step boundary and exit (SLURM preemption, torchrun shutdown)."""
+    """On SIGINT (Ctrl-C), SIGTERM or SIGUSR1, save at the next step boundary and exit 75 (SLURM preemption,
+    torchrun shutdown); a second signal stops at once, without saving."""
     export_final: bool = True
     """Export the final weights as a Hugging Face safetensors folder (done by the trainer)."""
+    overwrite: bool = False
+    """With resume='none' (or a checkpoint of another folder): delete the checkpoints an earlier run left in
+    <output_dir>/checkpoints once the run starts. Without it such a start is refused: a run folder holds one run.
+    Ignored when resume='auto' (a SLURM requeue adds it: the new run then continues)."""
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
@@ -114,6 +124,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.root = Path(output_dir) / "checkpoints"
         self.mesh = mesh
+        self._skipped: set[Path] = set()  # folders resume found unusable (reported when it skipped them)
 
     # ---- finding checkpoints -------------------------------------------------------------
 
@@ -128,54 +139,175 @@ class CheckpointManager:
         done = self.complete_checkpoints()
         return done[-1] if done else None
 
+    def step_folders(self) -> list[Path]:
+        """Every step_* folder, complete or not (saves in progress, *.tmp-*, excluded), oldest step first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if _STEP_RE.match(p.name)), key=_step_of)
+
     def should_save(self, step: int) -> bool:
         """Whether the periodic schedule saves after optimizer step `step`."""
         return self.cfg.every_steps > 0 and step > 0 and step % self.cfg.every_steps == 0
 
-    def resume_path(self) -> Path | None:
-        """The checkpoint to resume from according to `cfg.resume`, identical on every rank (collective).
+    def run_folder_problems(self) -> list[str]:
+        """Why this run may not start in its folder (filesystem only, any rank): a run folder holds one run.
 
-        Rank 0 decides and broadcasts, so ranks with a slightly stale view of a shared filesystem
-        still load the same checkpoint; a bad explicit path raises ValueError on every rank.
+        Starting fresh (resume=none), or from a checkpoint of another folder, where an earlier run left
+        checkpoints would mix the two (resume=auto would later pick the old ones), unless `overwrite` clears them.
         """
-        decision: list[Any] = [None, None]  # [path or None, error message or None]
-        if self.mesh.rank == 0:
-            try:
-                decision[0] = self._resolve_resume()
-            except ValueError as err:
-                decision[1] = str(err)
-        dist.broadcast_object_list(decision, src=0)
-        if decision[1] is not None:
-            raise ValueError(decision[1])
-        path = None if decision[0] is None else Path(decision[0])
-        logger.info("resume=%r -> %s", self.cfg.resume, path or "start from scratch")
-        return path
-
-    def _resolve_resume(self) -> str | None:
         mode = self.cfg.resume
+        foreign = mode not in RESUME_MODES and Path(mode).resolve().parent != self.root.resolve()
+        old = self.step_folders()
+        if self.cfg.overwrite or not old or not (mode == "none" or foreign):
+            return []
+        start = "checkpoint.resume=none" if mode == "none" else f"checkpoint.resume={mode!r} (another folder)"
+        return [f"{start}, but {self.root} holds {len(old)} checkpoint(s) of an earlier run (newest {old[-1].name}): "
+                "choose a new train.output_dir, resume that run with checkpoint.resume=auto, or set "
+                "checkpoint.overwrite=true to delete them and start over"]
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint `resume` would load first, identical on every rank (collective); None to start fresh.
+
+        Rank 0 decides and broadcasts, so ranks with a slightly stale view of a shared filesystem still agree.
+        A bad explicit path, a refused fresh start (`run_folder_problems`) or, with 'auto', step folders none of
+        which is usable raise ConfigError on every rank. Unusable folders are skipped with a warning.
+        """
+        plan = self._decided_by_rank0(self._resume_plan)
+        for name, problem in plan:
+            if problem is None:
+                logger.info("resume=%r -> %s", self.cfg.resume, name)
+                return Path(name)
+            self._warn_skipped(Path(name), problem)
+        if plan:
+            raise self._no_usable_checkpoint(plan)
+        logger.info("resume=%r -> start from scratch", self.cfg.resume)
+        return None
+
+    def resume(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any | None = None,
+        check: Callable[[Path, dict[str, Any]], list[str]] | None = None,
+    ) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+        """Load the checkpoint `resume` names (collective): (path, extra, meta.json), or None to start fresh.
+
+        'auto' takes the newest usable checkpoint: folders that are incomplete, miss or truncate a file, or fail to
+        load are skipped with one warning each, falling back to the next older one. `check(path, meta)` runs on
+        rank 0 before loading; problems it returns (settings the checkpoint cannot follow) refuse the resume.
+        Refusals and "nothing usable" raise ConfigError on every rank, before anything was changed on disk.
+        """
+        explicit = self.cfg.resume not in RESUME_MODES
+        plan = self._decided_by_rank0(self._resume_plan)
+        for name, problem in plan:
+            path = Path(name)
+            if problem is not None:
+                self._warn_skipped(path, problem)
+                continue
+            meta = self._decided_by_rank0(lambda path=path: self._checked_meta(path, check))
+            try:
+                extra = self.load(path, model, optimizer, scheduler)
+            except CheckpointUnreadable as err:
+                if explicit:
+                    raise ConfigError([self._resume_error(path, f"cannot be read ({err})")], agreed=True) from None
+                self._warn_skipped(path, f"cannot be read ({err})")
+                continue
+            return path, extra, meta
+        if plan:
+            raise self._no_usable_checkpoint(plan)
+        return None
+
+    def begin(self, resumed: Path | None) -> None:
+        """Make the run folder hold this run alone, once it is known to start (collective).
+
+        Deletes the step folders after the resumed one (an abandoned continuation, or left over from a failed
+        save: the resumed run replaces them), or with `overwrite` an earlier run's checkpoints.
+        """
+        if self.mesh.rank == 0:
+            inside = resumed is not None and resumed.resolve().parent == self.root.resolve()
+            if inside:
+                doomed = [p for p in self.step_folders() if _step_of(p) > _step_of(resumed)]
+                # Unusable ones were reported when resume skipped them; good ones are news.
+                good = [p.name for p in doomed if p not in self._skipped]
+                if good:
+                    logger.warning("resuming from %s: deleting the newer checkpoint(s) %s, which this run replaces",
+                                   resumed.name, ", ".join(good))
+                if len(good) < len(doomed):
+                    logger.info("deleting the unusable checkpoint folder(s) %s",
+                                ", ".join(p.name for p in doomed if p.name not in good))
+            else:
+                doomed = self.step_folders() if self.cfg.overwrite else []
+                if doomed:
+                    logger.warning("checkpoint.overwrite=true: deleting the %d checkpoint(s) of the earlier run in %s",
+                                   len(doomed), self.root)
+            for path in doomed:
+                _unpublish_and_delete(path)
+        dist.barrier()
+
+    def _resume_plan(self) -> list[tuple[str, str | None]]:
+        """(folder, why it is unusable or None) in the order resume tries them; rank 0 only."""
+        mode = self.cfg.resume
+        if mode not in RESUME_MODES:
+            problem = checkpoint_problem(mode)
+            if problem is not None:
+                raise ConfigError([self._resume_error(Path(mode), problem)])
+        problems = self.run_folder_problems()
+        if problems:
+            raise ConfigError(problems)
         if mode == "none":
-            return None
+            return []
         if mode == "auto":
-            path = self.latest()
-            return None if path is None else str(path)
-        path = Path(mode)
-        if is_complete(path):
-            return str(path)
-        if not path.exists():
-            reason = "does not exist"
-        elif path.name.startswith("step_") and _TMP_INFIX in path.name:
-            reason = "is a checkpoint that was never finished (interrupted while being written)"
-        elif path.is_dir() and not (path / COMPLETE_MARKER).exists() and not _STEP_RE.match(path.name):
-            reason = "is not a step_* checkpoint folder"
-        else:
-            reason = f"has no {COMPLETE_MARKER} marker (interrupted while being written)"
+            return [(str(p), checkpoint_problem(p)) for p in reversed(self.step_folders())]
+        return [(mode, None)]
+
+    def _resume_error(self, path: Path, reason: str) -> str:
         hint = "set checkpoint.resume=auto (newest complete checkpoint), none, or a complete step_* folder"
-        # Point at the newest complete checkpoint near the given path: the usual mistake is naming the
+        # Point at the newest usable checkpoint near the given path: the usual mistake is naming the
         # output or checkpoints folder, or an interrupted sibling.
-        nearby = [c for d in (path, path / "checkpoints", path.parent) if d.is_dir() for c in d.iterdir() if is_complete(c)]
+        nearby = [c for d in (path, path / "checkpoints", path.parent) if d.is_dir() for c in d.iterdir()
+                  if c != path and checkpoint_problem(c) is None]
         if nearby:
             hint += f", e.g. {max(nearby, key=_step_of)}"
-        raise ValueError(f"checkpoint.resume={mode!r} {reason}: {hint}")
+        return f"checkpoint.resume={self.cfg.resume!r} {reason}: {hint}"
+
+    def _checked_meta(self, path: Path, check: Callable[[Path, dict[str, Any]], list[str]] | None) -> dict[str, Any]:
+        meta = json.loads((path / META_FILE).read_text())
+        problems = check(path, meta) if check is not None else []
+        if problems:
+            raise ConfigError(problems)
+        return meta
+
+    def _warn_skipped(self, path: Path, problem: str) -> None:
+        self._skipped.add(path)
+        if self.mesh.rank == 0:  # every rank knows; one line for the job
+            logger.warning("skipping checkpoint %s: it %s", path, problem)
+
+    def _no_usable_checkpoint(self, plan: list[tuple[str, str | None]]) -> ConfigError:
+        """'auto' found step folders but could use none: starting fresh instead would mix two runs."""
+        return ConfigError([
+            f"checkpoint.resume=auto: none of the {len(plan)} checkpoint(s) in {self.root} is usable (see the "
+            "warnings above): resume from a good copy with checkpoint.resume=<step_* folder>, or start over with "
+            "checkpoint.resume=none checkpoint.overwrite=true"], agreed=True)
+
+    def _decided_by_rank0(self, decide: Callable[[], Any]) -> Any:
+        """decide() on rank 0, broadcast; its ConfigError is raised on every rank (agreed), as is any other error."""
+        outcome: list[Any] = [None, None, None]  # result, config problems, another error's description
+        error = None
+        if self.mesh.rank == 0:
+            try:
+                outcome[0] = decide()
+            except ConfigError as err:
+                outcome[1] = err.problems
+            except Exception as err:  # noqa: BLE001 - re-raised below; the other ranks must not wait for rank 0
+                error, outcome[2] = err, describe_exception(err)
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[1] is not None:
+            raise ConfigError(outcome[1], agreed=True)
+        if error is not None:
+            raise error
+        if outcome[2] is not None:
+            raise RuntimeError(f"rank 0 failed while choosing the checkpoint: {outcome[2]}")
+        return outcome[0]
 
     # ---- saving ----------------------------------------------------------------------------
 
@@ -186,11 +318,14 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         scheduler: Any | None = None,
         extra: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> Path:
         """Write checkpoint `step` atomically and prune old ones (collective); returns its final path.
 
         `extra` is trainer state (step, data position, W&B run id, ...): picklable and identical on all
-        ranks. Saving a step that already has a complete checkpoint is a no-op returning it.
+        ranks. `meta` adds JSON fields to meta.json (rank 0's copy), readable without loading the checkpoint,
+        e.g. the run's config. Saving a step that already has a complete checkpoint is a no-op returning it;
+        a step folder left over from a save that did not finish is replaced.
         """
         final = self.root / f"step_{step:08d}"
         # One agreed temporary name: ranks must write their shards into the same folder.
@@ -215,7 +350,7 @@ class CheckpointManager:
         # Every rank's files are on disk before rank 0 declares the checkpoint complete.
         dist.barrier()
         if self.mesh.rank == 0:
-            self._finalize(tmp, final, step)
+            self._finalize(tmp, final, step, meta or {})
         # Nobody returns (and possibly exits on a signal) before the checkpoint is visible and pruned.
         dist.barrier()
         logger.info("saved checkpoint %s in %.1fs", final, time.monotonic() - start)
@@ -243,8 +378,9 @@ class CheckpointManager:
             )
         return ref[0]
 
-    def _finalize(self, tmp: Path, final: Path, step: int) -> None:
+    def _finalize(self, tmp: Path, final: Path, step: int, more: dict[str, Any]) -> None:
         meta = {
+            **more,
             "step": step,
             "world_size": self.mesh.world_size,
             "dp_size": self.mesh.dp_size,
@@ -256,6 +392,11 @@ class CheckpointManager:
         # The marker is written last inside the temporary folder and the rename publishes it, so a
         # step_* folder is complete even on filesystems where directory rename is not atomic.
         _write_durably(tmp / COMPLETE_MARKER, "")
+        if final.exists():
+            # Left over from a save that did not finish (no marker, or a file lost): never a checkpoint of
+            # this run, which would have been complete. Renaming onto a non-empty folder fails, so move it aside.
+            logger.warning("replacing %s, an unusable folder left over from an earlier save", final)
+            _unpublish_and_delete(final)
         os.replace(tmp, final)
         _fsync_dir(self.root)
         self._prune(keep=final)
@@ -263,22 +404,11 @@ class CheckpointManager:
     def _prune(self, keep: Path) -> None:
         """Delete complete checkpoints beyond keep_last and stale temporary folders (rank 0 only)."""
         done = self.complete_checkpoints()
-        # Ordered by step; the one just written is never pruned, even when newer steps exist (a resume
-        # from an explicit older checkpoint), which would otherwise sort after it.
+        # Ordered by step; the one just written is never pruned, even if newer steps sort after it.
         old = [p for p in done[: max(0, len(done) - self.cfg.keep_last)] if p != keep]
-        newer = done[done.index(keep) + 1 :]
-        if newer:
-            logger.warning(
-                "checkpoints newer than %s exist (%s), from a run resumed at an earlier step; "
-                "resume=auto would pick them: delete them if they belong to the abandoned run",
-                keep.name, ", ".join(p.name for p in newer),
-            )
         stale = [p for p in self.root.iterdir() if _TMP_INFIX in p.name]
         for path in old:
-            # Unpublish first (rename), then delete: a crash mid-delete must not leave a "complete" husk.
-            doomed = path.with_name(f"{path.name}{_TMP_INFIX}deleting-{uuid.uuid4().hex[:8]}")
-            os.replace(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            _unpublish_and_delete(path)
             logger.info("deleted old checkpoint %s (keep_last=%d)", path.name, self.cfg.keep_last)
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
@@ -298,7 +428,9 @@ class CheckpointManager:
 
         Model and optimizer are resharded by DCP, so a different world size or mesh works; RNG
         states are per rank and are restored only when the world size matches (warning otherwise).
-        `optimizer=None` loads the weights alone (evaluation, export).
+        `optimizer=None` loads the weights alone (evaluation, export). A checkpoint that fails to load on any
+        rank (a corrupt file; torch's CheckpointException included) raises CheckpointUnreadable on every rank,
+        so that all of them can go on to another one together.
         """
         path = Path(path)
         if not is_complete(path):
@@ -306,6 +438,24 @@ class CheckpointManager:
                 f"{path} is not a complete checkpoint (missing or without its {COMPLETE_MARKER} marker): "
                 "pass a step_* folder from a finished save, or use CheckpointManager.latest()"
             )
+        error = None
+        try:
+            extra = self._load(path, model, optimizer, scheduler, restore_rng)
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 - CheckpointException is a BaseException
+            error = describe_exception(err)
+        errors = [error]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, first = failed[0]
+            everywhere = len(failed) == len(errors) and all(e == first for _, e in failed)  # e.g. DCP's own error
+            raise CheckpointUnreadable(first if everywhere else f"rank {rank}: {first}")
+        return extra
+
+    def _load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any | None,
+              restore_rng: bool) -> dict[str, Any]:
         meta = json.loads((path / META_FILE).read_text())
         state: dict[str, Any] = {"train": _TrainState(model, optimizer), "extra": io.BytesIO()}
         if scheduler is not None:
@@ -330,6 +480,66 @@ class CheckpointManager:
         return extra
 
 
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint that looked complete failed to load (raised on every rank); the message names the first error."""
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be resumed from, judged from its files without reading a tensor; None if it looks usable.
+
+    Catches what a crash, a full disk or a careless copy leaves: no completion marker, an unreadable index, and
+    data files that are missing or shorter than the index says. The phrase completes "checkpoint X ...".
+    """
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if path.name.startswith("step_") and _TMP_INFIX in path.name:
+        return "is a checkpoint that was never finished (interrupted while being written)"
+    if not _STEP_RE.match(path.name) or not path.is_dir():
+        return "is not a step_* checkpoint folder"
+    if not (path / COMPLETE_MARKER).is_file():
+        return f"has no {COMPLETE_MARKER} marker (interrupted while being written)"
+    for name in (DCP_INDEX, META_FILE):
+        if not (path / name).is_file():
+            return f"has no {name} file"
+    for name, read in ((META_FILE, lambda: json.loads((path / META_FILE).read_text())),
+                       (DCP_INDEX, lambda: FileSystemReader(str(path)).read_metadata())):
+        try:
+            index = read()
+        except Exception as err:  # noqa: BLE001 - whatever the damage, the checkpoint cannot be used
+            return f"has an unreadable {name} ({describe_exception(err)})"
+    needed: dict[str, int] = {}  # data file -> bytes the index says it holds
+    for info in index.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"is missing its data file {name}"
+        if file.stat().st_size < size:
+            return f"has a truncated data file {name} ({file.stat().st_size} of {size} bytes)"
+    return None
+
+
+def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The model's tensors as checkpoints store them (canonical names) with their global shapes (FSDP included)."""
+    return {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}
+
+
+def model_mismatches(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """How the model tensors in checkpoint `path` differ from `shapes` (see `model_shapes`), one phrase each."""
+    index = FileSystemReader(str(path)).read_metadata()
+    saved = {key[len(MODEL_PREFIX):]: tuple(item.size) for key, item in index.state_dict_metadata.items()
+             if key.startswith(MODEL_PREFIX) and hasattr(item, "size")}
+    out = []
+    for name, shape in shapes.items():
+        if name not in saved:
+            out.append(f"{name} is not in the checkpoint")
+        elif saved[name] != shape:
+            out.append(f"{name} is {list(saved[name])} in the checkpoint and {list(shape)} in the model")
+    out += [f"{name} is in the checkpoint, not in the model" for name in saved if name not in shapes]
+    return out
+
+
 def is_complete(path: str | os.PathLike) -> bool:
     """Whether `path` is a finished checkpoint: a step_* folder with its completion marker and DCP metadata."""
     path = Path(path)
@@ -338,6 +548,14 @@ def is_complete(path: str | os.PathLike) -> bool:
         and (path / COMPLETE_MARKER).is_file()
         and (path / ".metadata").is_file()
     )
+
+
+def _unpublish_and_delete(path: Path) -> None:
+    """Rename a checkpoint folder out of the step_* namespace, then delete it: a crash mid-delete must not leave
+    a folder that looks complete with files missing (the renamed husk is swept as a *.tmp-* folder)."""
+    doomed = path.with_name(f"{path.name}{_TMP_INFIX}deleting-{uuid.uuid4().hex[:8]}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _step_of(path: Path) -> int:
@@ -413,20 +631,25 @@ def _fsync_dir(path: Path) -> None:
 
 
 class SignalFlag:
-    """Turns SIGTERM / SIGUSR1 into a flag that the training loop polls at step boundaries.
+    """Turns SIGINT / SIGTERM / SIGUSR1 into a flag that the training loop polls at step boundaries.
 
-    The handler only records the signal (no I/O, no collectives: it can interrupt anything);
-    `agreed` makes all ranks decide together, because launchers often signal one node or one
-    process first, and ranks that disagree on the step to stop at hang in the next collective.
+    The first signal is only recorded (no collectives: it can interrupt anything) and announced; `agreed`
+    makes all ranks decide together, because launchers often signal one node or one process first, and ranks
+    that disagree on the step to stop at hang in the next collective. A second signal ends the process at
+    once, without saving (exit 128 + its number), except the same signal again within `REPEAT_WINDOW_S`:
+    SLURM signals every process of a step while torchrun forwards the same signal to its ranks, so one
+    request can arrive twice. (torchrun turns a second Ctrl-C into SIGTERM for its ranks.)
     Use as a context manager (handlers are restored on exit), or call `install` and `restore`.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    REPEAT_WINDOW_S = 2.0
 
     def __init__(self, enabled: bool = True, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
         self.enabled = enabled
         self.signals = signals
         self.received = 0
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def install(self) -> SignalFlag:
@@ -443,7 +666,18 @@ class SignalFlag:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
+        now = time.monotonic()
+        name = signal.Signals(signum).name
+        if not self.received:
+            self.received, self._received_at = signum, now
+            _log_in_handler(logger.info, "received %s: finishing this step, then saving a checkpoint and exiting "
+                                         "(75); a second signal stops at once, without saving", name)
+            return
+        if signum == self.received and now - self._received_at < self.REPEAT_WINDOW_S:
+            return  # the same request delivered twice (see the class docstring)
+        _log_in_handler(logger.warning, "%s after %s: stopping at once, without saving (exit %d)",
+                        name, signal.Signals(self.received).name, 128 + signum)
+        os._exit(128 + signum)
 
     def agreed(self, mesh: Mesh) -> int:
         """The signal number if any rank received one, else 0; the same on every rank.
@@ -459,7 +693,7 @@ class SignalFlag:
         return int(flag.item())
 
     def should_save_and_exit(self, mesh: Mesh) -> bool:
-        """Whether any rank received SIGTERM or SIGUSR1 (collective, like `agreed`)."""
+        """Whether any rank received SIGINT, SIGTERM or SIGUSR1 (collective, like `agreed`)."""
         return self.agreed(mesh) != 0
 
     def __enter__(self) -> SignalFlag:
@@ -467,3 +701,12 @@ class SignalFlag:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+def _log_in_handler(log: Callable[..., None], message: str, *args: Any) -> None:
+    """Log from a signal handler. It runs between two bytecodes of the main thread, which may be inside a write
+    to the same stream: that write's "reentrant call" error must not escape into the interrupted code."""
+    try:
+        log(message, *args)
+    except Exception:  # noqa: BLE001 - losing one log line is better than breaking the interrupted code
+        pass

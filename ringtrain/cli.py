@@ -7,7 +7,7 @@ import os
 import sys
 
 EXIT_CONFIG = 2
-# `train` stopped early on SIGTERM/SIGUSR1 after saving a checkpoint: resumable, not finished.
+# `train` stopped early on SIGINT/SIGTERM/SIGUSR1 after saving a checkpoint: resumable, not finished.
 # EX_TEMPFAIL from sysexits.h ("try again later"), so launchers and SLURM scripts can requeue on it;
 # torchrun reports it as a worker failure with exitcode 75 (and never restarts it with --max-restarts 0).
 EXIT_STOPPED = 75
@@ -55,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             from ringtrain.config import dump_config
+            from ringtrain.preflight import path_problems
 
             cfg = _load(args, args.world_size if args.world_size is not None else env_world)
+            problems = path_problems(cfg)  # the output folder and local data files, as `train` checks them
+            if problems:
+                raise ConfigError(problems)
             sys.stdout.write(dump_config(cfg))
             return 0
         if args.command == "rope":
@@ -79,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             trainer = train(cfg)
             return EXIT_STOPPED if trainer.stopped_by_signal else 0
     except ConfigError as e:
-        for problem in e.problems:
-            sys.stderr.write(f"error: {problem}\n")
+        # An agreed error is raised by every rank alike: rank 0 alone prints it, so it reads once.
+        if not e.agreed or int(os.environ.get("RANK", "0")) == 0:
+            for problem in e.problems:
+                sys.stderr.write(f"error: {problem}\n")
         return EXIT_CONFIG
     raise AssertionError(f"unhandled command {args.command}")  # argparse guarantees a known command
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 
 class ConfigError(ValueError):
-    """One or more configuration problems; `problems` holds one self-contained line each."""
+    """One or more configuration problems; `problems` holds one self-contained line each.
 
-    def __init__(self, problems: list[str]):
+    `agreed`: every rank raises this same error (rank 0 decided and broadcast it), so rank 0 alone prints it;
+    otherwise each rank prints its own (a rank-specific problem must not go unreported).
+    """
+
+    def __init__(self, problems: list[str], *, agreed: bool = False):
         self.problems = list(problems)
+        self.agreed = agreed
         super().__init__("\n".join(self.problems))

@@ -43,3 +43,18 @@ def setup_logging(rank: int | None = None, level: str | int | None = None, all_r
     root.addHandler(handler)
     root.setLevel(level if (rank == 0 or all_ranks) else logging.WARNING)
     root.propagate = False
+
+
+def describe_exception(err: BaseException) -> str:
+    """`Type: message` on one line, for a log line that must stay one line whatever was raised.
+
+    torch's CheckpointException (a BaseException) carries each failing rank's exception and renders
+    their tracebacks in str(); name the first one instead.
+    """
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (inner, *_) = next(iter(failures.items()))
+        more = f" (and {len(failures) - 1} more rank(s))" if len(failures) > 1 else ""
+        return f"{type(err).__name__}: rank {rank}: {describe_exception(inner)}{more}"
+    message = " ".join(str(err).split())
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__

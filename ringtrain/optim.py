@@ -65,6 +65,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
+def apply_optim_settings(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Set cfg's hyperparameters on `build_optimizer`'s two groups (decay, no decay), e.g. over those a resumed
+    checkpoint restored with the optimizer state; `initial_lr` (the schedule's peak) is cfg.lr."""
+    for group, weight_decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
+        group.update(weight_decay=weight_decay, betas=tuple(cfg.betas), eps=cfg.eps, initial_lr=cfg.lr)
+
+
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Multiplier of cfg.lr for optimizer step `step` (0-based)."""
     if step < cfg.warmup_steps:
@@ -80,6 +87,13 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
-    """A LambdaLR (its state_dict is what checkpoints store) following `lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int, start_step: int = 0):
+    """A LambdaLR (its state_dict is what checkpoints store) following `lr_factor`.
+
+    `start_step` > 0 continues a resumed run: the groups' lr becomes that of step `start_step` (0-based) of this
+    schedule, as if cfg and max_steps had held from step 0; the groups must hold `initial_lr` (see
+    `apply_optim_settings`). LambdaLR computes base_lr x factor either way, so an unchanged schedule continues
+    bitwise.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps),
+                                             last_epoch=start_step - 1)

@@ -13,13 +13,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ringtrain.log import get_logger, setup_logging
+from ringtrain.errors import ConfigError
+from ringtrain.log import describe_exception, get_logger, setup_logging
 from ringtrain.loop_config import NONFINITE_ACTIONS, TrainLoopConfig
 from ringtrain.loss import count_valid_tokens
 from ringtrain.model import CausalLMWithChunkedLoss
 from ringtrain.parallelize import all_reduce_gradients
 
 if TYPE_CHECKING:
+    from ringtrain.checkpoint import SignalFlag
     from ringtrain.config import TrainConfig
     from ringtrain.distributed import Mesh
     from ringtrain.ring import SequenceParallel
@@ -65,18 +67,38 @@ class Trainer:
     def extra_state(self) -> dict[str, Any]:
         return {"step": self.step, "data": self.loader.state_dict(), "wandb_run_id": self.wandb_run_id}
 
-    def resume(self) -> None:
-        path = self.checkpoints.resume_path()
-        if path is None:
-            return
-        extra = self.checkpoints.load(path, self.model, self.optimizer, self.scheduler)
+    def resume(self) -> Path | None:
+        """Continue the checkpoint checkpoint.resume names under this config's settings (collective).
+
+        Returns the checkpoint loaded, or None for a fresh start. Settings it cannot follow (global batch, model
+        shape, data position) raise ConfigError on every rank before any step: see ringtrain/resume_rules.py.
+        """
+        from ringtrain.checkpoint import model_shapes
+        from ringtrain.resume_rules import apply_resumed_settings, resume_problems
+
+        shapes = model_shapes(self.model)
+        resumed = self.checkpoints.resume(
+            self.model, self.optimizer, self.scheduler,
+            check=lambda path, meta: resume_problems(path, meta, self.cfg, self.mesh.dp_size, shapes))
+        if resumed is None:
+            return None
+        path, extra, meta = resumed
+        try:
+            self.loader.load_state_dict(extra["data"])
+        except ValueError as err:  # the same on every rank: the loader state and the dataset are
+            raise ConfigError([f"checkpoint {path}: {err}"], agreed=True) from None
         self.step = extra["step"]
-        self.loader.load_state_dict(extra["data"])
         self.wandb_run_id = extra.get("wandb_run_id")
+        self.scheduler = apply_resumed_settings(meta, self.cfg, self.optimizer, self.step)
         logger.info("resumed from %s at step %d", path, self.step)
+        return path
 
     def save(self) -> None:
-        self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.extra_state())
+        from ringtrain.config import config_to_dict
+
+        # The config goes into meta.json: a resume compares it with the config it is given (resume_rules.py).
+        self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.extra_state(),
+                              meta={"config": config_to_dict(self.cfg)})
 
     # -- one optimizer step --------------------------------------------------------------------------
     def forward_backward(self, micro: list[dict[str, torch.Tensor]]) -> float:
@@ -156,14 +178,27 @@ class Trainer:
         return record
 
     # -- the loop ------------------------------------------------------------------------------------
-    def fit(self) -> list[dict[str, float]]:
+    def fit(self, signals: SignalFlag | None = None) -> list[dict[str, float]]:
+        """Train from the resumed step to train.max_steps, or until a signal stops every rank (collective).
+
+        `signals`: the flag `train` installed before building (a signal during the build is then a stop request
+        too); without one, fit installs its own.
+        """
         from ringtrain.checkpoint import SignalFlag
-        from ringtrain.config import config_to_dict
+        from ringtrain.config import config_to_dict, save_config
         from ringtrain.eval import evaluate_in_training
         from ringtrain.metrics import MetricsLogger
 
+        if signals is None:
+            with SignalFlag(enabled=self.cfg.checkpoint.save_on_signal) as own:
+                return self.fit(own)
         tcfg = self.cfg.train
-        self.resume()
+        resumed = self.resume()
+        # From here the run starts: its folder holds it alone, and config.yaml records what it runs (a refused
+        # resume above leaves both as they were).
+        self.checkpoints.begin(resumed)
+        if self.mesh.rank == 0:
+            save_config(self.cfg, Path(tcfg.output_dir) / "config.yaml")
         metrics = MetricsLogger(
             self.cfg.logging, tcfg.output_dir, enabled=self.mesh.rank == 0, total_steps=tcfg.max_steps,
             start_step=self.step, run_config=config_to_dict(self.cfg), wandb_run_id=self.wandb_run_id,
@@ -174,25 +209,26 @@ class Trainer:
         self.wandb_run_id = run_id[0]
         history = []
         ckpt_every = self.cfg.checkpoint.every_steps
-        with SignalFlag(enabled=self.cfg.checkpoint.save_on_signal) as signals:
-            try:
-                while self.step < tcfg.max_steps:
-                    record = self.train_step()
-                    record.update(evaluate_in_training(self))  # {} unless eval.every_steps divides the step
-                    history.append(record)
-                    metrics.log(self.step, record)
-                    signum = signals.agreed(self.mesh)
-                    if signum:
-                        self.save()
-                        self.stopped_by_signal = signum
-                        logger.warning("stopped at step %d after a signal; resume with checkpoint.resume=auto",
-                                       self.step)
-                        break
-                    if ckpt_every and self.step % ckpt_every == 0 and self.step < tcfg.max_steps:
-                        self.save()
-            finally:
-                metrics.close()
-        if self.stopped_by_signal is None:
+        try:
+            while self.step < tcfg.max_steps:
+                # Polled before each step: a signal during the last one lets the run finish (save, export, exit 0).
+                signum = signals.agreed(self.mesh)
+                if signum:
+                    self.stopped_by_signal = signum
+                    break
+                record = self.train_step()
+                record.update(evaluate_in_training(self))  # {} unless eval.every_steps divides the step
+                history.append(record)
+                metrics.log(self.step, record)
+                if ckpt_every and self.step % ckpt_every == 0 and self.step < tcfg.max_steps:
+                    self.save()
+        finally:
+            metrics.close()
+        if self.stopped_by_signal is not None:
+            if self.step > 0:  # step 0 of a fresh run: nothing to save
+                self.save()
+            logger.warning("stopped at step %d after a signal; resume with checkpoint.resume=auto", self.step)
+        else:
             self.save()
             if self.cfg.checkpoint.export_final:
                 self.export(Path(tcfg.output_dir) / "final_model")
@@ -240,26 +276,33 @@ def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
 
 
 def train(cfg: TrainConfig) -> Trainer:
-    """The `ringtrain train` entry point: bootstrap, build, fit, tear down."""
-    from ringtrain.config import save_config
+    """The `ringtrain train` entry point: bootstrap, check the paths, build, fit, tear down."""
+    from ringtrain.checkpoint import SignalFlag
     from ringtrain.distributed import init_distributed, teardown_distributed
+    from ringtrain.preflight import check_before_training
 
     setup_logging()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     mesh = init_distributed(cfg.parallel)
-    try:
-        if mesh.rank == 0:
-            save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
-        trainer = build_trainer(cfg, mesh)
-        trainer.fit()
-    except Exception as e:
-        # One line naming this rank, whatever the traceback. On a survivor a collective error (gloo
-        # "Connection closed by peer", a timeout after parallel.timeout_s) means another rank died or hung
-        # first: torchrun's summary ("Root Cause") names that rank.
-        logger.error("rank %d failed: %s: %s", mesh.rank, type(e).__name__, e)
-        # No destroy_process_group here: with a hung peer it blocked ~30 s more (gloo), and NCCL's can
-        # block on a failed communicator. The process is exiting; the OS closes its sockets.
-        raise
+    # Installed before anything slow: a signal while the model and data are built is a stop request too.
+    with SignalFlag(enabled=cfg.checkpoint.save_on_signal) as signals:
+        try:
+            check_before_training(cfg, mesh)
+            trainer = build_trainer(cfg, mesh)
+            trainer.fit(signals)
+        except ConfigError as e:
+            if e.agreed:  # every rank stops at this same point: a clean exit 2
+                teardown_distributed()
+            raise
+        except BaseException as e:
+            # One line naming this rank, whatever was raised (torch's CheckpointException and KeyboardInterrupt
+            # are BaseExceptions). On a survivor a collective error (gloo "Connection closed by peer", a timeout
+            # after parallel.timeout_s) means another rank died or hung first: torchrun's summary ("Root Cause")
+            # names that rank.
+            logger.error("rank %d failed: %s", mesh.rank, describe_exception(e))
+            # No destroy_process_group here: with a hung peer it blocked ~30 s more (gloo), and NCCL's can
+            # block on a failed communicator. The process is exiting; the OS closes its sockets.
+            raise
     teardown_distributed()
     return trainer

@@ -9,7 +9,7 @@
 # UPDATE_DOCS=1 also copies the figures into docs/images/; REUSE_SHORT=1 keeps stages 1-2 of an earlier run; SEED=N
 # trains the short model from another seed (initialisation, documents, order), to see how robust the recipe is.
 # Every stage is a plain `ringtrain` command: rerun one by hand to tune it (overrides go after the config, e.g.
-# train.max_steps=300).
+# train.max_steps=300). The train stages pass checkpoint.overwrite=true: a rerun starts each stage over in its folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +31,7 @@ if [[ "${REUSE_SHORT:-0}" == 1 && -f "$RUN/eval_short/results.json" ]]; then
     stamp "1-2/4 reusing $RUN/short and $RUN/eval_short (REUSE_SHORT=1)"
 else
     stamp "1/4 train at 128 tokens ($SHORT_STEPS steps)"
-    timed short $RT train configs/passkey_short.yaml train.output_dir="$RUN/short" train.max_steps="$SHORT_STEPS" \
+    timed short $RT train configs/passkey_short.yaml checkpoint.overwrite=true train.output_dir="$RUN/short" train.max_steps="$SHORT_STEPS" \
         train.seed="$SEED" data.seed="$SEED"
 
     stamp "2/4 evaluate the 128-token model at 128..1024 tokens (no RoPE scaling)"
@@ -40,9 +40,9 @@ else
 fi
 
 stamp "3/4 YaRN x8 + SP=2 fine-tune: 512 tokens ($STEPS_512 steps), then 1024 tokens"
-timed extend_512 $RT train configs/passkey_extend.yaml model.path="$RUN/short/final_model" train.output_dir="$RUN/extend_512" \
+timed extend_512 $RT train configs/passkey_extend.yaml checkpoint.overwrite=true model.path="$RUN/short/final_model" train.output_dir="$RUN/extend_512" \
     train.seq_len=512 train.micro_batch_size=16 train.max_steps="$STEPS_512"
-timed extend_1024 $RT train configs/passkey_extend.yaml model.path="$RUN/extend_512/final_model" \
+timed extend_1024 $RT train configs/passkey_extend.yaml checkpoint.overwrite=true model.path="$RUN/extend_512/final_model" \
     train.output_dir="$RUN/extend_1024" data.seed=2
 
 stamp "4/4 evaluate the extended model at 128..1024 tokens"

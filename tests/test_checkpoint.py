@@ -155,6 +155,8 @@ def _inspect_after_crash(mesh, out_dir: Path):
     results["extra"] = mgr.load(results["auto"] and root / results["auto"], model, opt, sched)
     mgr.save(3, model, opt, sched, extra={"step": 3})  # the next successful save sweeps the debris
     results["dirs_after"] = sorted(p.name for p in root.iterdir())
+    # A save at the step of a folder left without its marker replaces that folder instead of failing to rename.
+    results["replaced"] = is_complete(mgr.save(6, model, opt, sched, extra={"step": 6}))
     return results
 
 
@@ -178,6 +180,7 @@ def test_interrupted_checkpoint_is_never_used(tmp_path):
         assert "does not exist" in r["errors"]["nowhere"]
         assert all("checkpoint.resume=" in e and "step_00000002" in e for e in r["errors"].values() if "nowhere" not in e)
         assert r["dirs_after"] == ["step_00000002", "step_00000003", "step_00000006"]
+        assert r["replaced"]
 
 
 def _keep_last_and_resume_modes(mesh, out_dir: Path):
@@ -271,3 +274,25 @@ def test_signal_on_one_rank_stops_every_rank(sig, sender):
     assert [r["local"] for r in out] == [sig if r == sender else 0 for r in range(2)]
     assert [r["disabled"] for r in out] == [(0, True), (0, True)]
     assert all(r["restored"] for r in out)
+
+
+def test_a_repeated_signal_is_one_request_and_another_stops_at_once(monkeypatch):
+    """SLURM signals every process of a step while torchrun forwards the same signal: that signal again within
+    REPEAT_WINDOW_S is the same request; a different one ends the process at once with 128 + its number."""
+    exits = []
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code: int) -> None:  # os._exit itself would end pytest
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    with SignalFlag() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (flag.received, exits) == (signal.SIGTERM, [])
+        with pytest.raises(Exited):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert exits == [128 + signal.SIGINT]

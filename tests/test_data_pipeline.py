@@ -1,6 +1,7 @@
 """Loading local jsonl / parquet / text through datasets, the tokenization cache, and config validation."""
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformers import ByT5Tokenizer
 from ringtrain.data import DataConfig, build_dataloader, build_packed_dataset, check_data_config
 from ringtrain.data.pipeline import load_documents, tokenize_documents
 from ringtrain.data.tokenizer import build_tokenizer, encode
+from ringtrain.errors import ConfigError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "ringtrain" / "data" / "samples" / "tiny.jsonl"
 
@@ -119,6 +121,23 @@ def test_config_problems_name_field_value_and_fix(tmp_path):
     assert DataConfig()._validate() == [] and DataConfig(source="files", path=str(SAMPLE))._validate() == []
     with pytest.raises(ValueError, match="data.source: source='web'"):
         build_packed_dataset(DataConfig(source="web"), 64)
+
+
+def test_records_without_text_are_counted_and_reported(tmp_path, caplog):
+    """A record without data.text_field (or with null or "") adds no document: it is counted and reported, and
+    data where no record has text is refused."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": "one"}\n{"body": "x"}\n{"text": null}\n{"text": ""}\n{"text": "two"}\n')
+    cfg = DataConfig(source="files", path=str(path), cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="ringtrain"):
+        ds = build_packed_dataset(cfg, seq_len=16)
+    assert _decoded_documents(ds) == ["one", "two"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data: 3 of 5 records of {path} have no text in data.text_field='text' (missing, null or empty): they are "
+        "skipped"]
+    path.write_text('{"text": null}\n{"text": "", "body": "x"}\n')
+    with pytest.raises(ConfigError, match=r"none of its 2 records has text in data\.text_field='text'"):
+        load_documents(cfg)
 
 
 def test_unknown_or_mixed_formats_raise(tmp_path):

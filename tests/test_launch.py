@@ -116,6 +116,38 @@ def test_usr1_stops_ranks_with_exit_75_and_torchrun_survives_it(tmp_path: Path) 
     assert not any(_alive(pid) for pid in pids.values())
 
 
+def test_a_second_ctrl_c_stops_the_ranks_at_once_without_saving(tmp_path: Path) -> None:
+    """Ctrl-C twice, as a terminal sends it (SIGINT to torchrun's process group; the ranks have sessions of their
+    own): torchrun forwards the first as SIGINT, which the ranks announce, and the second as SIGTERM, which ends them
+    at once, in the middle of their step, without a checkpoint, instead of after torchrun's shutdown timeout."""
+    out = tmp_path / "run"
+    # Steps of about a second here, so the second signal lands while the first one's step is still running.
+    proc = _start(out, "train.seq_len=4096", "train.micro_batch_size=1", "data.num_samples=16",
+                  "model.config.max_position_embeddings=4096")
+    pids: dict[int, int] = {}
+    try:
+        pids = _wait_for_steps(out, proc, 2)
+        done = len((out / "metrics.jsonl").read_text().splitlines())
+        while len((out / "metrics.jsonl").read_text().splitlines()) == done:  # a step has just begun
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        while "received SIGINT" not in _log(out):
+            assert proc.poll() is None, _log(out)
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - t0
+        assert not any(_alive(pid) for pid in pids.values())
+    finally:
+        _kill_all(proc, pids)
+    log = _log(out)
+    assert log.count("SIGTERM after SIGINT: stopping at once, without saving (exit 143)") == 2, log  # both ranks
+    assert elapsed < 15, (elapsed, log)  # not torchrun's 120 s shutdown timeout
+    assert "saved checkpoint" not in log and "stopped at step" not in log, log
+    assert not (out / "checkpoints").exists() and not (out / "final_model").exists()
+
+
 def test_hung_rank_makes_the_other_fail_after_the_collective_timeout(tmp_path: Path) -> None:
     """A rank that stops answering (SIGSTOP: no crash, sockets stay open) -> the other's collective times
     out after parallel.timeout_s, it exits naming itself, and torchrun SIGKILLs the hung one: no hang."""

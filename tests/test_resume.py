@@ -1,7 +1,12 @@
-"""Stop a real torchrun job (SIGTERM, then SIGKILL after a periodic checkpoint) and resume: the same losses, bitwise."""
+"""Stop a real torchrun job (Ctrl-C, then SIGKILL after a periodic checkpoint) and resume: the same losses, bitwise.
+
+SIGTERM takes the same path as Ctrl-C's SIGINT (tests/test_slurm.py's requeue sends it); a resume that would change
+the global batch is refused before any rank trains, and leaves the run folder as it was.
+"""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,23 +59,42 @@ def _checkpoints(out: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
 
 
-def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path):
+def test_resume_after_ctrl_c_and_sigkill_is_exact(tmp_path):
     ref_dir = tmp_path / "ref"
     assert _finish(_start(ref_dir)) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     reference = _losses(ref_dir)
     assert sorted(reference) == list(range(1, STEPS + 1))
     assert (ref_dir / "final_model" / "model.safetensors").exists()
 
-    # SIGTERM: the job saves a checkpoint at the step boundary it agreed on, then exits.
+    # Ctrl-C: SIGINT to torchrun's process group, as a terminal sends it (the ranks run in sessions of their own, so
+    # only torchrun gets it and forwards it). The job saves a checkpoint at the step boundary it agreed on, then exits.
     term_dir = tmp_path / "term"
     proc = _start(term_dir)
     _wait_for_step(term_dir, proc, 6)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)
     _finish(proc)
+    log = (tmp_path / "term.log").read_text()
     stopped_at = max(_losses(term_dir))
     assert stopped_at < STEPS, "the run finished before the signal: make it longer"
     assert stopped_at in _checkpoints(term_dir), (stopped_at, _checkpoints(term_dir))
+    assert log.count("received SIGINT: finishing this step, then saving a checkpoint and exiting (75)") == 1, log
+    assert log.count(f"stopped at step {stopped_at} after a signal") == 2, log  # both ranks, at the same step
+    assert "Traceback" not in log.split("Received 2 death signal")[0], log  # the ranks raised nothing
     assert not (term_dir / "final_model").exists()
+
+    # Resuming with 2 data-parallel ranks instead of 1 would double the global batch: refused before any step,
+    # one line, exit 2 on every rank, and the run folder as it was.
+    config_before = (term_dir / "config.yaml").read_text()
+    assert _finish(_start(term_dir, "parallel.sp_size=1")) != 0
+    log = (tmp_path / "term.log").read_text()[len(log):]
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: the global batch would change from 2 sequences per step in checkpoint {term_dir}/checkpoints/"
+        f"step_{stopped_at:08d} (train.micro_batch_size=2 x train.grad_accum_steps=1 x 1 data-parallel rank(s)) to "
+        "4 (2 x 1 x 2): keep 2 (e.g. train.micro_batch_size=1), or start a new run in another train.output_dir"], log
+    assert len(re.findall(r"exitcode\s*:\s*2 \(pid", log)) == 2 and "Traceback" not in log.split("error: ")[0], log
+    assert (term_dir / "config.yaml").read_text() == config_before
+    assert max(_losses(term_dir)) == stopped_at and max(_checkpoints(term_dir)) == stopped_at
 
     # SIGKILL: no chance to save; resume falls back to the last periodic checkpoint.
     kill_dir = tmp_path / "kill"

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ringtrain.data.packing import PackedDataset
+from ringtrain.errors import ConfigError
 from ringtrain.log import get_logger
 
 logger = get_logger(__name__)
@@ -46,11 +47,11 @@ class PackedDataLoader:
         self.index = 0  # sequences of this epoch's order already consumed by all DP ranks together
         self._order_cache: tuple[int, np.ndarray] | None = None
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError([
                 f"the dataset packs into {len(dataset)} sequences of {dataset.seq_len} tokens, fewer than one "
                 f"global batch (batch_size={batch_size} x dp_size={dp_size}): add data (data.num_samples for "
                 "passkey), or lower the batch size or seq_len"
-            )
+            ])
 
     @property
     def global_batch(self) -> int:

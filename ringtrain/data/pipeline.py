@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ringtrain.data.checks import data_file_problems, non_empty_files
 from ringtrain.data.config import EXTENSION_FORMATS, DataConfig, check_data_config, split_paths
 from ringtrain.data.loader import PackedDataLoader
 from ringtrain.data.packing import PackedDataset, pack_documents
 from ringtrain.data.passkey import generate_passkey_documents
 from ringtrain.data.tokenizer import build_tokenizer, encode_bytes, is_byte_tokenizer, pad_id_of
+from ringtrain.errors import ConfigError
 from ringtrain.log import get_logger
 
 if TYPE_CHECKING:
@@ -52,12 +54,20 @@ def resolve_files(cfg: DataConfig) -> tuple[str, list[str]]:
 
 
 def load_documents(cfg: DataConfig) -> Dataset:
-    """The raw documents of source 'files' or 'hub' as a datasets.Dataset with a `cfg.text_field` column."""
+    """The raw documents of source 'files' or 'hub' as a datasets.Dataset with a `cfg.text_field` column.
+
+    Data that cannot be used (no file, only empty files, no text field, no record with text) raises ConfigError;
+    empty files among others are skipped.
+    """
     from datasets import load_dataset
 
     check_data_config(cfg)
     if cfg.source == "files":
+        problems = data_file_problems(cfg)
+        if problems:
+            raise ConfigError(problems)
         builder, files = resolve_files(cfg)
+        files = non_empty_files(files, builder)
         split_name = cfg.split.split("[")[0]  # 'train[:100]' reads the files as 'train', then slices
         kwargs: dict[str, Any] = {"sample_by": cfg.text_sample_by} if builder == "text" else {}
         ds = load_dataset(builder, data_files={split_name: files}, split=cfg.split, cache_dir=cfg.cache_dir,
@@ -68,11 +78,30 @@ def load_documents(cfg: DataConfig) -> Dataset:
         logger.info("loaded %d documents from %s (%s)", len(ds), cfg.path, cfg.split)
     else:
         raise ValueError(f"load_documents reads files or hub datasets, not source={cfg.source!r}")
-    text_field = "text" if cfg.source == "files" and ds.column_names == ["text"] else cfg.text_field
+    text_field = text_column(ds, cfg)
     if text_field not in ds.column_names:
-        raise ValueError(f"data.text_field={cfg.text_field!r} is not a column of {cfg.path!r}: "
-                         f"choose one of {', '.join(ds.column_names)}")
+        raise ConfigError([f"data.text_field={cfg.text_field!r} is not a column of {cfg.path!r}: "
+                           f"choose one of {', '.join(ds.column_names)}"])
+    if records_without_text(ds, text_field) == len(ds):
+        raise ConfigError([f"data.path={cfg.path!r}: none of its {len(ds)} records has text in "
+                           f"data.text_field={cfg.text_field!r}: set data.text_field to the field holding the text"])
     return ds
+
+
+def text_column(ds: Dataset, cfg: DataConfig) -> str:
+    """The column holding the text: data.text_field, or 'text' when that is a file's only column (text files)."""
+    return "text" if cfg.source == "files" and ds.column_names == ["text"] else cfg.text_field
+
+
+def records_without_text(ds: Dataset, column: str) -> int:
+    """Records whose text is missing (a JSON record without the field reads as null), null or empty.
+
+    Counted by Arrow, without a pass in Python; packing skips them (an empty document adds no token).
+    """
+    import pyarrow.compute as pc
+
+    text = ds.data.column(column)
+    return text.null_count + int(pc.sum(pc.equal(text, "")).as_py() or 0)
 
 
 class _Tokenize:
@@ -97,10 +126,9 @@ def tokenize_documents(ds: Dataset, tokenizer: Any, cfg: DataConfig) -> Dataset:
     The cache file lives next to the loaded data under cfg.cache_dir; a second run with the same files,
     tokenizer and text field loads it instead of tokenizing again.
     """
-    text_field = "text" if "text" in ds.column_names and cfg.text_field not in ds.column_names else cfg.text_field
     return ds.map(
-        _Tokenize(tokenizer, text_field), batched=True, batch_size=256, num_proc=cfg.num_proc if cfg.num_proc > 1
-        else None, remove_columns=ds.column_names, desc="tokenizing",
+        _Tokenize(tokenizer, text_column(ds, cfg)), batched=True, batch_size=256,
+        num_proc=cfg.num_proc if cfg.num_proc > 1 else None, remove_columns=ds.column_names, desc="tokenizing",
     )
 
 
@@ -141,8 +169,8 @@ def build_packed_dataset(
         lo = cfg.passkey_min_tokens or seq_len - 1
         hi = cfg.passkey_max_tokens or seq_len - 1
         if hi < lo:
-            raise ValueError(f"data.passkey_max_tokens resolves to {hi} < passkey_min_tokens={lo} "
-                             f"(0 means seq_len - 1 = {seq_len - 1}): set both explicitly")
+            raise ConfigError([f"data.passkey_max_tokens resolves to {hi} < passkey_min_tokens={lo} "
+                               f"(0 means seq_len - 1 = {seq_len - 1}): set both explicitly"])
         docs, masks = generate_passkey_documents(
             tokenizer, cfg.num_samples, lo, hi, cfg.seed, digits=cfg.passkey_digits, filler=cfg.passkey_filler,
             edge_depths=cfg.passkey_edge_depths,
@@ -152,9 +180,14 @@ def build_packed_dataset(
                               answer_loss_fraction=cfg.answer_loss_fraction)
     _main_process_first(mesh, before=True)
     try:
-        tokenized = tokenize_documents(load_documents(cfg), tokenizer, cfg)
+        documents = load_documents(cfg)
+        tokenized = tokenize_documents(documents, tokenizer, cfg)
     finally:
         _main_process_first(mesh, before=False)
+    skipped = records_without_text(documents, text_column(documents, cfg))
+    if skipped and (mesh is None or mesh.rank == 0):  # every rank loads the same records: one line for the job
+        logger.warning("data: %d of %d records of %s have no text in data.text_field=%r (missing, null or empty): "
+                       "they are skipped", skipped, len(documents), cfg.path, cfg.text_field)
     return pack_documents(_documents_from_tokenized(tokenized), seq_len, eos_id, pad_id,
                           split_documents=split_documents, document_mask=cfg.document_mask)
 

@@ -1,0 +1,102 @@
+"""Cheap checks of local data files, before anything is loaded: empty files and a text field that is not there.
+
+`datasets` reports these late and badly (an empty first .jsonl raises a bare StopIteration; a missing field is
+found after the conversion of every file), so `ringtrain validate` and `ringtrain train` read a little of each
+file first. Each problem is one line naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ringtrain.data.config import DataConfig
+
+SAMPLED_RECORDS = 100  # JSON lines read per file to look for the text field
+_CHUNK = 1 << 16
+
+
+def holds_data(path: str, builder: str) -> bool:
+    """Whether a data file holds at least one record: a parquet row, or any non-blank byte of json / text."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows > 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            if chunk.strip():
+                return True
+    return False
+
+
+def text_field_problem(path: str, builder: str, cfg: DataConfig) -> str | None:
+    """The text field missing from a file's columns (parquet) or from all of its first records (JSON lines)."""
+    if builder == "text":
+        return None  # text files are read into a 'text' column
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        fields = pq.read_schema(path).names
+        where = "a column of"
+    else:
+        fields = _sampled_json_fields(path)
+        if fields is None:
+            return None  # not JSON lines (one JSON document): datasets checks it when loading
+        where = f"in any of the first {SAMPLED_RECORDS} records of"
+    # A file whose only field is 'text' is read as the text, whatever data.text_field says (load_documents).
+    if cfg.text_field in fields or fields == ["text"]:
+        return None
+    choice = f"choose one of {', '.join(fields)}" if fields else "it has no fields"
+    return f"data.text_field={cfg.text_field!r} is not {where} {path}: {choice}, or leave the file out of data.path"
+
+
+def _sampled_json_fields(path: str) -> list[str] | None:
+    """The fields of a JSON-lines file's first records, in order of appearance; None if it is not JSON lines."""
+    fields: dict[str, None] = {}
+    seen = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            if not isinstance(record, dict):
+                return None
+            fields.update(dict.fromkeys(record))
+            seen += 1
+            if seen == SAMPLED_RECORDS:
+                break
+    return list(fields)
+
+
+def non_empty_files(files: list[str], builder: str) -> list[str]:
+    """`files` without those that hold no record (datasets cannot infer a schema from an empty first file)."""
+    return [f for f in files if holds_data(f, builder)]
+
+
+def data_file_problems(cfg: DataConfig) -> list[str]:
+    """What stops source='files' data from loading, found by reading the start of each file; [] otherwise.
+
+    Empty files among others are fine (they are skipped); all of them empty is a problem, as is a json or parquet
+    file without data.text_field.
+    """
+    if cfg.source != "files":
+        return []
+    from ringtrain.data.pipeline import resolve_files
+
+    try:
+        builder, files = resolve_files(cfg)
+    except ValueError as err:
+        return [str(err)]
+    try:
+        full = non_empty_files(files, builder)
+        problems = [text_field_problem(f, builder, cfg) for f in full]
+    except Exception as err:  # noqa: BLE001 - an unreadable file (permissions, a broken parquet) is the problem
+        return [f"data.path={cfg.path!r}: cannot read {getattr(err, 'filename', None) or 'a file'} "
+                f"({type(err).__name__}: {err}): check the files"]
+    if not full:
+        what = f"{files[0]} holds" if len(files) == 1 else f"its {len(files)} files hold"
+        return [f"data.path={cfg.path!r}: {what} no record (empty, or blank lines only): point data.path at files "
+                "with data"]
+    return [p for p in problems if p is not None]
