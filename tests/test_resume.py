@@ -92,7 +92,11 @@ def test_resume_after_ctrl_c_and_sigkill_is_exact(tmp_path):
         f"error: the global batch would change from 2 sequences per step in checkpoint {term_dir}/checkpoints/"
         f"step_{stopped_at:08d} (train.micro_batch_size=2 x train.grad_accum_steps=1 x 1 data-parallel rank(s)) to "
         "4 (2 x 1 x 2): keep 2 (e.g. train.micro_batch_size=1), or start a new run in another train.output_dir"], log
-    assert len(re.findall(r"exitcode\s*:\s*2 \(pid", log)) == 2 and "Traceback" not in log.split("error: ")[0], log
+    # Every rank exits 2, except that torchrun SIGTERMs (-15) the ranks still exiting once the first has: never an
+    # abort (-6: gloo's worker dying at interpreter exit, see teardown_distributed) nor a traceback.
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", log)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, log
+    assert "terminate called" not in log and "Traceback" not in log.split("error: ")[0], log
     assert (term_dir / "config.yaml").read_text() == config_before
     assert max(_losses(term_dir)) == stopped_at and max(_checkpoints(term_dir)) == stopped_at
 
