@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -63,25 +64,42 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def build_model_config(cfg: ModelConfig) -> Any:
-    """The transformers config for `cfg`, with overrides applied (RoPE scaling is applied by the caller)."""
+def model_config_and_ignored(cfg: ModelConfig) -> tuple[Any, list[str]]:
+    """The transformers config with `model.config` overrides applied, and the override keys it does not use.
+
+    transformers accepts any key: from a folder it silently drops the keys its config class lacks, for a model type it
+    stores them as attributes nothing reads. Either way such a key is a typo or a misplaced setting."""
     from transformers import AutoConfig
 
     if cfg.path is not None:
-        return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, **cfg.config)
-    return AutoConfig.for_model(cfg.arch, **cfg.config)
+        config, unused = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code,
+                                                    return_unused_kwargs=True, **cfg.config)
+        return config, sorted(unused)
+    config = AutoConfig.for_model(cfg.arch, **cfg.config)
+    fields, aliases = config_class_keys(type(config))
+    # Legacy keys transformers converts (rope_theta, rope_scaling, torch_dtype) are consumed, not stored as extras.
+    ignored = [k for k in cfg.config if fields and k in vars(config) and k not in fields and k not in aliases
+               and not isinstance(getattr(type(config), k, None), property)]
+    return config, ignored
 
 
-def attention_heads(cfg: ModelConfig) -> tuple[int, int] | None:
-    """(query heads, key/value heads) of the configured model, or None when its config cannot be built."""
-    try:
-        config = build_model_config(cfg)
-    except Exception:  # noqa: BLE001 - a bad path or config is reported by the model checks, not here
-        return None
-    heads = getattr(config, "num_attention_heads", None)
-    if heads is None:
-        return None
-    return heads, getattr(config, "num_key_value_heads", None) or heads
+def config_class_keys(cls: type) -> tuple[dict[str, Any], dict[str, str]]:
+    """(dataclass fields, attribute_map aliases) of a transformers config class; no fields for an old-style class."""
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    return fields, dict(getattr(cls, "attribute_map", None) or {})
+
+
+def build_model_config(cfg: ModelConfig) -> Any:
+    """The transformers config for `cfg`, with overrides applied (RoPE scaling is applied by the caller)."""
+    return model_config_and_ignored(cfg)[0]
+
+
+def build_meta_model(cfg: ModelConfig, model_config: Any, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of `model_config` on the meta device: every name and shape, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
 
 
 def build_model(cfg: ModelConfig, model_config: Any, device: torch.device) -> torch.nn.Module:
