@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,37 +104,43 @@ def build_meta_model(cfg: ModelConfig, model_config: Any, dtype: torch.dtype) ->
         return AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
 
 
-def build_model(cfg: ModelConfig, model_config: Any, device: torch.device) -> torch.nn.Module:
-    """Instantiate the causal LM on `device` in the resolved dtype; identical weights on every rank."""
-    from transformers import AutoModelForCausalLM
+def build_causal_lm(cfg: TrainConfig, device: torch.device,
+                    parallelize: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """The run's model, built the one way train and eval share; returns `parallelize(lm)`, or `lm` without it.
 
-    dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, config=model_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-        )
-    else:
-        # Random init draws from the torch RNG of `device`, which every rank seeded identically. Initialising
-        # there, not on the host, matters on GPUs: a 1.1B model took 35-60 s on the host of an H200 (benchmarks.md).
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("model %s: %.2fM parameters, %s", cfg.path or cfg.arch, n_params / 1e6, dtype)
-    return model.to(device)
-
-
-def build_causal_lm(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The run's model, built the one way train and eval share: the transformers config with `model.config`
-    overrides and RoPE scaling (before the model exists: rotary buffers are built from it), then the weights of
-    model.path or a random init identical on every rank (seeded with train.seed)."""
+    The transformers config gets the `model.config` overrides and RoPE scaling (before the model exists: rotary
+    buffers are built from it); the model is built on the meta device and `parallelize` (attention, recompute, FSDP2)
+    applied there, so that each rank then allocates only its shards and fills them from model.path, or with a random
+    init that is the same whatever the world size (seeded with train.seed). No rank ever holds the whole model,
+    except rank 0 when model.path cannot be read shard by shard (see `ringtrain.weights`).
+    """
     from ringtrain.distributed import seed_everything
     from ringtrain.hf.rope import apply_rope_scaling
+    from ringtrain.weights import load_weights
 
     # Every rank draws the same initial weights: FSDP keeps each rank's shard of what it initialised.
     seed_everything(cfg.train.seed)
     model_config = build_model_config(cfg.model)
     apply_rope_scaling(model_config, cfg.rope)
-    return build_model(cfg.model, model_config, device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    lm = build_meta_model(cfg.model, model_config, dtype)
+    template = copy.deepcopy(lm)  # unparallelised: the random init and non-persistent buffers are computed on it
+    model = lm if parallelize is None else parallelize(lm)
+    model.to_empty(device=device)
+    # nn.Module.to_empty gives each module its own new tensor, untying lm_head from the embedding; FSDP2 keeps shared
+    # parameters shared. transformers' public re-tie makes both cases tied again (a no-op under FSDP2).
+    lm.tie_weights()
+
+    def from_pretrained() -> nn.Module:  # the rank-0 fallback for folders that cannot be read shard by shard
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(cfg.model.path, config=template.config, dtype=dtype,
+                                                    trust_remote_code=cfg.model.trust_remote_code)
+
+    loader = load_weights(lm, template, cfg.model.path, device, from_pretrained)
+    n_params = sum(p.numel() for p in lm.parameters())  # a sharded DTensor counts its full size
+    logger.info("model %s: %.2fM parameters, %s, %s", cfg.model.path or cfg.model.arch, n_params / 1e6, dtype, loader)
+    return model
 
 
 class CausalLMWithChunkedLoss(nn.Module):
