@@ -143,7 +143,37 @@ def test_bad_file_is_one_line_exit_2(tmp_path, capsys, name, data, overrides, pa
     assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
 
 
-@pytest.mark.parametrize("name,overrides,pattern", BAD_OVERRIDES, ids=[b[0] for b in BAD_OVERRIDES])
+# Issue 15: the model itself, checked before any rank builds it (the meta-device model and the saved weights).
+BAD_MODELS = [
+    ("unknown-config-key", ["model.config.hidden_sizee=64"],
+     r"unknown key 'model\.config\.hidden_sizee' for LlamaConfig: did you mean 'model\.config\.hidden_size'\?"),
+    ("wrong-type", ["model.config.vocab_size=abc"],
+     r"model\.config\.vocab_size='abc' is rejected by LlamaConfig: TypeError: Field 'vocab_size' expected int, "
+     r"got str"),
+    ("transformers-validator", ["model.config.initializer_range=2.0"],
+     r"model\.config\.initializer_range=2\.0 is rejected by LlamaConfig: ValueError: Value must be greater or equal to "
+     r"0\.0 and smaller or equal to 1\.0"),
+    ("heads-vs-hidden", ["model.config.hidden_size=128", "model.config.num_attention_heads=3"],
+     r"model\.config\.num_attention_heads=3 does not divide model\.config\.hidden_size=128: choose "
+     r"num_attention_heads among 1, 2, 4, 8, 16, 32, 64, 128, or set model\.config\.head_dim"),
+    ("kv-vs-heads", ["model.config.num_key_value_heads=3"],
+     r"model\.config\.num_key_value_heads=3 does not divide model\.config\.num_attention_heads=32 .*: choose "
+     r"num_key_value_heads among 1, 2, 4, 8, 16, 32$"),
+    ("odd-head-dim", ["model.config.hidden_size=96"],
+     r"model\.config\.head_dim=3 \(hidden_size / num_attention_heads = 96 / 32\) is odd: RoPE rotates pairs"),
+    ("zero-layers", ["model.config.num_hidden_layers=0"], r"model\.config\.num_hidden_layers=0 must be >= 1$"),
+    ("not-causal", ["model.arch=t5"],
+     r"model\.arch='t5': model type 't5' has no causal language model in transformers \(AutoModelForCausalLM\)"),
+    ("rope-shorter", ["rope.method=yarn", "rope.target_length=1000"],
+     r"rope\.target_length=1000 is shorter than the pretraining length 2048"),
+    ("missing-path", ["model.arch=null", "model.path=runs/never_trained/final_model"],
+     r"model\.path='runs/never_trained/final_model' does not exist \(relative to .*\): fix the path, or first run "
+     r"what writes it"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,pattern", BAD_OVERRIDES + BAD_MODELS,
+                         ids=[b[0] for b in BAD_OVERRIDES + BAD_MODELS])
 def test_bad_override_is_one_line_exit_2(tmp_path, capsys, name, overrides, pattern):
     import re
 
@@ -181,46 +211,6 @@ def test_unparseable_files(tmp_path, capsys, content, pattern):
 def test_missing_file(tmp_path, capsys):
     rc, _, err = _validate(capsys, tmp_path / "nope.yaml")
     assert rc == 2 and "nope.yaml' does not exist: check the path" in err
-
-
-# Issue 15: the model itself, checked before any rank builds it (the meta-device model and the saved weights).
-BAD_MODELS = [
-    ("unknown-config-key", ["model.config.hidden_sizee=64"],
-     r"unknown key 'model\.config\.hidden_sizee' for LlamaConfig: did you mean 'model\.config\.hidden_size'\?"),
-    ("wrong-type", ["model.config.vocab_size=abc"],
-     r"model\.config\.vocab_size='abc' is rejected by LlamaConfig: TypeError: Field 'vocab_size' expected int, "
-     r"got str"),
-    ("transformers-validator", ["model.config.initializer_range=2.0"],
-     r"model\.config\.initializer_range=2\.0 is rejected by LlamaConfig: ValueError: Value must be greater or equal to "
-     r"0\.0 and smaller or equal to 1\.0"),
-    ("heads-vs-hidden", ["model.config.hidden_size=128", "model.config.num_attention_heads=3"],
-     r"model\.config\.num_attention_heads=3 does not divide model\.config\.hidden_size=128: choose "
-     r"num_attention_heads among 1, 2, 4, 8, 16, 32, 64, 128, or set model\.config\.head_dim"),
-    ("kv-vs-heads", ["model.config.num_key_value_heads=3"],
-     r"model\.config\.num_key_value_heads=3 does not divide model\.config\.num_attention_heads=32 .*: choose "
-     r"num_key_value_heads among 1, 2, 4, 8, 16, 32$"),
-    ("odd-head-dim", ["model.config.hidden_size=96"],
-     r"model\.config\.head_dim=3 \(hidden_size / num_attention_heads = 96 / 32\) is odd: RoPE rotates pairs"),
-    ("zero-layers", ["model.config.num_hidden_layers=0"], r"model\.config\.num_hidden_layers=0 must be >= 1$"),
-    ("not-causal", ["model.arch=t5"],
-     r"model\.arch='t5': model type 't5' has no causal language model in transformers \(AutoModelForCausalLM\)"),
-    ("rope-shorter", ["rope.method=yarn", "rope.target_length=1000"],
-     r"rope\.target_length=1000 is shorter than the pretraining length 2048"),
-    ("missing-path", ["model.arch=null", "model.path=runs/never_trained/final_model"],
-     r"model\.path='runs/never_trained/final_model' does not exist \(relative to .*\): fix the path, or first run "
-     r"what writes it"),
-]
-
-
-@pytest.mark.parametrize("name,overrides,pattern", BAD_MODELS, ids=[b[0] for b in BAD_MODELS])
-def test_bad_model_is_one_line_exit_2(tmp_path, capsys, name, overrides, pattern):
-    import re
-
-    rc, out, err = _validate(capsys, _write(tmp_path, GOOD), *overrides)
-    assert rc == 2 and out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def test_bad_model_folders(tmp_path, capsys, model_dir):
