@@ -3,8 +3,9 @@
 `build_causal_lm` builds the model on the meta device and parallelises it first (FSDP2 turns each parameter into a
 sharded DTensor), then `to_empty` allocates only this rank's shards and `load_weights` fills them:
 
-- a local folder of safetensors: DCP's `HuggingFaceStorageReader` reads, for each tensor, only the slice this rank
-  holds (safetensors `get_slice` on a memory map); measured per-rank peaks are in docs/benchmarks.md;
+- a local folder of safetensors: DCP plans, for each tensor, the slice this rank holds, and `SliceReader` (DCP's
+  `HuggingFaceStorageReader` with positioned reads instead of a memory map) reads just those bytes; measured
+  per-rank peaks are in docs/benchmarks.md;
 - anything else (`pytorch_model.bin` weights, checkpoints whose tensor names need transformers' key conversion, a
   hub name): rank 0 loads the model with `from_pretrained` and `set_model_state_dict(broadcast_from_rank0=True)`
   sends one tensor at a time; every rank keeps its shard. Only rank 0 then holds the whole model;
@@ -20,15 +21,20 @@ then consolidates them into HF-named safetensors files one tensor at a time.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.futures import Future
 
 from ringtrain.log import get_logger
 
@@ -66,6 +72,67 @@ def checkpoint_shapes(folder: str | os.PathLike) -> dict[str, list[int]]:
     return shapes
 
 
+def _safetensors_data(file: str) -> tuple[int, dict[str, Any]]:
+    """(where the data section of a safetensors file starts, its header): an 8-byte little-endian header length, then
+    the JSON header mapping each name to its dtype, shape and byte range within the data section."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+class SliceReader(HuggingFaceStorageReader):
+    """DCP's `HuggingFaceStorageReader`, reading each rank's slice with plain positioned reads instead of a memory
+    map: an FSDP2 shard is a run of rows, so a contiguous byte range of the file. safetensors' memory map counts
+    every page it touches (and the kernel's read-ahead around them) in the rank's resident memory: on 4 ranks of a
+    246M fp32 model that was 0.70x the model's bytes per rank instead of its 0.25x shard (docs/benchmarks.md).
+    A slice that is not a run of rows (another sharding) goes through the memory map as before."""
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
+        headers: dict[str, tuple[int, dict[str, Any]]] = {}
+        by_mmap = []
+        for req in plan.items:
+            info = self.storage_data[req.storage_index]
+            if info.relative_path not in headers:
+                headers[info.relative_path] = _safetensors_data(info.relative_path)
+            start, header = headers[info.relative_path]
+            entry = header[req.storage_index.fqn]
+            rows_only = list(req.storage_offsets[1:]) == [0] * (len(entry["shape"]) - 1) and \
+                list(req.lengths[1:]) == entry["shape"][1:]
+            if not rows_only:
+                by_mmap.append(req)
+                continue
+            _read_rows(info.relative_path, start + entry["data_offsets"][0], entry["shape"], req, planner, info.dtype)
+        if by_mmap:
+            super().read_data(dataclasses.replace(plan, items=by_mmap), planner)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+
+def _read_rows(file: str, data_start: int, shape: list[int], req: Any, planner: Any, dtype: torch.dtype) -> None:
+    """Read rows [offset, offset + length) of a stored tensor into the planner's target (directly when the dtypes
+    match and the target is contiguous CPU memory, else through one slice-sized buffer)."""
+    import math
+
+    target = planner.resolve_tensor(req).detach()
+    rows = req.lengths[0] if req.lengths else 1
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    direct = target.dtype == dtype and target.device.type == "cpu" and target.is_contiguous()
+    buf = target if direct else torch.empty(target.shape, dtype=dtype)
+    view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+    with open(file, "rb", buffering=0) as f:
+        f.seek(data_start + (req.storage_offsets[0] if req.lengths else 0) * row_bytes)
+        done = 0
+        while done < rows * row_bytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise OSError(f"{file} ended inside {req.storage_index.fqn}: the file is truncated")
+            done += n
+    if not direct:
+        target.copy_(buf)
+    planner.commit_tensor(req, target)
+
+
 def _rank0_decides(value: Any) -> Any:
     """Rank 0's `value` on every rank: ranks that chose different loaders would wait in different collectives."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -76,7 +143,7 @@ def _rank0_decides(value: Any) -> Any:
 
 
 def load_weights(lm: nn.Module, template: nn.Module, path: str | None, device: torch.device,
-                 from_pretrained: Any = None) -> str:
+                 from_pretrained: Callable[[], nn.Module] | None = None) -> str:
     """Fill `lm`'s allocated (possibly sharded) tensors; collective. Returns the loader used.
 
     `template` is an unparallelised meta-device twin of `lm` (random init and non-persistent buffers come from it);
@@ -89,10 +156,9 @@ def load_weights(lm: nn.Module, template: nn.Module, path: str | None, device: t
     missing = _rank0_decides(_unreadable_by_slices(Path(path), want))
     if not missing:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import HuggingFaceStorageReader
 
         # Each rank requests its own shard of every tensor; the reader reads only those slices from the files.
-        dcp.load(want, storage_reader=HuggingFaceStorageReader(path))
+        dcp.load(want, storage_reader=SliceReader(path))
         loader = "safetensors slices"
     else:
         logger.warning("model.path=%s cannot be read shard by shard (%s%s): rank 0 loads the whole model with "
@@ -115,7 +181,7 @@ def _unreadable_by_slices(folder: Path, want: dict[str, torch.Tensor]) -> list[s
     return [f"no tensor {name}" for name in want if name not in present]
 
 
-def _load_broadcast(lm: nn.Module, from_pretrained: Any) -> None:
+def _load_broadcast(lm: nn.Module, from_pretrained: Callable[[], nn.Module]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -176,6 +242,7 @@ def init_from_template(lm: nn.Module, template: nn.Module, device: torch.device,
             tensors = [n for n in tensors if id(targets[prefix + n]) not in done]
             if not tensors:
                 continue
+            # On the run's device and its RNG: on a GPU, a host init took 35-60 s for a 1.1B model (benchmarks.md).
             module.to_empty(device=device, recurse=False)
             owner._init_weights(module)
             for n in tensors:
