@@ -28,7 +28,8 @@ class ModelConfig:
     """Which model to train and in what precision."""
 
     path: str | None = None
-    """A local model folder or a hub name for `from_pretrained`; unset to build from `arch` + `config`."""
+    """A local model folder (safetensors: each rank reads only its shards) or a hub name (rank 0 loads it with
+    `from_pretrained` and hands out the shards); unset to build from `arch` + `config`."""
     arch: str | None = None
     """A transformers model type (llama, mistral, qwen2, qwen3, ...) to build with random weights."""
     config: dict[str, Any] = field(default_factory=dict)
