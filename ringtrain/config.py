@@ -26,9 +26,9 @@ from ringtrain.hf.rope import RopeConfig
 from ringtrain.loop_config import TrainLoopConfig
 from ringtrain.metrics import LoggingConfig
 from ringtrain.model import ModelConfig
+from ringtrain.model_checks import model_problems
 from ringtrain.optim import OptimConfig
 from ringtrain.ring.layout import LAYOUT_NAMES, required_multiple
-from ringtrain.ring.ulysses import ulysses_head_problems
 
 
 @dataclass
@@ -321,28 +321,12 @@ def load_config(
             resolve_parallel_sizes(cfg.parallel, world_size)
         except ConfigError as e:
             problems.extend(e.problems)
-    if cfg is not None and not problems:
-        problems.extend(model_parallel_problems(cfg))
+    if cfg is not None:
+        # The model itself (issue 15): what transformers would reject on every rank later, reported now.
+        problems.extend(model_problems(cfg))
     if problems:
         raise ConfigError(problems)
     return cfg
-
-
-def model_parallel_problems(cfg: TrainConfig) -> list[str]:
-    """What the model's shape rules out in the parallel settings (its heads against parallel.ulysses_size), each
-    naming the model's numbers and the valid choices. Needs the transformers config, so it runs after the
-    structural checks."""
-    u = cfg.parallel.ulysses_size
-    if u <= 1:
-        return []
-    from ringtrain.model import attention_heads
-
-    heads = attention_heads(cfg.model)
-    if heads is None:
-        return []  # the model config cannot be built: reported by the model checks
-    n_heads, n_kv = heads
-    return [f"parallel.ulysses_size={u}: {problem} (model: {n_heads} query heads, {n_kv} key/value heads)"
-            for problem in ulysses_head_problems(n_heads, n_kv, u)]
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +28,8 @@ class ModelConfig:
     """Which model to train and in what precision."""
 
     path: str | None = None
-    """A local model folder or a hub name for `from_pretrained`; unset to build from `arch` + `config`."""
+    """A local model folder (safetensors: each rank reads only its shards) or a hub name (rank 0 loads it with
+    `from_pretrained` and hands out the shards); unset to build from `arch` + `config`."""
     arch: str | None = None
     """A transformers model type (llama, mistral, qwen2, qwen3, ...) to build with random weights."""
     config: dict[str, Any] = field(default_factory=dict)
@@ -63,58 +67,81 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def build_model_config(cfg: ModelConfig) -> Any:
-    """The transformers config for `cfg`, with overrides applied (RoPE scaling is applied by the caller)."""
+def model_config_and_ignored(cfg: ModelConfig) -> tuple[Any, list[str]]:
+    """The transformers config with `model.config` overrides applied, and the override keys it does not use.
+
+    transformers accepts any key: from a folder it silently drops the keys its config class lacks, for a model type it
+    stores them as attributes nothing reads. Either way such a key is a typo or a misplaced setting."""
     from transformers import AutoConfig
 
     if cfg.path is not None:
-        return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, **cfg.config)
-    return AutoConfig.for_model(cfg.arch, **cfg.config)
+        config, unused = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code,
+                                                    return_unused_kwargs=True, **cfg.config)
+        return config, sorted(unused)
+    config = AutoConfig.for_model(cfg.arch, **cfg.config)
+    fields, aliases = config_class_keys(type(config))
+    # Legacy keys transformers converts (rope_theta, rope_scaling, torch_dtype) are consumed, not stored as extras.
+    ignored = [k for k in cfg.config if fields and k in vars(config) and k not in fields and k not in aliases
+               and not isinstance(getattr(type(config), k, None), property)]
+    return config, ignored
 
 
-def attention_heads(cfg: ModelConfig) -> tuple[int, int] | None:
-    """(query heads, key/value heads) of the configured model, or None when its config cannot be built."""
-    try:
-        config = build_model_config(cfg)
-    except Exception:  # noqa: BLE001 - a bad path or config is reported by the model checks, not here
-        return None
-    heads = getattr(config, "num_attention_heads", None)
-    if heads is None:
-        return None
-    return heads, getattr(config, "num_key_value_heads", None) or heads
+def config_class_keys(cls: type) -> tuple[dict[str, Any], dict[str, str]]:
+    """(dataclass fields, attribute_map aliases) of a transformers config class; no fields for an old-style class."""
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    return fields, dict(getattr(cls, "attribute_map", None) or {})
 
 
-def build_model(cfg: ModelConfig, model_config: Any, device: torch.device) -> torch.nn.Module:
-    """Instantiate the causal LM on `device` in the resolved dtype; identical weights on every rank."""
+def build_model_config(cfg: ModelConfig) -> Any:
+    """The transformers config for `cfg`, with overrides applied (RoPE scaling is applied by the caller)."""
+    return model_config_and_ignored(cfg)[0]
+
+
+def build_meta_model(cfg: ModelConfig, model_config: Any, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of `model_config` on the meta device: every name and shape, no memory."""
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, config=model_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-        )
-    else:
-        # Random init draws from the torch RNG of `device`, which every rank seeded identically. Initialising
-        # there, not on the host, matters on GPUs: a 1.1B model took 35-60 s on the host of an H200 (benchmarks.md).
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("model %s: %.2fM parameters, %s", cfg.path or cfg.arch, n_params / 1e6, dtype)
-    return model.to(device)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
 
 
-def build_causal_lm(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The run's model, built the one way train and eval share: the transformers config with `model.config`
-    overrides and RoPE scaling (before the model exists: rotary buffers are built from it), then the weights of
-    model.path or a random init identical on every rank (seeded with train.seed)."""
+def build_causal_lm(cfg: TrainConfig, device: torch.device,
+                    parallelize: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """The run's model, built the one way train and eval share; returns `parallelize(lm)`, or `lm` without it.
+
+    The transformers config gets the `model.config` overrides and RoPE scaling (before the model exists: rotary
+    buffers are built from it); the model is built on the meta device and `parallelize` (attention, recompute, FSDP2)
+    applied there, so that each rank then allocates only its shards and fills them from model.path, or with a random
+    init that is the same whatever the world size (seeded with train.seed). No rank ever holds the whole model,
+    except rank 0 when model.path cannot be read shard by shard (see `ringtrain.weights`).
+    """
     from ringtrain.distributed import seed_everything
     from ringtrain.hf.rope import apply_rope_scaling
+    from ringtrain.weights import load_weights
 
     # Every rank draws the same initial weights: FSDP keeps each rank's shard of what it initialised.
     seed_everything(cfg.train.seed)
     model_config = build_model_config(cfg.model)
     apply_rope_scaling(model_config, cfg.rope)
-    return build_model(cfg.model, model_config, device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    lm = build_meta_model(cfg.model, model_config, dtype)
+    template = copy.deepcopy(lm)  # unparallelised: the random init and non-persistent buffers are computed on it
+    model = lm if parallelize is None else parallelize(lm)
+    model.to_empty(device=device)
+    # nn.Module.to_empty gives each module its own new tensor, untying lm_head from the embedding; FSDP2 keeps shared
+    # parameters shared. transformers' public re-tie makes both cases tied again (a no-op under FSDP2).
+    lm.tie_weights()
+
+    def from_pretrained() -> nn.Module:  # the rank-0 fallback for folders that cannot be read shard by shard
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(cfg.model.path, config=template.config, dtype=dtype,
+                                                    trust_remote_code=cfg.model.trust_remote_code)
+
+    loader = load_weights(lm, template, cfg.model.path, device, from_pretrained)
+    n_params = sum(p.numel() for p in lm.parameters())  # a sharded DTensor counts its full size
+    logger.info("model %s: %.2fM parameters, %s, %s", cfg.model.path or cfg.model.arch, n_params / 1e6, dtype, loader)
+    return model
 
 
 class CausalLMWithChunkedLoss(nn.Module):

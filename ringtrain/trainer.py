@@ -237,19 +237,12 @@ class Trainer:
                         history[0]["loss"], history[-1]["loss"], tcfg.output_dir)
         return history
 
-    def export(self, out_dir: Path) -> None:
-        """Write the trained weights as a plain HF folder (safetensors) that `from_pretrained` loads."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def export(self, out_dir: Path, max_shard_bytes: int | None = None) -> None:
+        """Write the trained weights as a plain HF folder (sharded safetensors, config, tokenizer) that
+        `from_pretrained` loads; collective, and no rank gathers the model (`ringtrain.weights.export_hf_folder`)."""
+        from ringtrain.weights import EXPORT_SHARD_BYTES, export_hf_folder
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.mesh.rank == 0:
-            prefix = "lm."
-            state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-            self.lm.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(out_dir)
-            logger.info("exported the model to %s", out_dir)
-        dist.barrier()
+        export_hf_folder(self.lm, out_dir, self.tokenizer, max_shard_bytes or EXPORT_SHARD_BYTES)
 
 
 def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
@@ -263,10 +256,11 @@ def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
 
     tcfg = cfg.train
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    lm = build_causal_lm(cfg, mesh.device)
     sp = mesh.sequence_parallel(resolve_layout(cfg.parallel, cfg.data.document_mask), cfg.parallel)
+    # Parallelised on the meta device, then each rank materialises and loads only its shards.
+    model = build_causal_lm(cfg, mesh.device, parallelize=lambda lm: parallelize_model(lm, tcfg, mesh, sp))
+    lm = model.lm
     flops_per_token = model_flops_per_token(lm, tcfg.seq_len)
-    model = parallelize_model(lm, tcfg, mesh, sp)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
     loader = build_dataloader(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size, mesh=mesh,

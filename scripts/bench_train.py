@@ -121,16 +121,16 @@ def ringtrain_overrides(spec: dict, sp_size: int, out: str) -> list[str]:
 
 
 def plain_model(spec: dict, dtype: torch.dtype, device: torch.device):
-    """The plain transformers loop's model and AdamW: the same initial weights as build_trainer draws."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ringtrain.distributed import seed_everything
+    """The plain transformers loop's model and AdamW: the same initial weights as build_trainer draws (its builder,
+    without the parallelism: the random init does not depend on how the model is sharded)."""
+    from ringtrain.config import load_config
+    from ringtrain.model import DTYPES, build_causal_lm
     from ringtrain.optim import OptimConfig, build_optimizer
 
-    seed_everything(0)  # the same draw as build_trainer's, so the same initial weights
-    config = AutoConfig.for_model("llama", **spec["model"])
-    with torch.device(device):  # as build_model does: the same RNG, the same draws
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
+    cfg = load_config(None, [*ringtrain_overrides(spec, 1, "unused"), f"model.dtype={dtype_name}"])
+    model = build_causal_lm(cfg, device)
+    model.set_attn_implementation("sdpa")
     model.train()
     return model, build_optimizer(model, OptimConfig(warmup_steps=0, schedule="constant"))
 

@@ -27,9 +27,26 @@ def _validate(capsys, *argv) -> tuple[int, str, str]:
     return rc, out, err
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved with save_pretrained: a real model.path."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)).save_pretrained(path)
+    return path
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_every_shipped_config_validates(path, capsys):
-    rc, out, err = _validate(capsys, path)
+def test_every_shipped_config_validates(path, capsys, model_dir):
+    model_path = (yaml.safe_load(path.read_text())["model"] or {}).get("path")
+    # A config that starts from another run's export (passkey_extend.yaml) validates once that export exists.
+    extra = [f"model.path={model_dir}"] if model_path and not Path(model_path).exists() else []
+    rc, out, err = _validate(capsys, path, *extra)
     assert rc == 0, err
     resolved = yaml.safe_load(out)
     assert set(resolved) == {"model", "rope", "parallel", "data", "optim", "train", "checkpoint", "logging", "eval"}
@@ -42,12 +59,12 @@ def test_shipped_configs_exist():
 
 def test_precedence_defaults_file_overrides(tmp_path):
     path = _write(tmp_path, {**GOOD, "optim": {"lr": 1e-3, "warmup_steps": 7}})
-    cfg = load_config(path, ["optim.lr=5e-4", "parallel.sp_size=2", "model.config={hidden_size: 32}"])
+    cfg = load_config(path, ["optim.lr=5e-4", "parallel.sp_size=2", "model.config={hidden_size: 64}"])
     assert cfg.optim.lr == 5e-4  # override beats file
     assert cfg.optim.warmup_steps == 7  # file beats default
     assert cfg.optim.schedule == "cosine"  # default
     assert cfg.parallel.sp_size == 2
-    assert cfg.model.config == {"hidden_size": 32}
+    assert cfg.model.config == {"hidden_size": 64}
 
 
 def test_override_coercion(tmp_path):
@@ -126,7 +143,37 @@ def test_bad_file_is_one_line_exit_2(tmp_path, capsys, name, data, overrides, pa
     assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
 
 
-@pytest.mark.parametrize("name,overrides,pattern", BAD_OVERRIDES, ids=[b[0] for b in BAD_OVERRIDES])
+# Issue 15: the model itself, checked before any rank builds it (the meta-device model and the saved weights).
+BAD_MODELS = [
+    ("unknown-config-key", ["model.config.hidden_sizee=64"],
+     r"unknown key 'model\.config\.hidden_sizee' for LlamaConfig: did you mean 'model\.config\.hidden_size'\?"),
+    ("wrong-type", ["model.config.vocab_size=abc"],
+     r"model\.config\.vocab_size='abc' is rejected by LlamaConfig: TypeError: Field 'vocab_size' expected int, "
+     r"got str"),
+    ("transformers-validator", ["model.config.initializer_range=2.0"],
+     r"model\.config\.initializer_range=2\.0 is rejected by LlamaConfig: ValueError: Value must be greater or equal to "
+     r"0\.0 and smaller or equal to 1\.0"),
+    ("heads-vs-hidden", ["model.config.hidden_size=128", "model.config.num_attention_heads=3"],
+     r"model\.config\.num_attention_heads=3 does not divide model\.config\.hidden_size=128: choose "
+     r"num_attention_heads among 1, 2, 4, 8, 16, 32, 64, 128, or set model\.config\.head_dim"),
+    ("kv-vs-heads", ["model.config.num_key_value_heads=3"],
+     r"model\.config\.num_key_value_heads=3 does not divide model\.config\.num_attention_heads=32 .*: choose "
+     r"num_key_value_heads among 1, 2, 4, 8, 16, 32$"),
+    ("odd-head-dim", ["model.config.hidden_size=96"],
+     r"model\.config\.head_dim=3 \(hidden_size / num_attention_heads = 96 / 32\) is odd: RoPE rotates pairs"),
+    ("zero-layers", ["model.config.num_hidden_layers=0"], r"model\.config\.num_hidden_layers=0 must be >= 1$"),
+    ("not-causal", ["model.arch=t5"],
+     r"model\.arch='t5': model type 't5' has no causal language model in transformers \(AutoModelForCausalLM\)"),
+    ("rope-shorter", ["rope.method=yarn", "rope.target_length=1000"],
+     r"rope\.target_length=1000 is shorter than the pretraining length 2048"),
+    ("missing-path", ["model.arch=null", "model.path=runs/never_trained/final_model"],
+     r"model\.path='runs/never_trained/final_model' does not exist \(relative to .*\): fix the path, or first run "
+     r"what writes it"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,pattern", BAD_OVERRIDES + BAD_MODELS,
+                         ids=[b[0] for b in BAD_OVERRIDES + BAD_MODELS])
 def test_bad_override_is_one_line_exit_2(tmp_path, capsys, name, overrides, pattern):
     import re
 
@@ -164,6 +211,52 @@ def test_unparseable_files(tmp_path, capsys, content, pattern):
 def test_missing_file(tmp_path, capsys):
     rc, _, err = _validate(capsys, tmp_path / "nope.yaml")
     assert rc == 2 and "nope.yaml' does not exist: check the path" in err
+
+
+def test_bad_model_folders(tmp_path, capsys, model_dir):
+    """model.path: a folder without config.json, one without weights, a file, overrides that break the weights'
+    shapes, and a key transformers would silently drop when it loads a folder."""
+    import re
+    import shutil
+
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(model_dir, tmp_path / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    cases = [
+        (["model.path=" + str(tmp_path / "empty")], r"model\.path='.*empty' is a folder without config\.json"),
+        (["model.path=" + str(tmp_path / "no_weights")],
+         r"model\.path='.*no_weights' holds no weights \(\*\.safetensors or pytorch_model\*\.bin\)"),
+        (["model.path=" + str(model_dir / "config.json")], r"model\.path='.*config\.json' is a file"),
+        ([f"model.path={model_dir}", "model.config.hidden_size=64"],
+         r"model\.embed_tokens\.weight is \[384, 32\] in the folder but \[384, 64\] in the model built from its "
+         r"config \(\d+ tensor\(s\) differ\): remove the model\.config overrides that change shapes \(hidden_size\)"),
+        ([f"model.path={model_dir}", "model.config.num_key_value_head=2"],
+         r"unknown key 'model\.config\.num_key_value_head' for LlamaConfig \(transformers would silently ignore it\): "
+         r"did you mean 'model\.config\.num_key_value_heads'\?"),
+    ]
+    for overrides, pattern in cases:
+        rc, out, err = _validate(capsys, _write(tmp_path, {**GOOD, "model": {}}), *overrides)
+        assert rc == 2 and out == "", (overrides, err)
+        assert len(err.strip().splitlines()) == 1 and re.search(pattern, err), (overrides, err)
+
+
+def test_model_type_errors_are_all_reported(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, GOOD), ["model.config.vocab_size=abc", "model.config.hidden_size=1.5"])
+    assert [p.split(" is rejected")[0] for p in info.value.problems] == \
+           ["model.config.vocab_size='abc'", "model.config.hidden_size=1.5"]
+
+
+@pytest.mark.parametrize("command", ["validate", "rope", "eval"])
+def test_missing_model_path_is_reported_before_any_work(capsys, command):
+    """The issue's case: passkey_extend.yaml before passkey_short has been trained (no huggingface_hub traceback)."""
+    if (ROOT / "runs/passkey_short/final_model").exists():
+        pytest.skip("stage 1 of the context-extension demo has been run here")
+    rc = main([command, str(ROOT / "configs/passkey_extend.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == ("error: model.path='runs/passkey_short/final_model' does not exist (relative to "
+                   f"{Path.cwd()}): fix the path, or first run what writes it (a finished run exports its model to "
+                   "<train.output_dir>/final_model)\n")
 
 
 def test_every_problem_is_collected(tmp_path):

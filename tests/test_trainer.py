@@ -150,6 +150,65 @@ def test_exported_model_loads_in_plain_transformers(tmp_path):
     assert (tmp_path / "final_model" / "model.safetensors").exists()
 
 
+def _export_sp2_run(mesh, cfg, sharded_dir):
+    """Train SP=2 under FSDP, export twice (the run's final_model/, then in files of <= 40 kB), and load final_model/
+    back shard by shard; returns the trained full weights (rank 0) and whether the reloaded shards are the trained
+    ones."""
+    import dataclasses
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ringtrain.model import build_causal_lm
+    from ringtrain.parallelize import parallelize_model
+    from ringtrain.trainer import build_trainer
+
+    trainer = build_trainer(cfg, mesh)
+    trainer.fit()
+    trainer.export(sharded_dir, max_shard_bytes=40_000)
+    full = get_model_state_dict(trainer.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    reload = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, arch=None, config={}, path=str(Path(cfg.train.output_dir) / "final_model")))
+    lm = build_causal_lm(reload, mesh.device, parallelize=lambda lm: parallelize_model(
+        lm, reload.train, mesh, trainer.sp)).lm
+    trained, loaded = trainer.lm.state_dict(), lm.state_dict()
+    same = trained.keys() == loaded.keys() and all(torch.equal(trained[k].to_local(), loaded[k].to_local())
+                                                   for k in trained)
+    return full, same
+
+
+def test_sharded_export_of_an_sp2_run_reloads_with_identical_logits(tmp_path):
+    """Issue 15: no rank gathers the model to export it; the folder (one file, or several with an index) loads in
+    plain transformers with the trained weights bit for bit, hence identical logits; and it loads back sharded."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = _cfg(tmp_path / "run", "parallel.sp_size=2", "train.max_steps=2", "model.config.tie_word_embeddings=true")
+    results = run_distributed(_export_sp2_run, 2, cfg, tmp_path / "sharded", timeout=240)
+    full = results[0][0]
+    assert all(same for _, same in results)
+    final, sharded = tmp_path / "run" / "final_model", tmp_path / "sharded"
+    assert (final / "model.safetensors").exists() and not (final / "model.safetensors.index.json").exists()
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) > 2 and sorted(set(weight_map.values())) == files
+    assert not (sharded / "sharded").exists() and (sharded / "tokenizer_config.json").exists()
+    assert "lm_head.weight" not in weight_map  # tied: saved once, as save_pretrained does
+
+    ids = torch.randint(0, 384, (2, 40))
+    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final), attn_implementation="sdpa")
+    reference.load_state_dict(full)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        for folder in (final, sharded):
+            model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+            for key, tensor in model.state_dict().items():
+                assert torch.equal(tensor, full[key]), (folder.name, key)
+            assert torch.equal(model(input_ids=ids).logits, expected), folder.name
+
+
 def _wandb_run_ids(mesh, cfg_first, cfg_second):
     from ringtrain.trainer import build_trainer
 

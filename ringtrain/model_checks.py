@@ -1,0 +1,194 @@
+"""What transformers would reject later, found before any rank does work: `ringtrain validate`, `rope`, `train` and
+`eval` all load their config through `load_config`, which calls `model_problems` (issue 15).
+
+The checks build what the run will build, on the meta device: the transformers config with the `model.config`
+overrides, RoPE scaling, the causal LM itself. Each problem is one line naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ringtrain.model import (
+    CausalLMWithChunkedLoss,
+    ModelConfig,
+    build_meta_model,
+    build_model_config,
+    config_class_keys,
+    model_config_and_ignored,
+)
+
+if TYPE_CHECKING:
+    from ringtrain.config import TrainConfig
+
+
+
+def model_problems(cfg: TrainConfig) -> list[str]:
+    """Problems with the model `cfg` describes, each one line naming the key, the value and the fix: model.path,
+    model.config keys (with did-you-mean), types and shapes, RoPE scaling, whether transformers builds it (on the
+    meta device), whether model.path's weights fit it, and its heads against parallel.ulysses_size."""
+    model = cfg.model
+    if model is None or model._validate():
+        return []  # the structural checks report it
+    where = f"model.path={model.path!r}" if model.path is not None else f"model.arch={model.arch!r}"
+    if model.path is not None:
+        problems = _path_problems(model.path)
+        if problems:
+            return problems
+    try:
+        base = build_model_config(dataclasses.replace(model, config={}))
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, the user gets one line
+        if model.path is not None and Path(model.path).expanduser().is_dir():
+            return [f"{where}: transformers cannot read its config.json ({_reason(e)}): fix or replace that file"]
+        return [f"{where} is neither a local folder nor loadable from the Hugging Face hub ({_reason(e)}): fix the "
+                "path or name (hub models may need `huggingface-cli login`), or download it and point model.path at "
+                "the folder"]
+    problems = _override_problems(model, base)
+    if problems:
+        return problems
+    try:
+        config, ignored = model_config_and_ignored(model)
+    except Exception as e:  # noqa: BLE001
+        return [f"model.config: {type(base).__name__} rejects these values: {_reason(e)}"]
+    if ignored:
+        return [_unknown_key(model, type(config), key) for key in ignored]
+    return _built_model_problems(cfg, config, where)
+
+
+def _path_problems(path: str) -> list[str]:
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            return [f"model.path={path!r} is a folder without config.json: point it at a transformers model folder "
+                    "(what save_pretrained writes, e.g. a run's final_model/)"]
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+            return [f"model.path={path!r} holds no weights (*.safetensors or pytorch_model*.bin): point it at a model "
+                    "folder with its weights, or use model.arch for a random init"]
+        return []
+    if folder.exists():
+        return [f"model.path={path!r} is a file: point it at the model's folder"]
+    # A hub id is 'name' or 'namespace/name'; anything else can only be a local path, and that does not exist.
+    if path.count("/") > 1 or path.startswith(("/", ".", "~")) or os.sep != "/" and os.sep in path:
+        return [f"model.path={path!r} does not exist (relative to {os.getcwd()}): fix the path, or first run what "
+                "writes it (a finished run exports its model to <train.output_dir>/final_model)"]
+    return []  # a hub name: whether it loads is checked with its config
+
+
+def _reason(e: BaseException) -> str:
+    """One line of what transformers said (strict-dataclass errors wrap the useful message as their cause)."""
+    lines = [line.strip() for line in str(e.__cause__ or e).splitlines() if line.strip()]
+    return f"{type(e.__cause__ or e).__name__}: {lines[0] if lines else ''}"
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _override_problems(model: ModelConfig, base: Any) -> list[str]:
+    """Wrong types (transformers' own field validators, each key on its own) and inconsistent sizes in model.config."""
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    cls = type(base)
+    fields, aliases = config_class_keys(cls)
+    problems = []
+    probe = copy.deepcopy(base)
+    for key, value in model.config.items():
+        if key in fields or key in aliases:
+            try:
+                setattr(probe, key, value)
+            except StrictDataclassFieldValidationError as e:
+                problems.append(f"model.config.{key}={value!r} is rejected by {cls.__name__}: {_reason(e)}")
+    if problems:
+        return problems
+    # The sizes as transformers will see them: the folder's config (or the class defaults) under the overrides.
+    if model.path is not None:
+        raw = base.to_dict()
+    else:
+        raw = {name: f.default for name, f in fields.items() if f.default is not dataclasses.MISSING}
+    raw.update({aliases.get(k, k): v for k, v in model.config.items()})
+    sizes = {k: raw.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "head_dim")}
+    for key, value in sizes.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            problems.append(f"model.config.{key}={value} must be >= 1")
+    hidden, heads, head_dim = sizes["hidden_size"], sizes["num_attention_heads"], sizes["head_dim"]
+    if problems or not (isinstance(hidden, int) and isinstance(heads, int)):
+        return problems
+    kv = sizes["num_key_value_heads"] or heads
+    if head_dim is None and hidden % heads:
+        problems.append(f"model.config.num_attention_heads={heads} does not divide model.config.hidden_size={hidden}: "
+                        f"choose num_attention_heads among {_divisors(hidden)}, or set model.config.head_dim")
+    if isinstance(kv, int) and heads % kv:
+        problems.append(f"model.config.num_key_value_heads={kv} does not divide model.config.num_attention_heads="
+                        f"{heads} (each key/value head serves a group of query heads): choose num_key_value_heads "
+                        f"among {_divisors(heads)}")
+    dim = head_dim or hidden // heads
+    if "rope_parameters" in fields and isinstance(dim, int) and dim % 2:
+        source = "" if head_dim else f" (hidden_size / num_attention_heads = {hidden} / {heads})"
+        problems.append(f"model.config.head_dim={dim}{source} is odd: RoPE rotates pairs of dimensions, so choose an "
+                        "even head size")
+    return problems
+
+
+def _unknown_key(model: ModelConfig, cls: type, key: str) -> str:
+    from transformers import PreTrainedConfig
+
+    fields, aliases = config_class_keys(cls)
+    close = difflib.get_close_matches(key, [*fields, *aliases], n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean 'model.config.{close[0]}'?"
+    else:
+        own = [f for f in fields if f not in config_class_keys(PreTrainedConfig)[0]]
+        hint = f"{cls.__name__}'s own settings are {', '.join(own)}"
+    ignored = " (transformers would silently ignore it)" if model.path is not None else ""
+    return f"unknown key 'model.config.{key}' for {cls.__name__}{ignored}: {hint}"
+
+
+def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str]:
+    """RoPE scaling, the meta-device build, the weights' shapes and the heads against Ulysses, on the final config."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from ringtrain.hf.rope import apply_rope_scaling
+    from ringtrain.ring.ulysses import ulysses_head_problems
+    from ringtrain.weights import checkpoint_shapes, unique_state
+
+    model = cfg.model
+    if not model.trust_remote_code and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return [f"{where}: model type {config.model_type!r} has no causal language model in transformers "
+                "(AutoModelForCausalLM): use a decoder model such as llama, mistral, qwen2 or qwen3"]
+    if cfg.rope is not None and not cfg.rope._validate():
+        try:
+            apply_rope_scaling(config, cfg.rope)
+        except ValueError as e:
+            message = str(e)
+            return [message if message.startswith("rope.") else f"rope.method={cfg.rope.method!r}: {message}"]
+    try:
+        lm = build_meta_model(model, config, torch.float32)
+        CausalLMWithChunkedLoss(lm, 0)  # what the trainer and the evaluation's loss support
+    except Exception as e:  # noqa: BLE001
+        return [f"{where}: transformers cannot build {type(config).__name__} with this model.config ({_reason(e)})"]
+    problems = []
+    if model.path is not None and Path(model.path).expanduser().is_dir():
+        shapes = checkpoint_shapes(Path(model.path).expanduser())
+        wrong = [(name, list(t.shape), shapes[name]) for name, t in unique_state(lm).items()
+                 if name in shapes and list(t.shape) != shapes[name]]
+        if wrong:
+            name, built, saved = wrong[0]
+            fix = (f"remove the model.config overrides that change shapes ({', '.join(map(str, model.config))})"
+                   if model.config else "its config.json does not describe these weights")
+            problems.append(f"{where}: {name} is {saved} in the folder but {built} in the model built from its config "
+                            f"({len(wrong)} tensor(s) differ): {fix}")
+    u = cfg.parallel.ulysses_size if cfg.parallel is not None else 1
+    if u > 1 and not cfg.parallel._validate():  # an invalid ulysses_size is reported by the parallel section
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        problems += [f"parallel.ulysses_size={u}: {problem} (model: {heads} query heads, {kv} key/value heads)"
+                     for problem in ulysses_head_problems(heads, kv, u)]
+    return problems
