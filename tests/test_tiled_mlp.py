@@ -1,0 +1,115 @@
+"""Tiled MLP (issue 16): every supported family's MLP over token tiles equals the untiled model (loss, every gradient),
+alone in fp64 and in the trainer with FSDP2 and SP=2 in fp32, where the parameter gradients are still reduced once."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from ringtrain.parallelize import decoder_layers
+from ringtrain.testing import run_distributed
+from ringtrain.tiled_mlp import TiledForward, tile_count, tile_mlp, untile_mlp
+
+COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=80, vocab_size=97, attention_dropout=0.0)
+FAMILIES = {
+    "llama": LlamaConfig(**COMMON),
+    "mistral": MistralConfig(**COMMON, sliding_window=None),
+    "qwen2": Qwen2Config(**COMMON),
+    "qwen3": Qwen3Config(**COMMON, head_dim=8),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n_tiles", [3, 100])  # uneven tiles; more tiles than tokens (empty tiles)
+def test_tiled_family_equals_untiled_fp64(family, n_tiles):
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(FAMILIES[family], attn_implementation="sdpa").double().train()
+    tiled = copy.deepcopy(ref)
+    calls = []
+    for layer in decoder_layers(tiled):
+        tile_mlp(layer.mlp, n_tiles)
+        layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    assert list(tiled.state_dict()) == list(ref.state_dict())  # names, hence checkpoints, unchanged
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 19), generator=g)  # 38 tokens over the tiles
+    losses = [m(input_ids=ids, labels=ids).loss for m in (ref, tiled)]
+    for loss in losses:
+        loss.backward()
+    assert calls == [1, 1]  # one module call per layer: hooks see the MLP once, the tiles run inside it
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    for (name, p_ref), (_, p) in zip(ref.named_parameters(), tiled.named_parameters(), strict=True):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-13, msg=name)
+    with torch.no_grad():  # the no-grad path tiles too, same values
+        torch.testing.assert_close(tiled(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_tile_count_untile_and_refusal():
+    assert (tile_count(4096, 1024), tile_count(4097, 1024), tile_count(3, 1024)) == (4, 5, 1)
+    mlp = torch.nn.Linear(4, 4)
+    tile_mlp(mlp, 3)
+    assert isinstance(mlp.forward, TiledForward)
+    untile_mlp(mlp)
+    assert "forward" not in mlp.__dict__
+
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x, x
+
+    pair = Pair()
+    tile_mlp(pair, 2)
+    with pytest.raises(TypeError, match=r"Pair\.forward returned tuple, not one tensor"):
+        pair(torch.ones(4, 2, requires_grad=True))
+
+
+TINY = [
+    "model.arch=llama",
+    "model.config={vocab_size: 384, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+    "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}",
+    "data.source=passkey", "data.num_samples=8", "data.passkey_min_tokens=90",
+    "train.seq_len=128", "train.threads=1", "logging.progress_bar=false", "parallel.sp_size=2",
+]
+
+
+def _tiled_and_untiled(mesh, out_dir):
+    """(loss, full gradients, reduce-scatters) of one forward/backward, untiled then tiled (+ recompute), same batch."""
+    import torch.distributed as dist
+
+    from ringtrain.config import load_config
+    from ringtrain.trainer import build_trainer
+
+    calls = [0]
+    reduce_scatter = dist.reduce_scatter_single  # what FSDP2's reduce-scatter calls, counted here
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return reduce_scatter(*args, **kwargs)
+
+    dist.reduce_scatter_single = counted
+    results = []
+    for extra in ([], ["train.tiled_mlp=true", "train.mlp_tile_tokens=24"],
+                  ["train.tiled_mlp=true", "train.mlp_tile_tokens=24", "train.activation_checkpointing=full"]):
+        trainer = build_trainer(load_config(None, [*TINY, f"train.output_dir={out_dir}", *extra]), mesh)
+        calls[0] = 0
+        loss = trainer.forward_backward([trainer.loader.dataset.batch([0, 1])])
+        grads = {n: p.grad.full_tensor().detach().clone() for n, p in trainer.model.named_parameters()}
+        results.append((loss, grads, calls[0]))
+    dist.reduce_scatter_single = reduce_scatter
+    return results
+
+
+def test_tiled_mlp_with_fsdp2_and_sp2_equals_untiled(tmp_path):
+    """fp32, FSDP2 over 2 ranks, SP=2 (64 local tokens x 2 sequences in tiles of 24: 6 tiles): the same loss and
+    gradients as untiled within fp32 rounding, with and without recompute, and no more reduce-scatters (one per
+    FSDP unit: 2 layers + the root)."""
+    for rank_results in run_distributed(_tiled_and_untiled, 2, str(tmp_path), timeout=300):
+        (ref_loss, ref, ref_calls), *tiled = rank_results
+        assert ref_calls == 3
+        for loss, grads, n_calls in tiled:
+            assert n_calls == ref_calls
+            assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+            for name, g in ref.items():
+                err = (grads[name] - g).abs().max().item()
+                assert err <= 1e-5 * g.abs().max().item(), f"{name}: {err:.2e} vs max {g.abs().max().item():.2e}"
