@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, found through HF's public `_no_split_modules` (what accelerate wraps too)."""
+    """The transformer blocks, found through HF's public `_no_split_modules` (what accelerate wraps too); also after
+    FSDP2, which renames a unit's class to FSDP<Name> (the original class stays in its MRO)."""
     names = set(getattr(lm, "_no_split_modules", None) or [])
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    layers = [m for m in lm.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
         raise ValueError(f"{type(lm).__name__} declares no _no_split_modules: cannot find its decoder layers")
     return layers
