@@ -310,7 +310,6 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
     optimizer = 2 * shape.params * a / w
     grads_accum = shape.params * a if setup.grad_accum > 1 else 0  # earlier micro-batches' unsharded gradients
     root = shape.root_params * a if setup.fsdp else 0
-    fsdp_fwd = 3 * shape.layer_params * a if setup.fsdp else 0
     fsdp_bwd = 4 * shape.layer_params * a if setup.fsdp else 0
     lm_head_grad = a * shape.vocab * d
 
