@@ -232,11 +232,15 @@ def attention_transients(shape: ModelShape, setup: Setup) -> dict[str, int]:
     q = hd * shape.heads
     kv = hd * shape.kv_heads * kv_replicas(shape, u)  # per K or per V
     low = a < 4  # fp32 accumulators and casts are copies only below fp32
-    fwd = (4 * q if low else 0)  # the fp32 output accumulator
-    bwd = a * (q + 2 * kv) + (4 + a) * (q + 2 * kv) * low  # kernel gradients (+ their fp32 copies and casts back)
-    if ring > 1:
-        fwd += 4 * a * kv + a * q + 4 * q * (not low)  # K/V stacked and its receive buffer; block out; merge acc
-        bwd += 4 * a * kv + 3 * 8 * kv + 4 * q + 8 * kv  # K/V buffers; fp32 dK/dV mine/send/recv; dq, own dk/dv acc
+    if ring == 1:  # one kernel call
+        fwd = 4 * q if low else 0  # the output's fp32 copy
+        bwd = a * (q + 2 * kv) + (4 + a) * (q + 2 * kv) * low  # kernel gradients (+ their fp32 copies, casts back)
+    else:
+        # K/V stacked and their receive buffer; the fp32 accumulator (step 0's output adopted) and a later block's
+        # output. Backward: the same K/V buffers, a block's kernel gradients, the fp32 dq / own dK, dV accumulators,
+        # and the fp32 dK/dV buffers that travel (mine and send; recv too from 3 ring steps on).
+        fwd = 4 * a * kv + 4 * q + a * q
+        bwd = 4 * a * kv + (a + 4) * (q + 2 * kv) + 8 * kv * min(3, ring)
     if setup.device == "cuda":
         bwd += 4 * q  # FlashAttention's fp32 dq accumulator
     if u > 1:
@@ -257,8 +261,8 @@ def mlp_transients(shape: ModelShape, setup: Setup) -> dict[str, int]:
     a, n, i, d = setup.dtype_bytes, setup.local_tokens, shape.intermediate, shape.hidden
     inter = 4 if shape.gated_mlp else 2
     if not setup.tiled_mlp:
-        # Backward: d(act * up), then d(act) and d(up) while act and up are still held; the input gradient.
-        return {"forward": 0, "backward": 2 * a * i * n + a * d * n}
+        # Backward: d(act * up) replaces act * up, then d(act) and d(up) exist while act and up are still held.
+        return {"forward": 0, "backward": 2 * a * i * n}
     t = mlp_tile_tokens(shape, setup)
     acc = max(a, 4) * shape.mlp_params  # the parameter gradients summed over tiles in fp32
     return {"forward": a * d * n + (inter - 1) * a * i * t,  # the output buffer + one tile's intermediates

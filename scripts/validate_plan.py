@@ -81,7 +81,18 @@ def main() -> None:
     p.add_argument("--malloc-mmap-threshold", type=int, default=1 << 20)
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--json", type=Path)
+    p.add_argument("--from-json", type=Path, help="no runs: re-predict the measurements of an earlier --json")
     args = p.parse_args()
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        for row in data["rows"]:
+            name, world, _, overrides = next(c for c in CONFIGS if c[0] == row["config"])
+            for run in row["runs"]:
+                pred = predicted(_spec(run["seq_len"], args.steps, overrides), world)
+                run.update(predicted_bytes=pred["peak_bytes"], predicted_moment=pred["peak_moment"],
+                           parameter_bytes=pred["parameter_bytes"])
+        report(data["rows"], data["contexts"])
+        return
     if args.malloc_mmap_threshold:  # read by glibc at process start: applies to the spawned ranks
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -97,17 +108,27 @@ def main() -> None:
             got = measure(spec, world, ulysses, args.timeout)
             tensors = got["peak_bytes"] - base["peak_bytes"] + pred["parameter_bytes"]
             row["runs"].append({"seq_len": seq_len, "predicted_bytes": pred["peak_bytes"],
+                                "parameter_bytes": pred["parameter_bytes"],
                                 "predicted_moment": pred["peak_moment"], "measured_peak_bytes": got["peak_bytes"],
                                 "measured_tensor_bytes": tensors, **{k: got[k] for k in ("elapsed_s", "cpu_s")}})
             print(f"  {name} S={seq_len}: predicted {pred['peak_bytes'] / GIB:.3f} GiB ({pred['peak_moment']}), "
                   f"measured peak {got['peak_bytes'] / GIB:.3f} GiB (baseline {base['peak_bytes'] / GIB:.3f}, "
                   f"tensors {tensors / GIB:.3f}), {got['elapsed_s']:.0f}s", flush=True)
+        rows.append(row)
+    report(rows, args.contexts)
+    print(f"\nwall {time.perf_counter() - t0:.0f}s (this process's CPU {time.process_time() - c0:.0f}s); load average at "
+          f"end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"contexts": args.contexts, "rows": rows}, indent=1))
+
+
+def report(rows: list[dict], contexts: list[int]) -> None:
+    for row in rows:
         r1, r2 = row["runs"]
         row["growth_predicted"] = r2["predicted_bytes"] - r1["predicted_bytes"]
         row["growth_measured"] = r2["measured_peak_bytes"] - r1["measured_peak_bytes"]
         row["growth_error"] = row["growth_predicted"] / row["growth_measured"] - 1
-        rows.append(row)
-    s1, s2 = args.contexts
+    s1, s2 = contexts
     print(f"\n| configuration | baseline GiB | predicted GiB at {s1:,} / {s2:,} | measured tensors GiB at {s1:,} / "
           f"{s2:,} | growth predicted GiB | growth measured GiB | error |")
     print("|---|---|---|---|---|---|---|")
@@ -117,10 +138,6 @@ def main() -> None:
               f"{r2['predicted_bytes'] / GIB:.3f} | {r1['measured_tensor_bytes'] / GIB:.3f} / "
               f"{r2['measured_tensor_bytes'] / GIB:.3f} | {row['growth_predicted'] / GIB:.3f} | "
               f"{row['growth_measured'] / GIB:.3f} | {row['growth_error']:+.1%} |")
-    print(f"\nwall {time.perf_counter() - t0:.0f}s (this process's CPU {time.process_time() - c0:.0f}s); load average at "
-          f"end {os.getloadavg()[0]:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"contexts": args.contexts, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -47,12 +47,17 @@ def test_component_formulas_by_hand():
     assert parts == {"pre_attention": 6 * d + 4 + 2 * d, "attention": attention_saved(SMALL, 2, 1),
                      "post_attention": 6 * d + 4 + 2 * d, "mlp": 4 * 2 * i}
     assert layer_saved(SMALL, 2, 1, tiled=True, checkpointed_input=True)["mlp"] == 0
-    # Ring of 2, bf16, CUDA: K/V double buffers, fp32 dK/dV mine/send/recv, accumulators, FlashAttention's fp32 dq.
-    ring2 = Setup(world=2, sp=2, ulysses=1, seq_len=128)
+    # Ring of 2, bf16, CUDA: K/V and receive buffers, a block's gradients, fp32 accumulators, fp32 dK/dV mine and
+    # send (no third buffer with 2 steps), FlashAttention's fp32 dq accumulator.
     q, k = hd * h, hd * kv
-    assert attention_transients(SMALL, ring2) == {
-        "forward": 4 * q + 4 * 2 * k + 2 * q,
-        "backward": 2 * (q + 2 * k) + 6 * (q + 2 * k) + 4 * 2 * k + 24 * k + 4 * q + 8 * k + 4 * q}
+    assert attention_transients(SMALL, Setup(world=2, sp=2, ulysses=1, seq_len=128)) == {
+        "forward": 4 * 2 * k + 4 * q + 2 * q,
+        "backward": 4 * 2 * k + (2 + 4) * (q + 2 * k) + 2 * 8 * k + 4 * q}
+    assert attention_transients(SMALL, Setup(world=8, sp=8, ulysses=1, seq_len=128))["backward"] == \
+        4 * 2 * k + (2 + 4) * (q + 2 * k) + 3 * 8 * k + 4 * q
+    # One kernel call in fp32 on CPU: only its gradients.
+    assert attention_transients(SMALL, Setup(world=1, sp=1, ulysses=1, seq_len=128, dtype_bytes=4, device="cpu")) \
+        == {"forward": 0, "backward": 4 * (q + 2 * k)}
     # Loss: fp32 [chunk, vocab] + its bf16 source, fp32 [vocab, hidden] weight gradient, [tokens, hidden] input grad.
     one = Setup(world=1, sp=1, ulysses=1, seq_len=512, loss_chunk=128)
     assert loss_bytes(SMALL, one) == {"forward": 6 * 128 * 100 + 4 * 100 * d + 2 * 512 * d,
