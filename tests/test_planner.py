@@ -180,9 +180,9 @@ def test_plan_searches_the_smallest_sp_that_fits(capsys, tmp_path):
     result = json.loads(out)
     assert rc == 0 and result["fits"] and not result["config_fits"]
     rec = result["recommended"]
-    assert rec["peak_memory_gib_per_rank"] <= 40 * 0.9 and rec["setup"]["sp"] == 4
+    assert rec["peak_memory_gib_per_rank"] <= 40 * 0.9 and rec["setup"]["sp"] > 1
     shape = model_shape(ModelConfig(arch="llama", config=TINYLLAMA))
-    for sp in (1, 2):  # a smaller sp_size does not fit even with every memory saving on
+    for sp in (s for s in (1, 2, 4) if s < rec["setup"]["sp"]):  # a smaller one does not fit with every saving on
         lowest = predict(shape, Setup(world=8, sp=sp, ulysses=1, seq_len=1048576, recompute="full", tiled_mlp=True,
                                       offload=True))
         assert lowest["peak_bytes"] > 40 * 0.9 * GIB
