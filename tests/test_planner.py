@@ -206,3 +206,32 @@ def test_bad_plan_input_is_one_line_exit_2(capsys, argv, pattern):
     assert rc == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and re.search(pattern, lines[0]), err
+
+
+# scripts/validate_plan.py on the 2-core CPU VM (docs/benchmarks.md, "Planner"): VmHWM of the largest rank at 4,096 and
+# 12,288 tokens, glibc mmap threshold 1 MiB; the model of scripts/bench_train.py, fp32.
+CPU_RUNS = [  # (overrides, world, measured peak bytes at 4K, at 12K)
+    (["train.activation_checkpointing=full"], 1, 965_865_472, 1_287_913_472),
+    (["train.activation_checkpointing=none"], 1, 1_381_306_368, 2_291_634_176),
+    (["train.activation_checkpointing=full", "parallel.sp_size=2"], 2, 830_840_832, 925_491_200),
+    (["train.activation_checkpointing=full", "train.tiled_mlp=true"], 1, 972_742_656, 1_038_888_960),
+    (["train.activation_checkpointing=full", "parallel.sp_size=2", "parallel.ulysses_size=2"], 2, 829_480_960,
+     932_188_160),
+]
+
+
+@pytest.mark.parametrize("overrides,world,at_4k,at_12k", CPU_RUNS)
+def test_cpu_measurements_growth_within_20_percent(overrides, world, at_4k, at_12k):
+    """The process baseline (interpreter, libraries, data) cancels in the growth between the two contexts."""
+    from ringtrain.config import load_config
+    from ringtrain.planner import setup_from_config
+
+    model = ("model.config={vocab_size: 32000, hidden_size: 256, intermediate_size: 1024, num_hidden_layers: 4, "
+             "num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 12288}")
+    peaks = []
+    for seq_len in (4096, 12288):
+        cfg = load_config(None, ["model.arch=llama", model, "model.dtype=float32", "train.output_dir=unused",
+                                 f"train.seq_len={seq_len}", *overrides])
+        peaks.append(predict(model_shape(cfg.model), setup_from_config(cfg, world, "cpu"))["peak_bytes"])
+    growth = peaks[1] - peaks[0]
+    assert abs(growth / (at_12k - at_4k) - 1) <= 0.20
