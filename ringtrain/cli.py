@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     # Values are checked by the planner, not argparse, so that a bad one is one line and exit 2 like config errors.
     pl.add_argument("--gpus", default=None, help="ranks to plan for (default: parallel.sp_size x parallel.dp_size)")
     pl.add_argument("--gpu-memory-gib", default=None, help="memory per GPU: also search for the setup that fits")
+    pl.add_argument("--host-memory-gib", default=None, help="with --gpu-memory-gib: pinned host memory per rank that "
+                                                              "offloaded layer inputs may use (default: no limit)")
     pl.add_argument("--device", default="cuda", help="cuda (default) or cpu: the dtype 'auto' resolves to and the "
                                                      "kernels' buffers")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             from ringtrain.planner import plan
 
-            text, rc = plan(_load(args, None), args.gpus, args.gpu_memory_gib, args.device, args.json)
+            text, rc = plan(_load(args, None), args.gpus, args.gpu_memory_gib, args.device, args.json,
+                            host_memory_gib=args.host_memory_gib)
             sys.stdout.write(text)
             return rc
         if args.command == "train":

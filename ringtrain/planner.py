@@ -411,10 +411,12 @@ def _cost(shape: ModelShape, setup: Setup, pred: dict[str, Any], gpus_per_node: 
     return (round(seconds, 6), setup.tiled_mlp + setup.offload, not inside_node, -setup.ulysses)
 
 
-def search(shape: ModelShape, base: Setup, gpus: int, budget_bytes: float) -> dict[str, Any]:
-    """The smallest sp_size with a setup whose peak fits `budget_bytes`, and its cheapest such setup; else the setup
-    with the lowest peak."""
+def search(shape: ModelShape, base: Setup, gpus: int, budget_bytes: float,
+           host_budget_bytes: float = math.inf) -> dict[str, Any]:
+    """The smallest sp_size with a setup whose peak fits `budget_bytes` (and whose offloaded inputs fit
+    `host_budget_bytes` of pinned host memory per rank), and its cheapest such setup; else the lowest peak."""
     scored = [(s, predict(shape, s)) for s in candidate_setups(shape, base, gpus)]
+    scored = [(s, p) for s, p in scored if p["offload_host_bytes"] <= host_budget_bytes]
     if not scored:
         return {"fits": False, "best": None, "lowest": None}
     fitting = [(s, p) for s, p in scored if p["peak_bytes"] <= budget_bytes]
@@ -445,13 +447,15 @@ def _positive(value: str | None, name: str, kind: type, problems: list[str]) -> 
 
 
 def plan(cfg: Any, gpus: str | None = None, gpu_memory_gib: str | None = None, device: str = "cuda",
-         as_json: bool = False, headroom: float = DEFAULT_HEADROOM) -> tuple[str, int]:
+         as_json: bool = False, headroom: float = DEFAULT_HEADROOM,
+         host_memory_gib: str | None = None) -> tuple[str, int]:
     """`ringtrain plan`: (text to print, exit code). Bad arguments raise ConfigError (one line each, exit 2)."""
     problems: list[str] = []
     if device not in ("cuda", "cpu"):
         problems.append(f"--device={device!r} is not one of cuda, cpu")
     n_gpus = _positive(gpus, "--gpus", int, problems)
     memory = _positive(gpu_memory_gib, "--gpu-memory-gib", float, problems)
+    host_memory = _positive(host_memory_gib, "--host-memory-gib", float, problems)
     world = n_gpus or cfg.parallel.sp_size * max(cfg.parallel.dp_size, 1)
     if not problems and world % cfg.parallel.sp_size:
         problems.append(f"--gpus={world} is not a multiple of parallel.sp_size={cfg.parallel.sp_size}: choose "
@@ -474,7 +478,7 @@ def plan(cfg: Any, gpus: str | None = None, gpu_memory_gib: str | None = None, d
     rc = 0
     if memory is not None:
         budget = memory * (1 - headroom) * GIB
-        found = search(shape, setup, world, budget)
+        found = search(shape, setup, world, budget, math.inf if host_memory is None else host_memory * GIB)
         result["gpu_memory_gib"], result["headroom"] = memory, headroom
         result["config_fits"] = pred["peak_bytes"] <= budget
         result["fits"] = found["fits"]

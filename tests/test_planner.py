@@ -186,6 +186,10 @@ def test_plan_searches_the_smallest_sp_that_fits(capsys, tmp_path):
         lowest = predict(shape, Setup(world=8, sp=sp, ulysses=1, seq_len=1048576, recompute="full", tiled_mlp=True,
                                       offload=True))
         assert lowest["peak_bytes"] > 40 * 0.9 * GIB
+    # Offloaded inputs need pinned host memory: with little of it, offload is not an option and a larger sp is needed.
+    rc, out, _ = _plan(capsys, cfg, "--gpus", "8", "--gpu-memory-gib", "40", "--host-memory-gib", "1", "--json")
+    limited = json.loads(out)["recommended"]
+    assert rc == 0 and limited["offload_host_gib_per_rank"] <= 1 and limited["setup"]["sp"] > rec["setup"]["sp"]
     rc, out, _ = _plan(capsys, cfg, "--gpus", "1", "--gpu-memory-gib", "24")
     assert rc == 1 and "nothing fits on these GPUs: the lowest peak is" in out
 
@@ -195,6 +199,7 @@ def test_plan_searches_the_smallest_sp_that_fits(capsys, tmp_path):
     (["--gpus", "two"], r"--gpus='two' must be a positive integer"),
     (["--gpu-memory-gib", "-8"], r"--gpu-memory-gib='-8' must be a positive number"),
     (["--device", "tpu"], r"--device='tpu' is not one of cuda, cpu"),
+    (["--host-memory-gib", "0"], r"--host-memory-gib='0' must be a positive number"),
     (["--gpus", "3"], r"--gpus=3 is not a multiple of parallel\.sp_size=2"),
     (["model.path=/nonexistent/model"], r"model\.arch='llama' conflicts with model\.path"),
     (["model.arch=null", "model.path=/nonexistent/model"],
