@@ -82,7 +82,8 @@ cat "$out/env.log"
 
 if ((smoke)); then
     attn=(--seq 1024 --heads 4 --kv-heads 2 --head-dim 32 --dtype fp32 --iters 1 --warmup 0)
-    step tests 120 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py
+    step tests 120 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py \
+        tests/test_offload.py tests/test_tiled_mlp.py
     step attention_small 60 $py scripts/bench_attention.py --virtual-ring 2 "${attn[@]}" --json "$out/attention_small.json"
     step attention_large 60 $py scripts/bench_attention.py --virtual-ring 4 "${attn[@]}" --ulysses-local 2 \
         --json "$out/attention_large.json"
@@ -94,7 +95,8 @@ if ((smoke)); then
         --recompute full+tiled+offload --json "$out/long_context.json"
 else
     attn=(--heads 32 --kv-heads 8 --head-dim 128 --dtype bf16)
-    step tests 150 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py
+    step tests 150 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py \
+        tests/test_offload.py tests/test_tiled_mlp.py
     step attention_small 50 $py scripts/bench_attention.py --virtual-ring 4 --seq 32768 "${attn[@]}" --iters 3 \
         --warmup 1 --ulysses-local 8 --json "$out/attention_small.json"
     step attention_large 80 $py scripts/bench_attention.py --virtual-ring 8 --seq 131072 "${attn[@]}" --iters 2 \
