@@ -147,3 +147,26 @@ def test_tiled_mlp_on_cuda_bf16_matches_and_saves_the_mlp_activations():
     for name, g in ref.items():
         assert (got[name] - g).abs().max() <= 3e-2 * g.abs().max(), name
     assert peak_t <= peak - 3 * 64 * 2**20, (peak, peak_t)
+
+
+def test_a_family_without_an_mlp_submodule_is_refused():
+    from ringtrain.config import load_config
+    from ringtrain.parallelize import apply_tiled_mlp
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block_sparse_moe = torch.nn.Linear(4, 4)  # Mixtral's name for its feed-forward
+
+    class Model(torch.nn.Module):
+        _no_split_modules = ["Block"]
+
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+
+    cfg = load_config(None, ["model.arch=llama", "train.output_dir=unused", "train.tiled_mlp=true"]).train
+    with pytest.raises(ValueError, match=r"train\.tiled_mlp: Block has no 'mlp' submodule to tile .*"
+                                         r"set train\.tiled_mlp=false for Model"):
+        apply_tiled_mlp(Model(), cfg, sp_size=1)
+    assert apply_tiled_mlp(Model(), load_config(None, ["model.arch=llama", "train.output_dir=unused"]).train, 1) == 0
