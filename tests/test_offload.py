@@ -3,6 +3,7 @@ loss's saved gradients, not the layers that are not checkpointed), and the gradi
 on CUDA, where the copies overlap compute, the peak falls)."""
 
 import pytest
+from test_trainer import TINY as TRAINER_TINY
 
 
 def _cuda() -> bool:
@@ -10,13 +11,9 @@ def _cuda() -> bool:
 
     return torch.cuda.is_available()
 
-TINY = [
-    "model.arch=llama",
-    "model.config={vocab_size: 384, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 3, "
-    "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}",
-    "data.source=passkey", "data.num_samples=8", "data.passkey_min_tokens=90",
-    "train.seq_len=128", "train.threads=1", "logging.progress_bar=false", "parallel.sp_size=2",
-]
+
+# The trainer tests' tiny model and data with 3 layers (every:2 then checkpoints 2 of 3), SP=2.
+TINY = [*TRAINER_TINY, "model.config.num_hidden_layers=3", "parallel.sp_size=2"]
 
 
 def _with_and_without_offload(mesh, out_dir):

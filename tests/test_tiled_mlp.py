@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from test_trainer import TINY as TRAINER_TINY
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from ringtrain.parallelize import decoder_layers
@@ -64,13 +65,8 @@ def test_tile_count_untile_and_refusal():
         pair(torch.ones(4, 2, requires_grad=True))
 
 
-TINY = [
-    "model.arch=llama",
-    "model.config={vocab_size: 384, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
-    "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}",
-    "data.source=passkey", "data.num_samples=8", "data.passkey_min_tokens=90",
-    "train.seq_len=128", "train.threads=1", "logging.progress_bar=false", "parallel.sp_size=2",
-]
+# The trainer tests' tiny model and data, SP=2.
+TINY = [*TRAINER_TINY, "parallel.sp_size=2"]
 
 
 def _tiled_and_untiled(mesh, out_dir):
