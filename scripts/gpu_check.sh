@@ -6,9 +6,9 @@
 #   2. attention: the virtual ring against one SDPA call (causal), flash varlen over the documents (packed
 #      documents, mean length S/16) and the flash window op (window S/8), at 32K (P=4) and 128K (P=8); and the
 #      Ulysses local attention (one call over S for H/U heads) against one SDPA call with H/U heads;
-#   3. trainer: the 1.1B Llama shape at 8K/32K/128K against a plain transformers loop, per recompute policy, and
-#      (issue 16) with tiled MLP + offloaded layer inputs at 8K/32K: their cost in step time; every ringtrain row
-#      carries `ringtrain plan`'s predicted peak next to the measured one;
+#   3. trainer: the 1.1B Llama shape at 8K/32K against a plain transformers loop, per recompute policy, and at 128K
+#      with tiled MLP + offloaded layer inputs (issue 16; recompute full alone was measured there: 31.6 GiB, 26.5 s);
+#      every ringtrain row carries `ringtrain plan`'s predicted peak next to the measured one;
 #   4. the longest context that trains one step with tiled MLP (doubling from 256K until out of memory or time).
 # Not in the default run (it needs ~200-380 s alone, planner estimate): long_context, one step of the 1.1B model at
 # 512K tokens with tiled MLP and offloaded layer inputs (issue 16's one-GPU target). Run it on its own lease:
@@ -87,7 +87,7 @@ if ((smoke)); then
     step attention_small 60 $py scripts/bench_attention.py --virtual-ring 2 "${attn[@]}" --json "$out/attention_small.json"
     step attention_large 60 $py scripts/bench_attention.py --virtual-ring 4 "${attn[@]}" --ulysses-local 2 \
         --json "$out/attention_large.json"
-    step trainer 120 $py scripts/bench_gpu.py --quick --recompute none,full+tiled+offload,full \
+    step trainer 120 $py scripts/bench_gpu.py --quick --recompute none,full,full+tiled+offload \
         --json "$out/trainer.json"
     step max_context 60 $py scripts/bench_gpu.py --quick --max-context 1024 --max-context-limit 4096 \
         --recompute full+tiled --json "$out/max_context.json"
@@ -101,7 +101,7 @@ else
         --warmup 1 --ulysses-local 8 --json "$out/attention_small.json"
     step attention_large 80 $py scripts/bench_attention.py --virtual-ring 8 --seq 131072 "${attn[@]}" --iters 2 \
         --warmup 1 --json "$out/attention_large.json"
-    step trainer 150 $py scripts/bench_gpu.py --recompute none,every:2,full+tiled+offload,full \
+    step trainer 150 $py scripts/bench_gpu.py --recompute none,every:2,full,full+tiled+offload \
         --json "$out/trainer.json"
     step max_context 120 $py scripts/bench_gpu.py --max-context 262144 --max-context-limit 1048576 \
         --recompute full+tiled --json "$out/max_context.json"
