@@ -1,4 +1,4 @@
-"""The `ringtrain` command: validate, train, eval, rope. A user mistake prints a message and exits 2, no traceback."""
+"""The `ringtrain` command: validate, train, eval, rope, plan. A user mistake prints a message and exits 2, no traceback."""
 
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     r = add("rope", "print the effective RoPE parameters: wavelengths against the target length")
     r.add_argument("--target-length", type=int, default=None,
                    help="length to compare against (default: the scaled context length)")
+    pl = add("plan", "predict peak memory per rank, FLOPs and step time; with --gpu-memory-gib, the smallest "
+                     "sp_size (and recompute, tiling, offload) that fits (no GPU needed)")
+    # Values are checked by the planner, not argparse, so that a bad one is one line and exit 2 like config errors.
+    pl.add_argument("--gpus", default=None, help="ranks to plan for (default: parallel.sp_size x parallel.dp_size)")
+    pl.add_argument("--gpu-memory-gib", default=None, help="memory per GPU: also search for the setup that fits")
+    pl.add_argument("--host-memory-gib", default=None, help="with --gpu-memory-gib: pinned host memory per rank that "
+                                                              "offloaded layer inputs may use (default: no limit)")
+    pl.add_argument("--device", default="cuda", help="cuda (default) or cpu: the dtype 'auto' resolves to and the "
+                                                     "kernels' buffers")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -76,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             if int(os.environ.get("RANK", "0")) == 0:
                 sys.stdout.write(format_table(results) + "\n")
             return 0
+        if args.command == "plan":
+            from ringtrain.planner import plan
+
+            text, rc = plan(_load(args, None), args.gpus, args.gpu_memory_gib, args.device, args.json,
+                            host_memory_gib=args.host_memory_gib)
+            sys.stdout.write(text)
+            return rc
         if args.command == "train":
             from ringtrain.trainer import train
 

@@ -29,7 +29,16 @@ class TrainLoopConfig:
     compute, about +33% FLOPs); 'every:K' (layers 0, K, 2K, ...: 1/K of that recompute, and the memory of the
     other layers' activations kept). true/false mean full/none. `ringtrain plan` says which fits."""
     offload_activations: bool = False
-    """With activation checkpointing, keep the saved layer inputs in CPU memory (long contexts on GPU)."""
+    """With activation checkpointing, keep the checkpointed decoder layers' inputs in host memory (pinned, copied on
+    a side stream while the next layer computes, fetched back one layer ahead in backward); nothing else is offloaded.
+    For long contexts on GPU: it frees layers x tokens x hidden x dtype bytes per rank. On CPU it copies within host
+    memory and saves nothing."""
+    tiled_mlp: bool = False
+    """Run each decoder layer's MLP over tiles of mlp_tile_tokens tokens, recomputing a tile in backward (ALST), so
+    the [tokens, intermediate] activations exist for one tile at a time; exact (same losses and gradients up to
+    summation order), for one more MLP forward of compute. Needs a per-token `mlp` submodule (Llama, Mistral, Qwen)."""
+    mlp_tile_tokens: int = 0
+    """Tokens per MLP tile with tiled_mlp; 0 = the model's hidden_size (ALST's ceil(S / hidden) tiles)."""
     loss_chunk_tokens: int = 0
     """Tokens per chunk of the fused cross-entropy (full [tokens, vocab] logits never exist); 0 = about
     128 MiB of fp32 logits per chunk (1K tokens at a 32K vocabulary)."""
@@ -49,6 +58,9 @@ class TrainLoopConfig:
         if self.loss_chunk_tokens < 0:
             problems.append(("loss_chunk_tokens", f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1, "
                                                   "or 0 for an automatic size"))
+        if self.mlp_tile_tokens < 0:
+            problems.append(("mlp_tile_tokens", f"mlp_tile_tokens={self.mlp_tile_tokens} must be >= 1, or 0 for "
+                                                "hidden_size tokens"))
         if self.threads < 0:
             problems.append(("threads", f"threads={self.threads} must be >= 0 (0 = torch's default)"))
         if self.on_nonfinite not in NONFINITE_ACTIONS:

@@ -47,14 +47,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             h, y = hidden[sl], safe_labels[sl]
             w = _chunk_weights(labels[sl], None if token_weights is None else token_weights[sl]).to(acc)  # [n]
             logits = F.linear(h, weight).to(acc)  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)  # [n]
-            total += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * w).sum()
+            target = logits.gather(1, y[:, None]).squeeze(1)  # [n]
+            # log-sum-exp and softmax in the logits buffer itself: torch.logsumexp would allocate a second [n, V]
+            # temporary (x - max), doubling the loss's peak.
+            top = logits.amax(dim=-1, keepdim=True)  # [n, 1]
+            probs = logits.sub_(top).exp_()
+            norm = probs.sum(dim=-1, keepdim=True)  # [n, 1]
+            total += ((top.squeeze(1) + norm.log().squeeze(1) - target) * w).sum()
             # d loss / d logits = w * (softmax - onehot), formed in place in the logits buffer.
-            probs = logits.sub_(lse[:, None]).exp_()
+            probs.div_(norm)
             probs[torch.arange(len(y), device=y.device), y] -= 1.0
             probs.mul_(w[:, None])
             grad_hidden[sl] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             grad_weight.addmm_(probs.t(), h.to(acc))
+            # Free this chunk's logits before the next chunk allocates its own: one buffer alive, not two.
+            del logits, probs
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total.float()

@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, found through HF's public `_no_split_modules` (what accelerate wraps too)."""
+    """The transformer blocks, found through HF's public `_no_split_modules` (what accelerate wraps too); also after
+    FSDP2, which renames a unit's class to FSDP<Name> (the original class stays in its MRO)."""
     names = set(getattr(lm, "_no_split_modules", None) or [])
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    layers = [m for m in lm.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
         raise ValueError(f"{type(lm).__name__} declares no _no_split_modules: cannot find its decoder layers")
     return layers
@@ -51,6 +52,29 @@ def apply_activation_checkpointing(lm: nn.Module, cfg: TrainLoopConfig) -> list[
                                  "train.activation_checkpointing=full or none for this model")
             layer.gradient_checkpointing = i in chosen
     return chosen
+
+
+def apply_tiled_mlp(lm: nn.Module, cfg: TrainLoopConfig, sp_size: int) -> int:
+    """With `train.tiled_mlp`: every decoder layer's `mlp` runs over token tiles, recomputed per tile in backward
+    (`ringtrain.tiled_mlp`); returns the tile count (0 when off).
+
+    The count comes from the config (tokens per rank = micro_batch_size x seq_len / sp_size over
+    `train.mlp_tile_tokens`, default hidden_size tokens: ALST's ceil(S / hidden)), never from a rank's local tensor,
+    so every rank runs the same number of tiles even where shards differ in length (the balanced layout)."""
+    from ringtrain.tiled_mlp import tile_count, tile_mlp
+
+    if not cfg.tiled_mlp:
+        return 0
+    layers = decoder_layers(lm)
+    missing = [type(layer).__name__ for layer in layers if not isinstance(getattr(layer, "mlp", None), nn.Module)]
+    if missing:
+        raise ValueError(f"train.tiled_mlp: {missing[0]} has no 'mlp' submodule to tile (tiling needs a per-token "
+                         f"MLP at layer.mlp): set train.tiled_mlp=false for {type(lm).__name__}")
+    tile_tokens = cfg.mlp_tile_tokens or lm.config.hidden_size
+    n_tiles = tile_count(cfg.micro_batch_size * cfg.seq_len // sp_size, tile_tokens)
+    for layer in layers:
+        tile_mlp(layer.mlp, n_tiles)
+    return n_tiles
 
 
 def apply_fsdp(model: CausalLMWithChunkedLoss, mesh: Mesh) -> None:
@@ -87,6 +111,9 @@ def parallelize_model(lm: nn.Module, cfg: TrainLoopConfig, mesh: Mesh, sp: Seque
 
     # 1. Sequence-parallel attention first: it only swaps the attention function, so it must see plain HF modules.
     apply_ring_attention(lm, sp)
+    # 1b. Tiled MLP before FSDP, on the plain MLP modules: its tiles then run inside the layer's FSDP unit, whose
+    #    gathered parameters they read, and the tiles' summed gradients reach FSDP once per layer.
+    apply_tiled_mlp(lm, cfg, mesh.sp_size)
     # 2. Activation checkpointing before FSDP, so FSDP's unit boundaries wrap the checkpointed layers and
     #    recomputation runs while a layer's parameters are gathered for its backward.
     apply_activation_checkpointing(lm, cfg)

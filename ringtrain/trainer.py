@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import resource
 import time
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from ringtrain.checkpoint import SignalFlag
     from ringtrain.config import TrainConfig
     from ringtrain.distributed import Mesh
+    from ringtrain.offload import LayerInputOffload
     from ringtrain.ring import SequenceParallel
 
 __all__ = ["NONFINITE_ACTIONS", "CausalLMWithChunkedLoss", "TrainLoopConfig", "Trainer", "build_trainer", "train"]
@@ -100,6 +102,13 @@ class Trainer:
         self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.extra_state(),
                               meta={"config": config_to_dict(self.cfg)})
 
+    @functools.cached_property
+    def activation_offload(self) -> LayerInputOffload | None:
+        """With train.offload_activations: the context that moves checkpointed layer inputs to host memory."""
+        from ringtrain.offload import LayerInputOffload
+
+        return LayerInputOffload(self.lm, self.mesh.device) if self.cfg.train.offload_activations else None
+
     # -- one optimizer step --------------------------------------------------------------------------
     def forward_backward(self, micro: list[dict[str, torch.Tensor]]) -> float:
         """Accumulate the gradient of the global mean token loss over `micro` (full-sequence batches).
@@ -122,8 +131,7 @@ class Trainer:
         dist.all_reduce(n_global)
         n_global = n_global.clamp(min=1.0)
         loss_sum = torch.zeros((), device=mesh.device)
-        offload = (torch.autograd.graph.save_on_cpu(pin_memory=mesh.device.type == "cuda")
-                   if tcfg.offload_activations else contextlib.nullcontext())
+        offload = self.activation_offload or contextlib.nullcontext()
         for i, batch in enumerate(local):
             if tcfg.fsdp:
                 # Reduce-scatter once, after the last micro-batch; earlier ones accumulate locally.

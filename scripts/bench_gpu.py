@@ -2,6 +2,8 @@
 
     python scripts/bench_gpu.py                  # TinyLlama-shaped 1.1B Llama, bf16; ringtrain 8K-128K, plain to OOM
     python scripts/bench_gpu.py --quick          # a tiny model and short contexts: a smoke run (CPU too)
+    python scripts/bench_gpu.py --max-context 524288 --max-context-limit 524288 --recompute full+tiled+offload
+                                                 # one step at 512K with tiled MLP and offloaded layer inputs
 
 One process, a world of one (NCCL on CUDA, gloo on CPU): sequence parallelism needs several GPUs
 (`torchrun --nproc-per-node N scripts/bench_attention.py --backend nccl`; on one GPU, `--virtual-ring`).
@@ -18,6 +20,9 @@ live tensors during a context's steps (`torch.cuda.max_memory_allocated`, reset 
 AdamW state, activations). Step time = wall time of a step with the device synchronised,
 median over --steps after --warmup. MFU uses the trainer's FLOP count (6 x params + 6 x layers x S x hidden per
 token) against the card's dense bf16 peak. The plain loop stops at its first out-of-memory context.
+A ringtrain loop is named by its recompute policy with features: `full+tiled` adds train.tiled_mlp, `+offload`
+train.offload_activations (issue 16). Every ringtrain record also carries `ringtrain plan`'s predicted peak for the
+same config, so a lease checks the planner too.
 No figure is asserted: this prints tables (and --json writes the raw records).
 """
 
@@ -81,6 +86,27 @@ def measure(step_fn, device: torch.device, warmup: int, steps: int) -> dict:
             "step_s_all": times, "losses": losses}
 
 
+FEATURES = {"tiled": "train.tiled_mlp=true", "offload": "train.offload_activations=true"}
+
+
+def loop_overrides(variant: str) -> tuple[str, list[str]]:
+    """'full+tiled+offload' -> ('full', [the overrides that turn the features on])."""
+    policy, *features = variant.split("+")
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise SystemExit(f"--recompute {variant!r}: unknown feature {unknown[0]!r} (known: {', '.join(FEATURES)})")
+    return policy, [FEATURES[f] for f in features]
+
+
+def predicted_peak_bytes(spec: dict, args, device: torch.device) -> float:
+    """`ringtrain plan`'s peak for this loop's config at spec['seq_len'] (no device involved)."""
+    from ringtrain.config import load_config
+    from ringtrain.planner import model_shape, predict, setup_from_config
+
+    cfg = load_config(None, [*ringtrain_overrides(spec, 1, "unused"), f"model.dtype={args.dtype}"])
+    return predict(model_shape(cfg.model), setup_from_config(cfg, 1, device.type))["peak_bytes"]
+
+
 def build_loop(kind: str, mesh, spec: dict, args, out: str) -> dict:
     """The objects one loop keeps across contexts: a Trainer, or the plain model and its AdamW."""
     if kind == "ringtrain":
@@ -120,7 +146,9 @@ def run_loop(kind: str, mesh, model: dict, contexts: list[int], args, recompute:
         return records
     contexts = sorted(contexts)
     start = time.perf_counter()
-    spec = {"seq_len": contexts[-1], "model": model, "layout": "zigzag", "ac": recompute, "loss_chunk": 0}
+    policy, overrides = loop_overrides(recompute)
+    spec = {"seq_len": contexts[-1], "model": model, "layout": "zigzag", "ac": policy, "loss_chunk": 0,
+            "overrides": overrides}
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         held = build_loop(kind, mesh, spec, args, out)
@@ -142,6 +170,8 @@ def run_loop(kind: str, mesh, model: dict, contexts: list[int], args, recompute:
             _free(mesh.device)  # outside the except clause: the traceback's frames hold the attempt's tensors
             res.update(kind=kind, seq_len=seq_len, elapsed_s=time.perf_counter() - t0,
                        recompute=recompute if kind == "ringtrain" else "none")
+            if kind == "ringtrain":
+                res["predicted_peak_bytes"] = predicted_peak_bytes({**spec, "seq_len": seq_len}, args, mesh.device)
             records.append(res)
             if "oom" in res:
                 print(f"  {kind} S={seq_len}: out of memory ({res['elapsed_s']:.0f}s)", flush=True)
@@ -166,24 +196,25 @@ def report(records: list[dict], device_name: str, args, lm_meta) -> str:
         f"one-GPU trainer benchmark on {device_name}, torch {torch.__version__}: Llama {n_params / 1e9:.2f}B "
         f"({args.model}), {args.dtype}, batch 1, median of {args.steps} step(s) after {args.warmup} warm-up",
         "",
-        "| loop | context | step s | tokens/s | TFLOP/s | MFU | peak GiB | first loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loop | context | step s | tokens/s | TFLOP/s | MFU | peak GiB | planner GiB | first loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         name = f"ringtrain SP=1 (recompute {r['recompute']}, chunked loss, FSDP2)" if r["kind"] == "ringtrain" else \
             "plain transformers (sdpa, full logits, no recompute)"
+        planned = f"{r['predicted_peak_bytes'] / GIB:.1f}" if "predicted_peak_bytes" in r else "-"
         if "not_tried" in r:
-            lines.append(f"| {name} | {r['seq_len']:,} | not tried: {r['not_tried']} | - | - | - | - | - |")
+            lines.append(f"| {name} | {r['seq_len']:,} | not tried: {r['not_tried']} | - | - | - | - | - | - |")
             continue
         if "oom" in r:
-            lines.append(f"| {name} | {r['seq_len']:,} | OOM | - | - | - | > {args.gpu_gib:.0f} | - |")
+            lines.append(f"| {name} | {r['seq_len']:,} | OOM | - | - | - | > {args.gpu_gib:.0f} | {planned} | - |")
             continue
         tflops = r["seq_len"] * model_flops_per_token(lm_meta, r["seq_len"]) / r["step_s"] / 1e12
         mfu = tflops / peak if peak else None
         lines.append(
             f"| {name} | {r['seq_len']:,} | {r['step_s']:.3f} | {r['seq_len'] / r['step_s']:,.0f} "
             f"| {tflops:.1f} | {'-' if mfu is None else f'{mfu:.1%}'} "
-            f"| {r['peak_bytes'] / GIB:.1f} | {r['losses'][0]:.5f} |"
+            f"| {r['peak_bytes'] / GIB:.1f} | {planned} | {r['losses'][0]:.5f} |"
         )
     done = [r for r in records if "step_s" in r]
     plain = {r["seq_len"]: r for r in done if r["kind"] == "plain"}
@@ -208,16 +239,19 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--recompute", default="full",
-                   help="comma-separated train.activation_checkpointing policies, one ringtrain loop each "
+                   help="comma-separated train.activation_checkpointing policies (+tiled, +offload: issue 16's "
+                        "features, e.g. full+tiled+offload), one ringtrain loop each "
                         "(e.g. none,every:2,full); 128K runs only with the last")
     p.add_argument("--max-context", type=int, default=0, metavar="S",
-                   help="instead: the longest context that trains one step, doubling from S (recompute full)")
+                   help="instead: the longest context that trains one step, doubling from S (the last --recompute)")
     p.add_argument("--max-context-limit", type=int, default=1 << 20, help="--max-context: the largest tried")
     p.add_argument("--time-limit", type=float, default=100.0,
                    help="--max-context: seconds; a context whose predicted step would not fit is not tried")
     p.add_argument("--quick", action="store_true", help="tiny model, contexts 256 and 1,024, fp32: a smoke run")
     p.add_argument("--json", type=Path, help="also write the raw records here")
     args = p.parse_args()
+    for variant in args.recompute.split(","):
+        loop_overrides(variant)  # an unknown feature fails before any device time is spent
     if args.quick:
         args.model, args.dtype = "tiny", "float32"
         args.ringtrain_contexts, args.plain_contexts = [256, 1024], [256, 1024]
@@ -235,6 +269,10 @@ def main() -> None:
     setup_logging()
     mesh = init_distributed(ParallelConfig(sp_size=1))
     dev = mesh.device
+    if dev.type == "cpu":
+        # The CPU smoke run: one thread, like the CPU benchmarks (two threads on a shared 2-core VM ran a tiny step
+        # 10-30x slower, and the smoke run's time limits then stopped the doubling early).
+        torch.set_num_threads(1)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     args.gpu_gib = torch.cuda.get_device_properties(dev).total_memory / GIB if dev.type == "cuda" else 0.0
     model = MODEL_1B if args.model == "1b" else MODEL_TINY
@@ -243,7 +281,7 @@ def main() -> None:
     policies = args.recompute.split(",")
     try:
         if args.max_context:
-            records += run_loop("ringtrain", mesh, model, args.ringtrain_contexts, args, "full", args.time_limit)
+            records += run_loop("ringtrain", mesh, model, args.ringtrain_contexts, args, policies[-1], args.time_limit)
         else:
             for i, policy in enumerate(policies):
                 # The longest context only with the last policy (full recompute: the one that reaches it).

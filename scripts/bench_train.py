@@ -117,6 +117,7 @@ def ringtrain_overrides(spec: dict, sp_size: int, out: str) -> list[str]:
         *([f"train.loss_chunk_tokens={spec['loss_chunk']}"] if spec.get("loss_chunk") else []),
         "train.seed=0", f"train.output_dir={out}", "train.max_steps=1000",
         "optim.warmup_steps=0", "optim.schedule=constant", "logging.progress_bar=false",
+        *spec.get("overrides", []),
     ]
 
 
@@ -236,7 +237,8 @@ def _progress(tag: str, r: dict) -> None:
 
 def _spec(args: argparse.Namespace, seq_len: int, steps: int, warmup: int, loss_chunk: int) -> dict:
     return {"seq_len": seq_len, "model": model_kwargs(args), "layout": "zigzag", "ac": args.recompute,
-            "loss_chunk": loss_chunk, "steps": steps, "warmup": warmup}
+            "loss_chunk": loss_chunk, "steps": steps, "warmup": warmup,
+            "overrides": ["train.tiled_mlp=true"] if args.tiled_mlp else []}
 
 
 def bench_sp(args: argparse.Namespace, log: list) -> tuple[list[dict], dict[int, dict]]:
@@ -290,7 +292,8 @@ def bench_memory(args: argparse.Namespace, log: list, sp1_runs: dict[int, dict])
             base = run_config(args, kind, 1, _spec(args, args.mem_contexts[0], 0, 0, chunk))
             log.append(base)
             baselines[kind] = base["peak_bytes"]
-        loop = {"kind": kind, "loss_chunk": chunk, "ac": args.recompute, "baseline_peak_bytes": baselines[kind], "runs": []}
+        loop = {"kind": kind, "loss_chunk": chunk, "ac": args.recompute, "baseline_peak_bytes": baselines[kind],
+                "runs": [], "overrides": _spec(args, 0, 0, 0, chunk)["overrides"] if kind == "ringtrain" else []}
         for seq_len in contexts:
             steps = args.mem_warmup + args.mem_steps
             reused = kind == "ringtrain" and chunk == args.loss_chunk and seq_len in sp1_runs
@@ -334,7 +337,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _loop_name(loop: dict) -> str:
     if loop["kind"] == "plain":
         return "plain transformers (sdpa, full logits, no recompute)"
-    return f"ringtrain SP=1 (recompute {loop.get('ac', 'full')}, FSDP2, loss chunk {loop['loss_chunk'] or 'default'})"
+    tiled = ", tiled MLP" if "train.tiled_mlp=true" in loop.get("overrides", []) else ""
+    return (f"ringtrain SP=1 (recompute {loop.get('ac', 'full')}{tiled}, FSDP2, "
+            f"loss chunk {loop['loss_chunk'] or 'default'})")
 
 
 def report(args: argparse.Namespace, sp_rows: list[dict], mem: dict | None) -> str:
@@ -417,6 +422,7 @@ def main() -> None:
     p.add_argument("--loss-chunk", type=int, default=0, help="train.loss_chunk_tokens; 0 keeps the trainer default")
     p.add_argument("--recompute", default="full", help="ringtrain's train.activation_checkpointing (none, full, "
                                                        "every:K); the plain loop never recomputes")
+    p.add_argument("--tiled-mlp", action="store_true", help="ringtrain with train.tiled_mlp=true (issue 16)")
     p.add_argument("--small-loss-chunk", type=int, default=512,
                    help="also measure ringtrain with this train.loss_chunk_tokens at the larger memory context (0: no)")
     p.add_argument("--quiet-wait", type=float, default=15.0,

@@ -6,22 +6,37 @@
 #   2. attention: the virtual ring against one SDPA call (causal), flash varlen over the documents (packed
 #      documents, mean length S/16) and the flash window op (window S/8), at 32K (P=4) and 128K (P=8); and the
 #      Ulysses local attention (one call over S for H/U heads) against one SDPA call with H/U heads;
-#   3. trainer: the 1.1B Llama shape at 8K/32K/128K against a plain transformers loop, per recompute policy;
-#   4. the longest context that trains one step (doubling from 128K until out of memory or out of time).
+#   3. trainer: the 1.1B Llama shape at 8K/32K against a plain transformers loop, per recompute policy, and at 128K
+#      with tiled MLP + offloaded layer inputs (issue 16; recompute full alone was measured there: 31.6 GiB, 26.5 s);
+#      every ringtrain row carries `ringtrain plan`'s predicted peak next to the measured one;
+#   4. the longest context that trains one step with tiled MLP (doubling from 256K until out of memory or time).
+# Not in the default run (it needs ~200-380 s alone, planner estimate): long_context, one step of the 1.1B model at
+# 512K tokens with tiled MLP and offloaded layer inputs (issue 16's one-GPU target). Run it on its own lease:
+#   bash scripts/gpu_check.sh --only tests,long_context
 # Writes OUT/summary.json (every step's status and figures) and OUT/summary.md (the tables for docs/benchmarks.md),
 # and exits non-zero when any step failed or timed out.
 #   bash scripts/gpu_check.sh [--out DIR]       default DIR: gpu_check/
-#   bash scripts/gpu_check.sh --cpu-smoke       the same script end to end on CPU with tiny sizes (the test suite
-#                                               runs it, so a lease is never spent on a broken script)
+#   bash scripts/gpu_check.sh --only A,B        only the named steps (tests, attention_small, attention_large,
+#                                               trainer, max_context, long_context)
+#   bash scripts/gpu_check.sh --cpu-smoke       every step (long_context included) end to end on CPU with tiny sizes
+#                                               (the test suite runs it, so a lease is never spent on a broken script)
 set -u
 out=gpu_check
 smoke=0
+only=""
+all_steps=" tests attention_small attention_large trainer max_context long_context "
 while (($#)); do
     case $1 in
         --cpu-smoke) smoke=1; shift ;;
         --out) out=$2; shift 2 ;;
-        *) echo "usage: bash scripts/gpu_check.sh [--cpu-smoke] [--out DIR]" >&2; exit 2 ;;
+        --only) only=" ${2//,/ } "; shift 2 ;;
+        *) echo "usage: bash scripts/gpu_check.sh [--cpu-smoke] [--out DIR] [--only STEP,...]" >&2; exit 2 ;;
     esac
+done
+for name in $only; do
+    if [[ $all_steps != *" $name "* ]]; then
+        echo "unknown step $name: choose among$all_steps" >&2; exit 2
+    fi
 done
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -37,6 +52,12 @@ failed=0
 step() {
     local name=$1 max=$2 left=$((budget - SECONDS)) t0=$SECONDS rc
     shift 2
+    # With --only, just the named steps; without, every step but long_context (except in the CPU smoke run).
+    if [[ -n $only ]]; then
+        [[ $only == *" $name "* ]] || return 0
+    elif [[ $name == long_context ]] && ((!smoke)); then
+        return 0
+    fi
     ((left < max)) && max=$left
     if ((max < 20)); then
         echo "== $name: skipped, ${left}s of the budget left" | tee "$out/$name.log"
@@ -61,23 +82,31 @@ cat "$out/env.log"
 
 if ((smoke)); then
     attn=(--seq 1024 --heads 4 --kv-heads 2 --head-dim 32 --dtype fp32 --iters 1 --warmup 0)
-    step tests 120 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py
+    step tests 120 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py \
+        tests/test_offload.py tests/test_tiled_mlp.py
     step attention_small 60 $py scripts/bench_attention.py --virtual-ring 2 "${attn[@]}" --json "$out/attention_small.json"
     step attention_large 60 $py scripts/bench_attention.py --virtual-ring 4 "${attn[@]}" --ulysses-local 2 \
         --json "$out/attention_large.json"
-    step trainer 120 $py scripts/bench_gpu.py --quick --recompute none,full --json "$out/trainer.json"
+    step trainer 120 $py scripts/bench_gpu.py --quick --recompute none,full,full+tiled+offload \
+        --json "$out/trainer.json"
     step max_context 60 $py scripts/bench_gpu.py --quick --max-context 1024 --max-context-limit 4096 \
-        --json "$out/max_context.json"
+        --recompute full+tiled --json "$out/max_context.json"
+    step long_context 60 $py scripts/bench_gpu.py --quick --max-context 2048 --max-context-limit 2048 \
+        --recompute full+tiled+offload --json "$out/long_context.json"
 else
     attn=(--heads 32 --kv-heads 8 --head-dim 128 --dtype bf16)
-    step tests 150 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py
+    step tests 150 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_ring_layout.py tests/test_ring_cuda.py \
+        tests/test_offload.py tests/test_tiled_mlp.py
     step attention_small 50 $py scripts/bench_attention.py --virtual-ring 4 --seq 32768 "${attn[@]}" --iters 3 \
         --warmup 1 --ulysses-local 8 --json "$out/attention_small.json"
     step attention_large 80 $py scripts/bench_attention.py --virtual-ring 8 --seq 131072 "${attn[@]}" --iters 2 \
         --warmup 1 --json "$out/attention_large.json"
-    step trainer 150 $py scripts/bench_gpu.py --recompute none,every:2,full --json "$out/trainer.json"
+    step trainer 150 $py scripts/bench_gpu.py --recompute none,every:2,full,full+tiled+offload \
+        --json "$out/trainer.json"
     step max_context 120 $py scripts/bench_gpu.py --max-context 262144 --max-context-limit 1048576 \
-        --json "$out/max_context.json"
+        --recompute full+tiled --json "$out/max_context.json"
+    step long_context 450 $py scripts/bench_gpu.py --max-context 524288 --max-context-limit 524288 \
+        --recompute full+tiled+offload --time-limit 440 --json "$out/long_context.json"
 fi
 
 $py scripts/gpu_summary.py "$out" || failed=1

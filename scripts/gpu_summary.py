@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 STEP_FILES = {"attention_small": "attention_small.json", "attention_large": "attention_large.json",
-              "trainer": "trainer.json", "max_context": "max_context.json"}
+              "trainer": "trainer.json", "max_context": "max_context.json", "long_context": "long_context.json"}
 
 
 def _steps(out: Path) -> list[dict]:
@@ -37,14 +37,19 @@ def _attention_md(records: list[dict]) -> list[str]:
 
 
 def _trainer_md(records: list[dict]) -> list[str]:
-    lines = ["| loop | recompute | context | step s | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
+    """Trainer records; `planner GiB` is `ringtrain plan`'s peak for the same config (issue 16), next to the measured."""
+    lines = ["| loop | recompute | context | step s | tokens/s | peak GiB | planner GiB | planner / measured |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in records:
+        planned = r.get("predicted_peak_bytes")
+        plan = "-" if planned is None else f"{planned / 2**30:.1f}"
         if "step_s" in r:
+            ratio = f"{planned / r['peak_bytes']:.2f}" if planned and r["peak_bytes"] else "-"
             lines.append(f"| {r['kind']} | {r['recompute']} | {r['seq_len']:,} | {r['step_s']:.3f} "
-                         f"| {r['seq_len'] / r['step_s']:,.0f} | {r['peak_bytes'] / 2**30:.1f} |")
+                         f"| {r['seq_len'] / r['step_s']:,.0f} | {r['peak_bytes'] / 2**30:.1f} | {plan} | {ratio} |")
         else:
             why = r.get("oom", r.get("not_tried", "?"))
-            lines.append(f"| {r['kind']} | {r['recompute']} | {r['seq_len']:,} | {why[:60]} | - | - |")
+            lines.append(f"| {r['kind']} | {r['recompute']} | {r['seq_len']:,} | {why[:60]} | - | - | {plan} | - |")
     return lines
 
 
@@ -65,10 +70,11 @@ def main(out: Path) -> int:
         summary[step] = data
         md += ["", f"## {step} ({data['device']}, torch {data['torch']})", ""]
         md += _attention_md(data["records"]) if step.startswith("attention") else _trainer_md(data["records"])
-        if step == "max_context":
+        if step in ("max_context", "long_context"):
             trained = [r["seq_len"] for r in data["records"] if "step_s" in r]
-            summary["longest_context"] = max(trained) if trained else None
-            md += ["", f"Longest context that trained one step: {summary['longest_context']}"]
+            key = "longest_context" if step == "max_context" else "long_context_trained"
+            summary[key] = max(trained) if trained else None
+            md += ["", f"Longest context that trained one step ({step}): {summary[key]}"]
     summary["failed"] = failed
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text("\n".join(md) + "\n")

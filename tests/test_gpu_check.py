@@ -23,15 +23,19 @@ def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["step"] for s in summary["steps"]] == ["tests", "attention_small", "attention_large", "trainer",
-                                                     "max_context"]
+                                                     "max_context", "long_context"]
     assert all(s["status"] == "ok" for s in summary["steps"]) and summary["failed"] == []
     configs = [r["config"] for r in summary["attention_large"]["records"]]
     assert configs == ["causal", "packed documents (mean S/16)", "window S/8", "ulysses local (U=2)"]
     policies = {(r["kind"], r["recompute"]) for r in summary["trainer"]["records"]}
-    assert policies == {("ringtrain", "none"), ("ringtrain", "full"), ("plain", "none")}
-    assert summary["longest_context"] == 4096
+    assert policies == {("ringtrain", "none"), ("ringtrain", "full+tiled+offload"), ("ringtrain", "full"),
+                        ("plain", "none")}
+    # Every ringtrain row carries the planner's prediction for the same config (issue 16).
+    assert all(r["predicted_peak_bytes"] > 0 for r in summary["trainer"]["records"] if r["kind"] == "ringtrain")
+    assert summary["longest_context"] == 4096 and summary["long_context_trained"] == 2048
     md = (tmp_path / "summary.md").read_text()
-    assert "| trainer | ok |" in md and "Longest context that trained one step: 4096" in md
+    assert "| trainer | ok |" in md and "Longest context that trained one step (max_context): 4096" in md
+    assert "| ringtrain | full+tiled+offload | 256 |" in md
 
 
 def test_a_failed_step_fails_the_script(tmp_path):
@@ -47,3 +51,5 @@ def test_a_failed_step_fails_the_script(tmp_path):
 def test_unknown_argument_is_refused(tmp_path):
     res = _run("--cpu-smok")
     assert res.returncode == 2 and "usage: bash scripts/gpu_check.sh" in res.stderr
+    res = _run("--only", "tests,long_contxt")
+    assert res.returncode == 2 and "unknown step long_contxt" in res.stderr
