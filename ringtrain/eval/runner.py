@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ringtrain.eval.config import RETRIEVAL_EVAL_TASKS
 from ringtrain.eval.tasks import EvalDocument, answer_token_hits, eval_documents, exact_match, sliding_windows
 from ringtrain.log import get_logger
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 IGNORE_INDEX = -100
-RETRIEVAL_TASKS = ("passkey", "needle")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +163,9 @@ def _greedy(lm: nn.Module, docs: list[EvalDocument], mesh: Mesh | None, layout: 
     """Decode each answer's length in tokens from its prompt, one full sharded forward per token (no KV cache:
     a cache would hold one shard). Returns the same shapes as `_teacher_forced` (NLL is not measured: NaN)."""
     answer_len = max(d.doc.answer_token_span[1] - d.doc.answer_token_span[0] for d in docs)
-    padded = _padded_length(max(len(d.doc.input_ids) for d in docs), mesh, layout)
+    # Every row decodes the batch's longest answer: a row whose own answer is shorter (another task, or a key a BPE
+    # tokenizer splits into fewer tokens) grows past its document, so size the batch for prompt + answer_len.
+    padded = _padded_length(max(len(d.doc.prompt_ids) for d in docs) + answer_len, mesh, layout)
     seqs = [list(d.doc.prompt_ids) for d in docs]
     preds = torch.full((len(docs), answer_len), -1, dtype=torch.long, device=device)
     for k in range(answer_len):
@@ -324,7 +326,7 @@ class Evaluator:
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         digits = e.digits or cfg.data.passkey_digits
         self.docs = {task: eval_documents(tokenizer, task, e.lengths, e.depths, e.samples_per_cell, e.seed, digits)
-                     for task in e.tasks if task in RETRIEVAL_TASKS}
+                     for task in e.tasks if task in RETRIEVAL_EVAL_TASKS}
         self.ppl_tokens = perplexity_tokens(cfg, tokenizer, mesh) if "perplexity" in e.tasks else None
         if self.ppl_tokens is not None:
             for window in e.ppl_lengths or e.lengths:
