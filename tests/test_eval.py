@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from wandb_offline import read_offline_run
 
 from ringtrain.config import load_config
 from ringtrain.data import build_tokenizer
@@ -250,7 +251,7 @@ def test_sp_and_dp_evaluation_equal_single_process(tmp_path):
         _assert_same_results(ref, rank_result)
 
 
-# ---- `ringtrain eval` end to end: a saved model folder -> table, results.json, heatmap PNG --------------------
+# ---- `ringtrain eval` end to end: a saved model folder -> table, results.json, heatmap PNG, W&B ---------------
 
 
 def test_cli_eval_writes_table_json_and_heatmap(tmp_path):
@@ -264,7 +265,8 @@ def test_cli_eval_writes_table_json_and_heatmap(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ringtrain.cli", "eval", "configs/tiny_cpu.yaml", "model.arch=null", "model.config={}",
          f"model.path={tmp_path / 'model'}", "parallel.sp_size=1", f"eval.output_dir={out}",
-         "eval.lengths=[100,200]", "eval.depths=[0.0,1.0]", "eval.samples_per_cell=2", "train.threads=1"],
+         "eval.lengths=[100,200]", "eval.depths=[0.0,1.0]", "eval.samples_per_cell=2", "train.threads=1",
+         "logging.wandb_mode=offline"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -276,4 +278,11 @@ def test_cli_eval_writes_table_json_and_heatmap(tmp_path):
     png = (out / "passkey_heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["eval/passkey/acc@100"] == grid["accuracy_by_length"][0]
+    assert metrics[-1]["eval_passkey/acc@100"] == grid["accuracy_by_length"][0]
+    assert metrics[-1]["eval_passkey/nll@200"] == pytest.approx(sum(row[1] for row in grid["answer_nll"]) / 2)
+    run = read_offline_run(out)  # W&B: the same scalars, the heatmap and the grid in one row
+    row = run.row(0)
+    assert row["eval_passkey/acc@100"] == grid["accuracy_by_length"][0] and "loss" not in row
+    assert run.media(row, "eval_passkey/heatmap").read_bytes() == png
+    assert [r[2] for r in run.table(row, "eval_passkey/grid")["data"]] == [grid["accuracy"][i][j] for j in range(2)
+                                                                           for i in range(2)]
