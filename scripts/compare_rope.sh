@@ -15,7 +15,7 @@
 # global batch, since its frequencies depend on each rank's largest position); seeds $SEEDS_X8 at x8, $SEEDS_X16 at
 # x16. Every stage is a plain ringtrain command: rerun one by hand to look closer.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/env.sh"  # the project's virtual environment (made on first use); cds to the repository
 
 RUN=${RUN:-runs/rope_compare}
 STEPS=${STEPS:-100}
