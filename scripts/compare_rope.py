@@ -2,6 +2,7 @@
 
     python scripts/compare_rope.py longrope-factors CONFIG FACTOR      # rope.short_factor=[...] rope.long_factor=[...]
     python scripts/compare_rope.py ppl-text OUT.jsonl                  # held-out long documents of the task mix
+    python scripts/compare_rope.py merge DIR                           # DIR/len_*/results.json -> DIR/results.json
     python scripts/compare_rope.py report RUN [--markdown OUT.md] [--figure OUT.png]
 """
 
@@ -52,6 +53,29 @@ def ppl_text(out: str, documents: int, tokens: int, seed: int) -> None:
     with open(out, "w") as f:
         for ids in docs:
             f.write(json.dumps({"text": tok.decode(ids.tolist())}) + "\n")
+
+
+def merge(folder: Path) -> None:
+    """One results.json (and table.txt) from evaluations of one length each under folder/len_*/: the grids side by
+    side in length order, perplexity rows and documents concatenated."""
+    from ringtrain.eval.report import format_table
+
+    parts = sorted((json.loads(p.read_text()) for p in folder.glob("len_*/results.json")),
+                   key=lambda r: next(iter(r["retrieval"].values()))["lengths"][0])
+    out = {**parts[0], "retrieval": {}, "perplexity": [], "documents": [], "time_s": sum(p["time_s"] for p in parts)}
+    for task, first in parts[0]["retrieval"].items():
+        grids = [p["retrieval"][task] for p in parts]
+        merged = {"lengths": [n for g in grids for n in g["lengths"]], "depths": first["depths"]}
+        for key in ("accuracy", "answer_nll"):
+            merged[key] = [[x for g in grids for x in g[key][i]] for i in range(len(first["depths"]))]
+        merged["accuracy_by_length"] = [x for g in grids for x in g["accuracy_by_length"]]
+        merged["accuracy_mean"] = statistics.fmean(merged["accuracy_by_length"])
+        out["retrieval"][task] = merged
+    for p in parts:
+        out["perplexity"] += p["perplexity"]
+        out["documents"] += p["documents"]
+    (folder / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+    (folder / "table.txt").write_text(format_table(out) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +222,8 @@ def main() -> int:
     p.add_argument("--documents", type=int, default=4)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=777)
+    p = sub.add_parser("merge")
+    p.add_argument("folder")
     p = sub.add_parser("report")
     p.add_argument("run")
     p.add_argument("--markdown")
@@ -205,6 +231,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "longrope-factors":
         sys.stdout.write(longrope_factors(args.config, args.factor) + "\n")
+    elif args.command == "merge":
+        merge(Path(args.folder))
     elif args.command == "ppl-text":
         ppl_text(args.out, args.documents, args.tokens, args.seed)
     else:

@@ -49,7 +49,22 @@ parallel_args() { if [[ $1 == dynamic ]]; then echo "parallel.sp_size=1 train.mi
 evaluate() {  # evaluate MODEL_DIR NAME METHOD FACTOR
     local model=$1 name=$2 method=$3 factor=$4
     [[ -f $RUN/eval/$name/results.json ]] && { echo "skip eval $name (done)"; return; }
-    [[ $method == dynamic ]] && factor=16  # no target length: one evaluation over the x16 lengths serves both
+    if [[ $method == dynamic ]]; then
+        # transformers' dynamic RoPE is stateful: its frequencies grow to the longest sequence seen and are reset
+        # only by one shorter than the original length, so in one process every task after the first would be
+        # scored with the 2,048-token frequencies. One process per length, merged. No target length: the x16
+        # lengths serve both factors.
+        for length in 128 256 512 1024 2048; do
+            [[ -f $RUN/eval/$name/len_$length/results.json ]] && continue
+            # shellcheck disable=SC2046
+            timed "eval $name@$length" $RT eval configs/rope_extend.yaml model.path="$model" \
+                $(rope_args "$method" "$factor") parallel.sp_size=1 eval.lengths="[$length]" \
+                eval.ppl_path="$RUN/ppl.jsonl" eval.output_dir="$RUN/eval/$name/len_$length" \
+                train.output_dir="$RUN/eval/$name/len_$length"
+        done
+        python scripts/compare_rope.py merge "$RUN/eval/$name"
+        return
+    fi
     # shellcheck disable=SC2046
     timed "eval $name" $RT eval configs/rope_extend.yaml model.path="$model" $(rope_args "$method" "$factor") \
         parallel.sp_size=1 eval.lengths="$(lengths "$factor")" eval.ppl_path="$RUN/ppl.jsonl" \

@@ -337,6 +337,13 @@ class Evaluator:
     def run(self, lm: nn.Module, step: int | None = None, fsdp_root: nn.Module | None = None) -> dict[str, Any]:
         """Results of every task (a JSON-able dict, the same on every rank)."""
         e, layout = self.cfg.eval, self.cfg.parallel.layout
+        rope_type = (getattr(lm.config, "rope_parameters", None) or {}).get("rope_type")
+        if rope_type == "dynamic" and len({*e.lengths, *e.ppl_lengths}) > 1:
+            # transformers keeps dynamic NTK frequencies of the longest sequence seen until one shorter than the
+            # original length arrives: after the first task's longest length, every later score uses those.
+            logger.warning("rope_type='dynamic' is stateful in transformers: evaluating several lengths in one run "
+                           "scores all but the first task's ascending lengths with the longest length's frequencies; "
+                           "evaluate one length per run (eval.lengths=[N]) for per-length numbers")
         t0 = time.perf_counter()
         results: dict[str, Any] = {"step": step, "mode": e.mode, "samples_per_cell": e.samples_per_cell,
                                    "retrieval": {}, "perplexity": [], "documents": []}
