@@ -181,8 +181,16 @@ def init_distributed(parallel: ParallelConfig, seed: int | None = None) -> Mesh:
 
 
 def teardown_distributed() -> None:
-    """Destroy the default process group if there is one (idempotent)."""
+    """Barrier, then destroy the process groups (idempotent). Only for ranks that all reached the same point.
+
+    The barrier is not ceremony: gloo's worker thread frees a finished collective's tensors after the caller has
+    returned, and freeing a tensor that Python created (broadcast_object_list's) takes the GIL. If the main thread
+    runs on into interpreter exit without releasing the GIL, that worker dies in take_gil and the process aborts
+    ("terminate called without an active exception", exit -6 instead of 0 or 2: seen in 9 of 25 refused resumes).
+    Waiting in a barrier releases the GIL, so the worker finishes first.
+    """
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
