@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 RETRIEVAL = ("passkey", "needle", "multikey", "multivalue", "variable_tracking")
+LENGTHS = (128, 256, 512, 1024, 2048)  # the evaluation grid of compare_rope.sh, up to the x16 target
+ORIGINAL = 128  # the short model's trained length
 METHODS = ("linear", "dynamic", "yarn", "llama3", "longrope", "theta")
 
 
@@ -148,8 +150,7 @@ def report(run: Path, markdown: str | None, figure: str | None) -> str:
         if reference:
             by_method["none"] = reference
     for (factor, kind), by_method in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "fine-tuned")):
-        any_run = next(iter(by_method.values()))[0]["results"]
-        lengths = next(iter(any_run["retrieval"].values()))["lengths"]
+        lengths = [n for n in LENGTHS if n <= ORIGINAL * factor]
         seeds = max(len(v) for v in by_method.values())
         lines += [f"### x{factor}, {kind}" + (f" (mean of {seeds} seeds, ± half the spread)" if seeds > 1 else ""), ""]
         head = ["method"] + [f"acc@{n}" for n in lengths] + [f"nll@{n}" for n in lengths] + [
@@ -193,8 +194,7 @@ def _figure(groups: dict, out: str) -> None:
         for m in (*METHODS, "none"):
             if m not in by_method:
                 continue
-            res = by_method[m][0]["results"]
-            lengths = next(iter(res["retrieval"].values()))["lengths"]
+            lengths = [n for n in LENGTHS if n <= ORIGINAL * key[0]]
             ys = [100 * _cell(by_method[m], n, "acc")[0] for n in lengths]
             ax.plot(lengths, ys, styles.get(m, "k:"), label=m)
         ax.set_xscale("log", base=2)
