@@ -122,6 +122,11 @@ class MetricsLogger:
         self.wandb_run_id = self._wandb.id
         logger.info("W&B run %s (%s)", self.wandb_run_id, self.cfg.wandb_mode)
 
+    @property
+    def wandb_run(self) -> Any:
+        """The W&B run this logger writes to, or None (W&B disabled, or not rank 0)."""
+        return self._wandb
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record optimizer step `step` (1-based: the number of steps completed)."""
         if not self.enabled:
@@ -145,3 +150,14 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def active_wandb_run() -> Any:
+    """The W&B run this process has started (`wandb.run`), or None; never imports wandb to find out.
+
+    For code that cannot reach the MetricsLogger that started it (the in-training evaluation hook).
+    """
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None

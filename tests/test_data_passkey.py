@@ -1,6 +1,8 @@
-"""Passkey documents: exact token length, needle at the requested depth, answer span that decodes to the key."""
+"""Passkey and RULER-style documents: exact token length, needles at the requested depth, answer span that decodes to
+the answer the needles imply."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from ringtrain.data.passkey import (
     document_seed,
     generate_passkey_documents,
 )
+from ringtrain.data.retrieval import DEFAULT_NEEDLES, RetrievalGenerator, build_generator
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +150,105 @@ def test_answer_loss_fraction_gives_each_document_that_share(byt5, fraction):
                 share = w[row][answer[row] & in_doc].sum() / w[row][in_doc].sum()
                 assert share.item() == pytest.approx(fraction, rel=1e-5)
     assert "token_weights" not in build_packed_dataset(DataConfig(num_samples=4), 128, byt5).batch([0])
+
+
+# ---- RULER-style tasks (data/retrieval.py) ---------------------------------------------------------------------
+
+
+def _needles(tok, doc):
+    return [tok.decode(doc.input_ids[s:e]).strip() for s, e in doc.needle_token_spans]
+
+
+@pytest.mark.parametrize("which", ["byt5", "bpe"])
+@pytest.mark.parametrize("task", ["multikey", "multivalue", "variable_tracking"])
+def test_retrieval_documents_length_depth_and_answer(which, task, request):
+    """Exact length; the needle at the requested depth; the answer span decodes to the answer the needles imply."""
+    tok = request.getfixturevalue(which)
+    gen = RetrievalGenerator(tok, task)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        n = int(rng.integers(gen.minimum_tokens(), 700))
+        depth = float(rng.choice([0.0, 1.0, rng.random()]))
+        doc = gen.document(n, depth, seed=int(rng.integers(1 << 30)))
+        assert len(doc.input_ids) == n
+        a, b = doc.answer_token_span
+        answer = tok.decode(doc.input_ids[a:b]).strip()
+        assert b == n and answer == doc.key and doc.text[slice(*doc.answer_char_span)] == doc.key
+        needles = _needles(tok, doc)
+        assert len(needles) == DEFAULT_NEEDLES[task] and doc.needle_token_span in doc.needle_token_spans
+        starts = [s for s, _ in doc.needle_token_spans]
+        assert starts == sorted(starts)
+        question = tok.decode(doc.input_ids[doc.needle_token_spans[-1][1]:a])
+        if task == "multikey":
+            names = [re.fullmatch(r"Key ([A-Z]{3}) is (\d{5})\.", x).groups() for x in needles]
+            q = re.search(r"Value of key ([A-Z]{3})\? Key \1 is $", question)
+            asked = q.group(1)
+            assert len({k for k, _ in names}) == len(names) and answer == dict(names)[asked]
+            primary = needles.index(f"Key {asked} is {answer}.")
+        elif task == "multivalue":
+            pairs = [re.fullmatch(r"Key ([A-Z]{3}) is (\d{5})\.", x).groups() for x in needles]
+            q = re.search(f"Values of key {pairs[0][0]}\\? Key {pairs[0][0]} is $", question)
+            assert len({k for k, _ in pairs}) == 1 and q
+            assert answer == ", ".join(v for _, v in pairs)  # every value, in document order
+            primary = 0
+        else:
+            first = re.fullmatch(r"VAR ([A-Z]{3}) = (\d{5})\.", needles[0]).groups()
+            chain = [first[0]]
+            for x in needles[1:]:
+                name, source = re.fullmatch(r"VAR ([A-Z]{3}) = ([A-Z]{3})\.", x).groups()
+                assert source == chain[-1]  # each assignment copies the previous variable
+                chain.append(name)
+            q = re.search(f"Which VARs equal {first[1]}\\? They are $", question)
+            assert q and answer == " ".join(chain)
+            primary = 0
+        assert doc.needle_token_span == doc.needle_token_spans[primary]
+        if which == "byt5":
+            n_filler = n - sum(e - s for s, e in doc.needle_token_spans) - (b - a) - len(q.group(0))  # one-token space: filler lengths are exact, so the needle sits at the rounded depth
+            before = doc.needle_token_span[0] - sum(e - s for s, e in doc.needle_token_spans[:primary])
+            assert before == max(round(depth * n_filler), 0) and doc.depth == pytest.approx(before / n_filler)
+            if task != "multikey":  # the rest of a list / chain follows the first needle
+                assert all(s >= doc.needle_token_span[1] for s, _ in doc.needle_token_spans[1:])
+
+
+def test_retrieval_documents_deterministic_and_too_short(byt5):
+    gen = RetrievalGenerator(byt5, "variable_tracking")
+    assert gen.document(300, 0.4, seed=9) == gen.document(300, 0.4, seed=9)
+    assert gen.document(300, 0.4, seed=10).key != gen.document(300, 0.4, seed=9).key
+    shortest = gen.document(gen.minimum_tokens(), 0.5, seed=1)
+    assert len(shortest.input_ids) == gen.minimum_tokens() == 110
+    with pytest.raises(ValueError, match="num_tokens=100 is too short for a variable_tracking document: needs at "
+                                         "least 110 tokens"):
+        gen.document(100, 0.5, 0)
+    with pytest.raises(ValueError, match="task='ruler' is not one of multikey, multivalue, variable_tracking"):
+        RetrievalGenerator(byt5, "ruler")
+
+
+def test_task_mix_draws_every_task_and_keeps_passkey_only_data(byt5):
+    """data.passkey_tasks: each task appears, each document answers its own question, lengths start at each task's
+    shortest document; the default (passkey only) draws exactly what it drew before tasks existed."""
+    tasks = ["passkey", "multikey", "multivalue", "variable_tracking"]
+    tokens, masks = generate_passkey_documents(byt5, 200, 80, 127, seed=4, tasks=tasks)
+    seen = {t: 0 for t in tasks}
+    for ids, mask in zip(tokens, masks, strict=True):
+        text, answer = byt5.decode(ids), byt5.decode(ids[mask])
+        assert text.endswith(answer) and 80 <= len(ids) <= 127
+        if "pass key" in text:
+            task = "passkey"
+        elif "VAR" in text:
+            task = "variable_tracking"
+        else:
+            task = "multivalue" if "Values of key" in text else "multikey"
+        seen[task] += 1
+        assert len(ids) >= build_generator(byt5, task).minimum_tokens()
+    assert all(25 < n < 75 for n in seen.values()), seen
+    only, _ = generate_passkey_documents(byt5, 50, 80, 127, seed=4)
+    default, _ = generate_passkey_documents(byt5, 50, 80, 127, seed=4, tasks=["passkey"])
+    assert all(np.array_equal(a, b) for a, b in zip(only, default, strict=True))
+    with pytest.raises(ValueError, match=r"passkey_max_tokens=100 is below the shortest document of multikey \(106 "
+                                         r"tokens\), variable_tracking \(110 tokens\)"):
+        generate_passkey_documents(byt5, 5, 106, 100, seed=0, tasks=["multikey", "variable_tracking"])
+    with pytest.raises(ValueError, match=r"passkey_min_tokens=80 is below the shortest multikey document \(106 tokens"):
+        generate_passkey_documents(byt5, 5, 80, 200, seed=0, tasks=["multikey", "variable_tracking"])
+    problems = dict(DataConfig(passkey_tasks=["passkey", "ruler"])._validate())
+    assert problems["passkey_tasks"] == ("passkey_tasks=['passkey', 'ruler'] must be a non-empty list of passkey, "
+                                         "multikey, multivalue, variable_tracking")

@@ -8,12 +8,15 @@ import sys
 import pytest
 import torch
 from torch import nn
+from wandb_offline import read_offline_run
 
 from ringtrain.config import load_config
 from ringtrain.data import build_tokenizer
 from ringtrain.errors import ConfigError
 from ringtrain.eval import EvalConfig, answer_token_hits, eval_documents, exact_match, sliding_windows
+from ringtrain.eval.config import RETRIEVAL_EVAL_TASKS
 from ringtrain.eval.runner import Evaluator, evaluate_retrieval, evaluation_mode, load_model_for_eval
+from ringtrain.eval.tasks import TASK_DOCUMENTS
 from ringtrain.testing import run_distributed
 
 SAMPLE_TEXT = "ringtrain/data/samples/tiny.jsonl"
@@ -52,6 +55,15 @@ def test_sliding_windows_score_every_token_once_with_enough_context(n, window, s
 def test_sliding_windows_reject_strides_that_skip_tokens():
     with pytest.raises(ValueError, match="stride=128 must be in 1..127"):
         sliding_windows(1000, 128, 128)
+
+
+def test_eval_documents_keep_their_seeds_when_tasks_are_added():
+    """A task's place in RETRIEVAL_EVAL_TASKS seeds its documents: the passkey and needle grids keep the documents
+    they had before the RULER-style tasks existed (keys pinned from then), so earlier results stay comparable."""
+    assert tuple(TASK_DOCUMENTS) == RETRIEVAL_EVAL_TASKS
+    tok = build_tokenizer("bytes")
+    keys = [eval_documents(tok, t, [128], [0.5], 1, seed=1234, digits=5)[0].doc.key for t in ("passkey", "needle")]
+    assert keys == ["69700", "41115"]
 
 
 # ---- a fake model whose answers are known ---------------------------------------------------------------------
@@ -113,6 +125,51 @@ def test_retrieval_scores_a_retrieving_fake_right_and_a_corrupted_one_wrong(mode
                 assert r["answer_nll"] == pytest.approx(right if not wrong else right + 1, rel=1e-5)
 
 
+class _OracleDecoder(nn.Module):
+    """Knows the documents: at every position of a row that starts with a document's prompt it predicts (one-hot)
+    that document's next token, in teacher-forced and greedy mode alike; `corrupt(doc)` -> answer slot to get wrong."""
+
+    def __init__(self, docs, corrupt):
+        super().__init__()
+        self.docs, self.corrupt = docs, corrupt
+
+    def forward(self, input_ids, position_ids=None, use_cache=False):
+        out = torch.zeros(*input_ids.shape, 384)
+        for b, row in enumerate(input_ids.tolist()):
+            d = next(d.doc for d in self.docs if row[:len(d.doc.prompt_ids)] == d.doc.prompt_ids)
+            target = list(d.input_ids)
+            slot = self.corrupt(d)
+            if slot is not None:
+                pos = d.answer_token_span[0] + slot
+                target[pos] = (target[pos] + 1) % 384
+            for t in range(min(len(row), len(target)) - 1):
+                out[b, t, target[t + 1]] = 1.0
+        return (out,)
+
+
+@pytest.mark.parametrize("mode", ["teacher_forced", "greedy"])
+def test_multi_needle_tasks_score_every_answer_token(mode):
+    """multikey / multivalue / variable_tracking: one-hot oracle logits retrieve every answer; one wrong token
+    anywhere in a multi-part answer (here: the last value / variable, or the first digit) fails exact match."""
+    tok = build_tokenizer("bytes")
+    docs = [d for task in ("multikey", "multivalue", "variable_tracking")
+            for d in eval_documents(tok, task, [112, 160], [0.0, 1.0], 2, seed=5, digits=5)]
+    right = math.log(383 + math.e) - 1  # one-hot logits over 384 ids: NLL of the argmax target
+    for corrupt in (lambda doc: None, lambda doc: len(doc.input_ids) - doc.answer_token_span[0] - 1, lambda doc: 0):
+        lm = _FakeLM(False)
+        lm.decoder = _OracleDecoder(docs, corrupt)
+        with evaluation_mode(lm):
+            records = evaluate_retrieval(lm, tok, docs, batch_size=3, mode=mode)
+        for r, d in zip(records, docs, strict=True):
+            n_answer = d.doc.answer_token_span[1] - d.doc.answer_token_span[0]
+            wrong = corrupt(d.doc) is not None
+            assert (r["task"], r["key"], r["correct"]) == (d.task, d.doc.key, not wrong)
+            if not wrong:
+                assert r["prediction"] == d.doc.key
+            if mode == "teacher_forced":
+                assert r["answer_nll"] == pytest.approx(right + wrong / n_answer, rel=1e-5)
+
+
 # ---- config validation ----------------------------------------------------------------------------------------
 
 
@@ -122,7 +179,8 @@ def test_eval_config_messages_name_field_value_and_fix():
                            "eval.mode=beam", "eval.depths=[0.5,1.5]", "eval.batch_size=0", "eval.ppl_stride=-1",
                            "eval.lengths=[]"])
     text = "\n".join(e.value.problems)
-    assert "eval.tasks=['passkey', 'needel'] must be a non-empty list of passkey, needle, perplexity" in text
+    assert ("eval.tasks=['passkey', 'needel'] must be a non-empty list of passkey, needle, multikey, multivalue, "
+            "variable_tracking, perplexity") in text
     assert "eval.mode='beam' is not one of teacher_forced, greedy" in text
     assert "eval.depths=[0.5, 1.5] must lie in [0, 1]" in text
     assert "eval.batch_size=0 must be >= 1" in text
@@ -149,7 +207,8 @@ TINY = [
     "model.config={vocab_size: 384, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
     "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 512}",
     "train.threads=1", "train.seed=7",
-    "eval.tasks=[passkey,needle,perplexity]", "eval.lengths=[96,150]", "eval.depths=[0.0,0.5,1.0]",
+    "eval.tasks=[passkey,needle,multikey,multivalue,variable_tracking,perplexity]", "eval.lengths=[118,150]",
+    "eval.depths=[0.0,0.5,1.0]",
     "eval.samples_per_cell=3", "eval.batch_size=2", f"eval.ppl_path={SAMPLE_TEXT}", "eval.ppl_max_tokens=700",
     "eval.ppl_lengths=[128,250]",
 ]
@@ -177,11 +236,12 @@ def _assert_same_results(ref, got):
 def test_sp_and_dp_evaluation_equal_single_process(tmp_path):
     """dp=2 x sp=2 ring evaluation == one process with sdpa: same predictions, NLL and perplexity (rel 1e-4/1e-5).
 
-    Lengths 96 and 150 are not multiples of 2 x sp_size: the right padding added for sharding must not change
-    anything. A random model scores ~0 exact match, so the predicted digits themselves are compared."""
+    Every retrieval task (the multi-needle ones have answers of several values or names). Lengths 118 and 150 are not
+    multiples of 2 x sp_size: the right padding added for sharding must not change anything. A random model scores
+    ~0 exact match, so the predicted tokens themselves are compared."""
     cfg = load_config(None, [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
     ref = _evaluate(None, cfg)
-    assert len(ref["documents"]) == 2 * 2 * 3 * 3
+    assert len(ref["documents"]) == 5 * 2 * 3 * 3
     assert ref["perplexity"][0]["tokens"] == ref["perplexity"][1]["tokens"] == 699
     assert 50 < ref["perplexity"][0]["ppl"] < 1000  # random init over 384 ids
     sp_cfg = load_config(None, [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
@@ -191,7 +251,7 @@ def test_sp_and_dp_evaluation_equal_single_process(tmp_path):
         _assert_same_results(ref, rank_result)
 
 
-# ---- `ringtrain eval` end to end: a saved model folder -> table, results.json, heatmap PNG --------------------
+# ---- `ringtrain eval` end to end: a saved model folder -> table, results.json, heatmap PNG, W&B ---------------
 
 
 def test_cli_eval_writes_table_json_and_heatmap(tmp_path):
@@ -205,7 +265,8 @@ def test_cli_eval_writes_table_json_and_heatmap(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ringtrain.cli", "eval", "configs/tiny_cpu.yaml", "model.arch=null", "model.config={}",
          f"model.path={tmp_path / 'model'}", "parallel.sp_size=1", f"eval.output_dir={out}",
-         "eval.lengths=[100,200]", "eval.depths=[0.0,1.0]", "eval.samples_per_cell=2", "train.threads=1"],
+         "eval.lengths=[100,200]", "eval.depths=[0.0,1.0]", "eval.samples_per_cell=2", "train.threads=1",
+         "logging.wandb_mode=offline"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -217,4 +278,11 @@ def test_cli_eval_writes_table_json_and_heatmap(tmp_path):
     png = (out / "passkey_heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["eval/passkey/acc@100"] == grid["accuracy_by_length"][0]
+    assert metrics[-1]["eval_passkey/acc@100"] == grid["accuracy_by_length"][0]
+    assert metrics[-1]["eval_passkey/nll@200"] == pytest.approx(sum(row[1] for row in grid["answer_nll"]) / 2)
+    run = read_offline_run(out)  # W&B: the same scalars, the heatmap and the grid in one row
+    row = run.row(0)
+    assert row["eval_passkey/acc@100"] == grid["accuracy_by_length"][0] and "loss" not in row
+    assert run.media(row, "eval_passkey/heatmap").read_bytes() == png
+    assert [r[2] for r in run.table(row, "eval_passkey/grid")["data"]] == [grid["accuracy"][i][j] for j in range(2)
+                                                                           for i in range(2)]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SOURCES = ("passkey", "files", "hub")
 FORMATS = ("auto", "json", "parquet", "text")
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 FILLERS = ("repeat", "random")
+# The synthetic tasks (generators in data/passkey.py and data/retrieval.py); here so that loading a config does not
+# import the generators.
+PASSKEY_TASKS = ("passkey", "multikey", "multivalue", "variable_tracking")
 DOCUMENT_POSITIONS = ("restart", "global")
 # File extension -> datasets' packaged builder name; "auto" picks from this table.
 EXTENSION_FORMATS = {
@@ -67,6 +70,10 @@ class DataConfig:
     passkey_filler: str = "repeat"
     """source='passkey': haystack text: 'repeat' (the classic 'The grass is green. ...' loop) or 'random'
     (seeded random simple sentences, harder to memorise)."""
+    passkey_tasks: list[str] = field(default_factory=lambda: ["passkey"])
+    """source='passkey': the synthetic tasks, one drawn uniformly per document: passkey, multikey (several keys, one
+    asked), multivalue (every value of one key), variable_tracking (a chain of assignments); see data/retrieval.py.
+    A task whose shortest document is longer than passkey_min_tokens starts at its shortest."""
     passkey_edge_depths: float = 0.0
     """source='passkey': share of documents whose needle sits exactly at depth 0 or 1 (half each), the rest at
     uniform depths. Uniform depths almost never put the needle right before the question (the shortest
@@ -116,6 +123,9 @@ class DataConfig:
         if self.passkey_filler not in FILLERS:
             problems.append(("passkey_filler", f"passkey_filler={self.passkey_filler!r} is not one of "
                                                f"{', '.join(FILLERS)}"))
+        if not self.passkey_tasks or any(t not in PASSKEY_TASKS for t in self.passkey_tasks):
+            problems.append(("passkey_tasks", f"passkey_tasks={self.passkey_tasks} must be a non-empty list of "
+                                              f"{', '.join(PASSKEY_TASKS)}"))
         if not 0.0 <= self.passkey_edge_depths <= 1.0:
             problems.append(("passkey_edge_depths", f"passkey_edge_depths={self.passkey_edge_depths} must be in "
                                                     "[0, 1]: e.g. 0.2 puts a fifth of the needles at depth 0 or 1"))

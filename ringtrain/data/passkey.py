@@ -11,7 +11,7 @@ differently; use `input_ids`, not `text`, when token positions matter).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,15 +38,17 @@ class PasskeyDocument:
     text: str
     """The same document as text (pieces joined)."""
     key: str
-    """The pass key digits; the document ends with them."""
+    """The answer, the document's last tokens: the pass key digits (other tasks: see data/retrieval.py)."""
     answer_token_span: tuple[int, int]
     """Tokens of the final key (the answer): a teacher-forced evaluator predicts them from everything before."""
     answer_char_span: tuple[int, int]
     """Characters of the final key in `text`."""
     needle_token_span: tuple[int, int]
-    """Tokens of the inserted needle sentence."""
+    """Tokens of the inserted needle sentence (with several needles: the one at the requested depth)."""
     depth: float
-    """Where the needle starts, as a fraction of the filler: the requested depth up to rounding to one token."""
+    """Where that needle starts, as a fraction of the filler: the requested depth up to rounding to one token."""
+    needle_token_spans: list[tuple[int, int]] = field(default_factory=list)
+    """Every inserted needle in document order (one for passkey; several for the tasks of data/retrieval.py)."""
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -102,11 +104,24 @@ class PasskeyGenerator:
             raise ValueError(f"depth={depth} must be in [0, 1]")
         rng = random.Random(seed)
         key = str(rng.randrange(10 ** (self.digits - 1), 10**self.digits))
-        needle_text, answer_text = NEEDLE.format(key=key), key
-        needle, question, answer = self._ids(needle_text), self._ids(QUESTION), self._ids(answer_text)
-        n_filler = num_tokens - len(needle) - len(question) - len(answer)
+        return self._compose(num_tokens, rng, [(depth, NEEDLE.format(key=key))], QUESTION, key, "passkey")
+
+    def _compose(
+        self, num_tokens: int, rng: random.Random, needles: list[tuple[float, str]], question_text: str,
+        answer_text: str, what: str, primary: int = 0,
+    ) -> PasskeyDocument:
+        """[filler][needle 1][filler] ... [needle n][filler][question][answer] of exactly `num_tokens` tokens.
+
+        `needles` are (depth, text) in document order (non-decreasing depths): needle i follows
+        round(depth_i * filler tokens) filler tokens. `needle_token_span` and `depth` describe needle `primary` (the
+        one the question asks about, or the first of several it asks about).
+        Every retrieval task is built here, so all of them share the exact-length and answer-span guarantees.
+        """
+        needle_ids = [self._ids(text) for _, text in needles]
+        question, answer = self._ids(question_text), self._ids(answer_text)
+        n_filler = num_tokens - sum(map(len, needle_ids)) - len(question) - len(answer)
         if n_filler < 0:
-            raise ValueError(f"num_tokens={num_tokens} is too short for a passkey document: needs at least "
+            raise ValueError(f"num_tokens={num_tokens} is too short for a {what} document: needs at least "
                              f"{num_tokens - n_filler} tokens with {self.digits} digits")
         words = self._words(rng)
         pending: list[str] = []
@@ -132,23 +147,36 @@ class PasskeyGenerator:
                 ids += cut
             return "".join(text), ids
 
-        target = round(depth * n_filler)
-        before_text, before = fill(target)
-        after_text, after = fill(n_filler - target)
-        pieces_text = [before_text, needle_text, after_text, QUESTION, answer_text]
-        input_ids = before + needle + after + question + answer
+        pieces_text: list[str] = []
+        input_ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        placed = 0  # filler tokens laid down so far
+        primary_filler = 0  # filler tokens before needle `primary`
+        for i, ((depth, text), ids) in enumerate(zip(needles, needle_ids, strict=True)):
+            target = max(round(depth * n_filler), placed)
+            stretch_text, stretch = fill(target - placed)
+            placed = target
+            if i == primary:
+                primary_filler = placed
+            pieces_text += [stretch_text, text]
+            spans.append((len(input_ids) + len(stretch), len(input_ids) + len(stretch) + len(ids)))
+            input_ids += stretch + ids
+        after_text, after = fill(n_filler - placed)
+        pieces_text += [after_text, question_text, answer_text]
+        input_ids += after + question + answer
         if len(input_ids) != num_tokens:  # construction invariant: a tokenizer producing empty pieces breaks it
-            raise RuntimeError(f"passkey document has {len(input_ids)} tokens, wanted {num_tokens}")
+            raise RuntimeError(f"{what} document has {len(input_ids)} tokens, wanted {num_tokens}")
         text = "".join(pieces_text)
         n = len(input_ids)
         return PasskeyDocument(
             input_ids=input_ids,
             text=text,
-            key=key,
+            key=answer_text,
             answer_token_span=(n - len(answer), n),
             answer_char_span=(len(text) - len(answer_text), len(text)),
-            needle_token_span=(len(before), len(before) + len(needle)),
-            depth=len(before) / n_filler if n_filler else 0.0,
+            needle_token_span=spans[primary],
+            depth=primary_filler / n_filler if n_filler else 0.0,
+            needle_token_spans=spans,
         )
 
 
@@ -166,25 +194,39 @@ def document_seed(seed: int, index: int) -> int:
 
 def generate_passkey_documents(
     tokenizer: Any, num_samples: int, min_tokens: int, max_tokens: int, seed: int,
-    digits: int = 5, filler: str = "repeat", edge_depths: float = 0.0,
+    digits: int = 5, filler: str = "repeat", edge_depths: float = 0.0, tasks: tuple[str, ...] | list[str] = ("passkey",),
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """`num_samples` documents with lengths uniform in [min_tokens, max_tokens] and depths uniform in [0, 1],
     except a share `edge_depths` of them at depth exactly 0 or 1 (half each).
 
+    `tasks` (`ringtrain.data.config.PASSKEY_TASKS`) are drawn uniformly per document; a task whose shortest
+    document exceeds `min_tokens` draws its length from [its shortest, max_tokens].
     Returns (token arrays, answer masks): the mask is True on the answer's tokens, for loss weighting.
     """
-    gen = PasskeyGenerator(tokenizer, digits, filler)
-    if min_tokens < gen.minimum_tokens():
-        raise ValueError(f"passkey_min_tokens={min_tokens} is below the shortest passkey document "
-                         f"({gen.minimum_tokens()} tokens with {digits} digits): raise it or use longer sequences")
+    from ringtrain.data.retrieval import build_generator  # it builds on this module
+
+    gens = {task: build_generator(tokenizer, task, digits, filler) for task in dict.fromkeys(tasks)}
+    shortest = {task: gen.minimum_tokens() for task, gen in gens.items()}
+    easiest = min(shortest, key=shortest.__getitem__)
+    if min_tokens < shortest[easiest]:
+        raise ValueError(f"passkey_min_tokens={min_tokens} is below the shortest {easiest} document "
+                         f"({shortest[easiest]} tokens with {digits} digits): raise it or use longer sequences")
+    too_long = {task: n for task, n in shortest.items() if n > max_tokens}
+    if too_long:
+        raise ValueError(f"passkey_max_tokens={max_tokens} is below the shortest document of "
+                         f"{', '.join(f'{t} ({n} tokens)' for t, n in too_long.items())} with {digits} digits: "
+                         "raise it (or train.seq_len) or drop the task")
+    task_names = list(gens)
     tokens, masks = [], []
     for i in range(num_samples):
         rng = random.Random(document_seed(seed, i))
-        length = rng.randint(min_tokens, max_tokens)
+        # One task draws nothing here: passkey-only datasets keep the documents they had before tasks existed.
+        task = task_names[rng.randrange(len(task_names))] if len(task_names) > 1 else task_names[0]
+        length = rng.randint(max(min_tokens, shortest[task]), max_tokens)
         depth = rng.random()
         if edge_depths and rng.random() < edge_depths:  # no extra draw at 0: existing datasets stay as they were
             depth = float(rng.random() < 0.5)
-        doc = gen.document(length, depth, rng.getrandbits(63))
+        doc = gens[task].document(length, depth, rng.getrandbits(63))
         ids = np.asarray(doc.input_ids, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=bool)
         mask[doc.answer_token_span[0]: doc.answer_token_span[1]] = True

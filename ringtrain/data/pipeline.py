@@ -173,7 +173,7 @@ def build_packed_dataset(
                                f"(0 means seq_len - 1 = {seq_len - 1}): set both explicitly"])
         docs, masks = generate_passkey_documents(
             tokenizer, cfg.num_samples, lo, hi, cfg.seed, digits=cfg.passkey_digits, filler=cfg.passkey_filler,
-            edge_depths=cfg.passkey_edge_depths,
+            edge_depths=cfg.passkey_edge_depths, tasks=cfg.passkey_tasks,
         )
         return pack_documents(docs, seq_len, eos_id, pad_id, split_documents=split_documents,
                               document_mask=cfg.document_mask, answer_masks=masks,

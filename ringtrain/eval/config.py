@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-EVAL_TASKS = ("passkey", "needle", "perplexity")
+# Retrieval tasks scored by exact match over a depth x length grid (documents: eval/tasks.py), then perplexity.
+RETRIEVAL_EVAL_TASKS = ("passkey", "needle", "multikey", "multivalue", "variable_tracking")
+EVAL_TASKS = (*RETRIEVAL_EVAL_TASKS, "perplexity")
 EVAL_MODES = ("teacher_forced", "greedy")
 PPL_SOURCES = ("files", "hub")
 
@@ -17,7 +19,9 @@ class EvalConfig:
     """Evaluate every N training steps; 0 evaluates only when `ringtrain eval` is run."""
     tasks: list[str] = field(default_factory=lambda: ["passkey"])
     """Any of passkey (the key hidden in the repeated 'The grass is green...' filler), needle (the same needle in
-    seeded random sentences, harder to skim) and perplexity (sliding windows over ppl_path)."""
+    seeded random sentences, harder to skim), the RULER-style multikey (several keys, one asked), multivalue (every
+    value of one key) and variable_tracking (the variables of a chain of assignments), and perplexity (sliding
+    windows over ppl_path)."""
     lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
     """Context lengths (tokens) of the passkey / needle grid."""
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])

@@ -84,3 +84,35 @@ def write_results(results: dict[str, Any], out_dir: str | Path, heatmap: bool = 
             if png is not None:
                 written[f"{task}_heatmap"] = png
     return written
+
+
+def wandb_eval_media(results: dict[str, Any], written: dict[str, Path]) -> dict[str, Any]:
+    """The W&B entries of one evaluation that are not scalars (`flat_metrics` has those), by key.
+
+    Per retrieval task, in its panel section `eval_<task>/`: `heatmap` (the PNG `write_results` wrote, if any) and
+    `grid` (a table: length, depth, accuracy, answer NLL per cell). In the `eval/` section: `acc_by_length` (every
+    task's mean accuracy by length, one line each) and `ppl_by_length` (perplexity by window length, a table drawn as
+    a line). Imports wandb: call it only when a run is active.
+    """
+    import wandb
+
+    media: dict[str, Any] = {}
+    tasks = list(results["retrieval"])
+    for task, r in results["retrieval"].items():
+        png = written.get(f"{task}_heatmap")
+        if png is not None:
+            media[f"eval_{task}/heatmap"] = wandb.Image(str(png), caption=f"{task}: exact match, depth x length")
+        rows = [[length, depth, r["accuracy"][i][j], r["answer_nll"][i][j]]
+                for j, length in enumerate(r["lengths"]) for i, depth in enumerate(r["depths"])]
+        media[f"eval_{task}/grid"] = wandb.Table(columns=["length", "depth", "accuracy", "answer_nll"], data=rows)
+    if tasks:
+        first = results["retrieval"][tasks[0]]
+        media["eval/acc_by_length"] = wandb.plot.line_series(
+            xs=first["lengths"], ys=[results["retrieval"][t]["accuracy_by_length"] for t in tasks], keys=tasks,
+            title="exact match by context length (mean over depths)", xname="context length (tokens)")
+    if results["perplexity"]:
+        table = wandb.Table(columns=["length", "stride", "tokens", "nll", "ppl"],
+                            data=[[p["length"], p["stride"], p["tokens"], p["nll"], p["ppl"]]
+                                  for p in results["perplexity"]])
+        media["eval/ppl_by_length"] = wandb.plot.line(table, "length", "ppl", title="perplexity by context length")
+    return media

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ringtrain.eval.config import RETRIEVAL_EVAL_TASKS
 from ringtrain.eval.tasks import EvalDocument, answer_token_hits, eval_documents, exact_match, sliding_windows
 from ringtrain.log import get_logger
 from ringtrain.loss import IGNORE_INDEX
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
     from ringtrain.trainer import Trainer
 
 logger = get_logger(__name__)
-
-RETRIEVAL_TASKS = ("passkey", "needle")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +162,9 @@ def _greedy(lm: nn.Module, docs: list[EvalDocument], mesh: Mesh | None, layout: 
     """Decode each answer's length in tokens from its prompt, one full sharded forward per token (no KV cache:
     a cache would hold one shard). Returns the same shapes as `_teacher_forced` (NLL is not measured: NaN)."""
     answer_len = max(d.doc.answer_token_span[1] - d.doc.answer_token_span[0] for d in docs)
-    padded = _padded_length(max(len(d.doc.input_ids) for d in docs), mesh, layout)
+    # Every row decodes the batch's longest answer: a row whose own answer is shorter (another task, or a key a BPE
+    # tokenizer splits into fewer tokens) grows past its document, so size the batch for prompt + answer_len.
+    padded = _padded_length(max(len(d.doc.prompt_ids) for d in docs) + answer_len, mesh, layout)
     seqs = [list(d.doc.prompt_ids) for d in docs]
     preds = torch.full((len(docs), answer_len), -1, dtype=torch.long, device=device)
     for k in range(answer_len):
@@ -324,7 +325,7 @@ class Evaluator:
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         digits = e.digits or cfg.data.passkey_digits
         self.docs = {task: eval_documents(tokenizer, task, e.lengths, e.depths, e.samples_per_cell, e.seed, digits)
-                     for task in e.tasks if task in RETRIEVAL_TASKS}
+                     for task in e.tasks if task in RETRIEVAL_EVAL_TASKS}
         self.ppl_tokens = perplexity_tokens(cfg, tokenizer, mesh) if "perplexity" in e.tasks else None
         if self.ppl_tokens is not None:
             for window in e.ppl_lengths or e.lengths:
@@ -337,6 +338,13 @@ class Evaluator:
         from ringtrain.distributed import resolve_layout
 
         e, layout = self.cfg.eval, resolve_layout(self.cfg.parallel, False, log=False)  # no documents in evaluation
+        rope_type = (getattr(lm.config, "rope_parameters", None) or {}).get("rope_type")
+        if rope_type == "dynamic" and len({*e.lengths, *e.ppl_lengths}) > 1:
+            # transformers keeps dynamic NTK frequencies of the longest sequence seen until one shorter than the
+            # original length arrives: after the first task's longest length, every later score uses those.
+            logger.warning("rope_type='dynamic' is stateful in transformers: evaluating several lengths in one run "
+                           "scores all but the first task's ascending lengths with the longest length's frequencies; "
+                           "evaluate one length per run (eval.lengths=[N]) for per-length numbers")
         t0 = time.perf_counter()
         results: dict[str, Any] = {"step": step, "mode": e.mode, "samples_per_cell": e.samples_per_cell,
                                    "retrieval": {}, "perplexity": [], "documents": []}
@@ -358,12 +366,16 @@ class Evaluator:
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """Scalars for metrics.jsonl / W&B: eval/<task>/acc, eval/<task>/acc@<length>, eval/ppl@<length>."""
+    """Scalars for metrics.jsonl / W&B. W&B puts each prefix before the first '/' in its own panel section, so the
+    headline numbers share one section (eval/<task>/acc, eval/ppl@<length>) and each task's per-length numbers
+    another (eval_<task>/acc@<length>, eval_<task>/nll@<length>: mean answer NLL over depths), next to its heatmap
+    and table (`ringtrain.eval.report.wandb_eval_media`)."""
     out: dict[str, float] = {}
     for task, r in results["retrieval"].items():
         out[f"eval/{task}/acc"] = r["accuracy_mean"]
-        for length, acc in zip(r["lengths"], r["accuracy_by_length"], strict=True):
-            out[f"eval/{task}/acc@{length}"] = acc
+        for j, (length, acc) in enumerate(zip(r["lengths"], r["accuracy_by_length"], strict=True)):
+            out[f"eval_{task}/acc@{length}"] = acc
+            out[f"eval_{task}/nll@{length}"] = sum(row[j] for row in r["answer_nll"]) / len(r["answer_nll"])
     for p in results["perplexity"]:
         out[f"eval/ppl@{p['length']}"] = p["ppl"]
     out["eval/time_s"] = results["time_s"]
@@ -387,16 +399,22 @@ def evaluate_in_training(trainer: Trainer) -> dict[str, float]:
     every = trainer.cfg.eval.every_steps
     if not every or trainer.step % every:
         return {}
-    from ringtrain.eval.report import format_table, write_results
+    from ringtrain.eval.report import format_table, wandb_eval_media, write_results
+    from ringtrain.metrics import active_wandb_run
 
     evaluator = _TRAINER_EVALUATORS.get(trainer)
     if evaluator is None:
         evaluator = _TRAINER_EVALUATORS[trainer] = Evaluator(trainer.cfg, trainer.tokenizer, trainer.mesh)
     results = evaluator.run(trainer.lm, step=trainer.step, fsdp_root=trainer.model)
     if trainer.mesh.rank == 0:
-        write_results(results, eval_output_dir(trainer.cfg) / f"step_{trainer.step:08d}",
-                      heatmap=trainer.cfg.eval.heatmap)
+        written = write_results(results, eval_output_dir(trainer.cfg) / f"step_{trainer.step:08d}",
+                                heatmap=trainer.cfg.eval.heatmap)
         logger.info("evaluation at step %d (%.1fs):\n%s", trainer.step, results["time_s"], format_table(results))
+        # The trainer's MetricsLogger is local to Trainer.fit, so the heatmaps and tables reach its W&B run as the
+        # process's active run; logged before the trainer logs this step's scalars, W&B merges them into one row.
+        run = active_wandb_run()
+        if run is not None:
+            run.log(wandb_eval_media(results, written), step=trainer.step)
     return flat_metrics(results)
 
 
@@ -449,7 +467,7 @@ def run_eval(cfg: TrainConfig) -> dict[str, Any]:
     from ringtrain.config import config_to_dict
     from ringtrain.data import build_tokenizer
     from ringtrain.distributed import init_distributed, teardown_distributed
-    from ringtrain.eval.report import format_table, write_results
+    from ringtrain.eval.report import format_table, wandb_eval_media, write_results
     from ringtrain.log import setup_logging
     from ringtrain.metrics import MetricsLogger
 
@@ -465,13 +483,15 @@ def run_eval(cfg: TrainConfig) -> dict[str, Any]:
         results["checkpoint"] = cfg.eval.checkpoint
         if mesh.rank == 0:
             out = eval_output_dir(cfg)
-            write_results(results, out, heatmap=cfg.eval.heatmap)
+            written = write_results(results, out, heatmap=cfg.eval.heatmap)
             logger.info("evaluation (%.1fs), results in %s:\n%s", results["time_s"], out, format_table(results))
             # start_step far ahead: MetricsLogger drops lines past its start step (a resume rule), but lines of
             # earlier evaluations in this folder are history to keep.
             metrics = MetricsLogger(dataclasses.replace(cfg.logging, progress_bar=False), out, enabled=True,
                                     total_steps=0, start_step=2**62, run_config=config_to_dict(cfg))
             try:
+                if metrics.wandb_run is not None:  # heatmaps, tables, charts: W&B only (not JSON scalars)
+                    metrics.wandb_run.log(wandb_eval_media(results, written), step=step or 0)
                 metrics.log(step or 0, flat_metrics(results))
             finally:
                 metrics.close()

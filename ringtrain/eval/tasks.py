@@ -12,12 +12,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ringtrain.data.passkey import PasskeyDocument, PasskeyGenerator
+from ringtrain.data.passkey import PasskeyDocument
+from ringtrain.data.retrieval import build_generator
 from ringtrain.errors import ConfigError
+from ringtrain.eval.config import RETRIEVAL_EVAL_TASKS
 
-# The needle task hides the same sentence in seeded random sentences ("A cat is warm. The road is ..."): unlike the
-# repeated passkey filler, the haystack cannot be memorised, and its many "X is Y" phrases are near-misses.
-TASK_FILLERS = {"passkey": "repeat", "needle": "random"}
+# Evaluation task -> (document generator of data.passkey_tasks, haystack). The needle task hides the passkey sentence
+# in seeded random sentences ("A cat is warm. The road is ..."): unlike the repeated passkey filler, the haystack
+# cannot be memorised, and its many "X is Y" phrases are near-misses. The RULER-style tasks use the filler their
+# training documents have (data.passkey_filler's default): what they add is several needles, not another haystack.
+TASK_DOCUMENTS = {"passkey": ("passkey", "repeat"), "needle": ("passkey", "random"),
+                  "multikey": ("multikey", "repeat"), "multivalue": ("multivalue", "repeat"),
+                  "variable_tracking": ("variable_tracking", "repeat")}
 
 
 @dataclass
@@ -38,15 +44,17 @@ def eval_documents(
 ) -> list[EvalDocument]:
     """The grid's documents, length-major. Document (task, length, depth index, sample) depends on those and
     `seed` only, so a grid can be extended or re-run and the shared cells keep their documents."""
-    if task not in TASK_FILLERS:
-        raise ValueError(f"task={task!r} is not a retrieval task: one of {', '.join(TASK_FILLERS)}")
-    gen = PasskeyGenerator(tokenizer, digits=digits, filler=TASK_FILLERS[task])
+    if task not in TASK_DOCUMENTS:
+        raise ValueError(f"task={task!r} is not a retrieval task: one of {', '.join(TASK_DOCUMENTS)}")
+    source, filler = TASK_DOCUMENTS[task]
+    gen = build_generator(tokenizer, source, digits=digits, filler=filler)
     shortest = gen.minimum_tokens()
     too_short = [n for n in lengths if n < shortest]
     if too_short:
-        raise ConfigError([f"eval.lengths={lengths} has lengths shorter than a {digits}-digit passkey document "
+        what = "passkey" if task in ("passkey", "needle") else task
+        raise ConfigError([f"eval.lengths={lengths} has lengths shorter than a {digits}-digit {what} document "
                            f"({shortest} tokens with this tokenizer): use lengths >= {shortest}"])
-    task_id = list(TASK_FILLERS).index(task)
+    task_id = RETRIEVAL_EVAL_TASKS.index(task)  # the tuple's order seeds the documents: new tasks go at its end
     docs = []
     for length in lengths:
         for j, depth in enumerate(depths):
