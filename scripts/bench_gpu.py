@@ -23,7 +23,8 @@ token) against the card's dense bf16 peak. The plain loop stops at its first out
 A ringtrain loop is named by its recompute policy with features: `full+tiled` adds train.tiled_mlp, `+offload`
 train.offload_activations (issue 16). Every ringtrain record also carries `ringtrain plan`'s predicted peak for the
 same config, so a lease checks the planner too.
-No figure is asserted: this prints tables (and --json writes the raw records).
+No figure is asserted: this prints tables (and --json writes the raw records, after every context: "complete" is
+false in the file of a run stopped before its end).
 """
 
 from __future__ import annotations
@@ -137,10 +138,11 @@ def measure_context(kind: str, held: dict, mesh, seq_len: int, vocab: int, args)
 
 
 def run_loop(kind: str, mesh, model: dict, contexts: list[int], args, recompute: str = "full",
-             time_limit_s: float = 0.0) -> list[dict]:
+             time_limit_s: float = 0.0, on_record=lambda records: None) -> list[dict]:
     """One model per loop, contexts in ascending order, each with its own peak; stops at the first out-of-memory
     context, or (with `time_limit_s`) before a context whose step would not finish in what is left: a step's time
-    is predicted as 4x the last one's (attention grows with the square of the context)."""
+    is predicted as 4x the last one's (attention grows with the square of the context). `on_record(records)` after
+    each context, so a run that gpu_check.sh stops at its time limit keeps what it measured."""
     records: list[dict] = []
     if not contexts:
         return records
@@ -173,6 +175,7 @@ def run_loop(kind: str, mesh, model: dict, contexts: list[int], args, recompute:
             if kind == "ringtrain":
                 res["predicted_peak_bytes"] = predicted_peak_bytes({**spec, "seq_len": seq_len}, args, mesh.device)
             records.append(res)
+            on_record(records)
             if "oom" in res:
                 print(f"  {kind} S={seq_len}: out of memory ({res['elapsed_s']:.0f}s)", flush=True)
                 break
@@ -279,15 +282,23 @@ def main() -> None:
     model = {**model, "max_position_embeddings": max([*args.ringtrain_contexts, *args.plain_contexts])}
     records = []
     policies = args.recompute.split(",")
+
+    def save(loop_records=(), complete=False) -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "complete": complete,
+                                             "records": [*records, *loop_records],
+                                             "max_context": bool(args.max_context)}, indent=1))
+
     try:
         if args.max_context:
-            records += run_loop("ringtrain", mesh, model, args.ringtrain_contexts, args, policies[-1], args.time_limit)
+            records += run_loop("ringtrain", mesh, model, args.ringtrain_contexts, args, policies[-1], args.time_limit,
+                                on_record=save)
         else:
             for i, policy in enumerate(policies):
                 # The longest context only with the last policy (full recompute: the one that reaches it).
                 contexts = args.ringtrain_contexts if i == len(policies) - 1 else args.ringtrain_contexts[:-1]
-                records += run_loop("ringtrain", mesh, model, contexts, args, policy)
-            records += run_loop("plain", mesh, model, args.plain_contexts, args)
+                records += run_loop("ringtrain", mesh, model, contexts, args, policy, on_record=save)
+            records += run_loop("plain", mesh, model, args.plain_contexts, args, on_record=save)
     finally:
         teardown_distributed()
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -298,9 +309,7 @@ def main() -> None:
     if args.max_context:
         trained = [r["seq_len"] for r in records if "step_s" in r]
         print(f"longest context that trained one step: {max(trained) if trained else 'none'}")
-    if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "records": records,
-                                         "max_context": bool(args.max_context)}, indent=1))
+    save(complete=True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def main(out: Path) -> int:
             continue
         data = json.loads(path.read_text())
         summary[step] = data
-        md += ["", f"## {step} ({data['device']}, torch {data['torch']})", ""]
+        partial = "" if data.get("complete", True) else ": partial, the step stopped before its end"
+        md += ["", f"## {step} ({data['device']}, torch {data['torch']}{partial})", ""]
         md += _attention_md(data["records"]) if step.startswith("attention") else _trainer_md(data["records"])
         if step in ("max_context", "long_context"):
             trained = [r["seq_len"] for r in data["records"] if "step_s" in r]
