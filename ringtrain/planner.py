@@ -231,10 +231,9 @@ def attention_transients(shape: ModelShape, setup: Setup) -> dict[str, int]:
     ring = setup.sp // u
     q = hd * shape.heads
     kv = hd * shape.kv_heads * kv_replicas(shape, u)  # per K or per V
-    low = a < 4  # fp32 accumulators and casts are copies only below fp32
-    if ring == 1:  # one kernel call
-        fwd = 4 * q if low else 0  # the output's fp32 copy
-        bwd = a * (q + 2 * kv) + (4 + a) * (q + 2 * kv) * low  # kernel gradients (+ their fp32 copies, casts back)
+    if ring == 1:  # one kernel call: its output and gradients are returned as made, no fp32 copies
+        fwd = 0
+        bwd = a * (q + 2 * kv)  # the kernel's gradients
     else:
         # K/V stacked and their receive buffer; the fp32 accumulator (step 0's output adopted) and a later block's
         # output. Backward: the same K/V buffers, a block's kernel gradients, the fp32 dq / own dK, dV accumulators,

@@ -216,15 +216,23 @@ def _accumulate(acc: torch.Tensor | None, value: torch.Tensor, rows: slice, sl: 
                 dtype: torch.dtype) -> torch.Tensor:
     """acc[rows, sl] += value, where acc=None stands for zeros.
 
-    An empty accumulator adopts a value that covers it whole instead of allocating zeros and adding:
-    step 0 is usually one block over the whole local sequence, so this saves a buffer and a pass.
+    An empty accumulator adopts a value that covers it whole, in the kernel's dtype, instead of allocating zeros
+    and adding: step 0 is usually one block over the whole local sequence. It becomes `dtype` (fp32 below fp32)
+    only when a second part arrives, so a ring of one (pure Ulysses) makes no fp32 copy of the gradients at all.
     """
     if acc is None:
         if _covers_all(rows, sl, shape):
-            return value.to(dtype)
+            return value
         acc = torch.zeros(shape, dtype=dtype, device=value.device)
+    elif acc.dtype != dtype:
+        acc = acc.to(dtype)
     acc[rows, sl] += value
     return acc
+
+
+def _widened(acc: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An accumulator in `dtype` for in-place sums: zeros for None, a copy of an adopted lower-precision part."""
+    return torch.zeros_like(like, dtype=dtype) if acc is None else acc.to(dtype)
 
 
 def _ring_forward(
@@ -246,17 +254,21 @@ def _ring_forward(
                 if out_acc is None:
                     out_acc = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
                     lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+                out_acc = out_acc.to(acc)
                 qs, ks = blk.slices()
                 for wave in pieces.waves(step, qs, ks, getattr(kernel, "causal_block", 0)):
                     wave_forward(kernel, wave, q, kv[0], kv[1], out_acc, lse_acc, scale)
             for kern, rows, qs, ks, causal, extra in _calls(blk, step, kernel, pieces):
                 o, lse = kern.forward(q[rows, qs], kv[0][rows, ks], kv[1][rows, ks], causal, scale, **extra)
                 if out_acc is None and _covers_all(rows, qs, q.shape):
-                    out_acc, lse_acc = o.to(acc), lse.to(acc).contiguous()
+                    # Kept in the kernel's dtype until a second partial arrives: with one call (a ring of one,
+                    # pure Ulysses) the output is never copied to fp32 and back.
+                    out_acc, lse_acc = o, lse.to(acc).contiguous()
                     continue
                 if out_acc is None:
                     out_acc = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
                     lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+                out_acc = out_acc.to(acc)
                 merge_partial(out_acc[rows, qs], lse_acc[rows, :, qs], o, lse)
         comm.wait(works)
         kv, kv_next = kv_next, kv
@@ -299,10 +311,9 @@ def _ring_backward(
             dkv_mine = torch.zeros(dkv_shape, dtype=acc, device=q.device) if dkv_mine is None else dkv_mine.zero_()
         for blk in plan.steps[step]:
             if _varlen(blk, kernel):
-                dq_acc = torch.zeros_like(q, dtype=acc) if dq_acc is None else dq_acc
+                dq_acc = _widened(dq_acc, q, acc)
                 if step == 0:
-                    dk_own = torch.zeros_like(k, dtype=acc) if dk_own is None else dk_own
-                    dv_own = torch.zeros_like(v, dtype=acc) if dv_own is None else dv_own
+                    dk_own, dv_own = _widened(dk_own, k, acc), _widened(dv_own, v, acc)
                 dk_acc, dv_acc = (dk_own, dv_own) if step == 0 else (dkv_mine[0], dkv_mine[1])
                 qs, ks = blk.slices()
                 for wave in pieces.waves(step, qs, ks, getattr(kernel, "causal_block", 0)):
