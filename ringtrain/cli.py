@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, world_size: int | None):
     from ringtrain.config import load_config
 
-    return load_config(args.config, args.overrides, world_size=world_size)
+    # plan reads shapes only: a model folder with just its config.json (not downloaded yet) can be planned.
+    return load_config(args.config, args.overrides, world_size=world_size, weights=args.command != "plan")
 
 
 def main(argv: list[str] | None = None) -> int:

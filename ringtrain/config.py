@@ -305,9 +305,13 @@ def read_yaml(path: str | Path, problems: list[str]) -> dict:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), world_size: int | None = None
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), world_size: int | None = None,
+    *, weights: bool = True,
 ) -> TrainConfig:
-    """Defaults < YAML at `path` < `overrides`; validated (against `world_size` too, when given)."""
+    """Defaults < YAML at `path` < `overrides`; validated (against `world_size` too, when given).
+
+    `weights=False` accepts a model.path folder that holds only config.json (`ringtrain plan` needs the shapes, not
+    the weights: a model can be planned before it is downloaded)."""
     problems: list[str] = []
     data = read_yaml(path, problems) if path is not None else {}
     for key, value in parse_overrides(list(overrides), problems):
@@ -323,7 +327,7 @@ def load_config(
             problems.extend(e.problems)
     if cfg is not None:
         # The model itself (issue 15): what transformers would reject on every rank later, reported now.
-        problems.extend(model_problems(cfg))
+        problems.extend(model_problems(cfg, weights=weights))
     if problems:
         raise ConfigError(problems)
     return cfg

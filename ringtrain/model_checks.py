@@ -30,16 +30,17 @@ if TYPE_CHECKING:
 
 
 
-def model_problems(cfg: TrainConfig) -> list[str]:
+def model_problems(cfg: TrainConfig, *, weights: bool = True) -> list[str]:
     """Problems with the model `cfg` describes, each one line naming the key, the value and the fix: model.path,
     model.config keys (with did-you-mean), types and shapes, RoPE scaling, whether transformers builds it (on the
-    meta device), whether model.path's weights fit it, and its heads against parallel.ulysses_size."""
+    meta device), whether model.path's weights fit it, and its heads against parallel.ulysses_size. `weights=False`:
+    a folder without weights is fine (its weights are still checked when it has them)."""
     model = cfg.model
     if model is None or model._validate():
         return []  # the structural checks report it
     where = f"model.path={model.path!r}" if model.path is not None else f"model.arch={model.arch!r}"
     if model.path is not None:
-        problems = _path_problems(model.path)
+        problems = _path_problems(model.path, weights)
         if problems:
             return problems
     try:
@@ -62,13 +63,13 @@ def model_problems(cfg: TrainConfig) -> list[str]:
     return _built_model_problems(cfg, config, where)
 
 
-def _path_problems(path: str) -> list[str]:
+def _path_problems(path: str, weights: bool = True) -> list[str]:
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             return [f"model.path={path!r} is a folder without config.json: point it at a transformers model folder "
                     "(what save_pretrained writes, e.g. a run's final_model/)"]
-        if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        if weights and not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
             return [f"model.path={path!r} holds no weights (*.safetensors or pytorch_model*.bin): point it at a model "
                     "folder with its weights, or use model.arch for a random init"]
         return []
