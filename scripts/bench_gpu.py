@@ -33,6 +33,7 @@ import argparse
 import gc
 import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -284,10 +285,12 @@ def main() -> None:
     policies = args.recompute.split(",")
 
     def save(loop_records=(), complete=False) -> None:
-        if args.json:
-            args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "complete": complete,
-                                             "records": [*records, *loop_records],
-                                             "max_context": bool(args.max_context)}, indent=1))
+        if args.json:  # written aside, then renamed: a timeout's SIGTERM mid-write leaves the previous file whole
+            part = args.json.with_name(args.json.name + ".part")
+            part.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "complete": complete,
+                                        "records": [*records, *loop_records], "max_context": bool(args.max_context)},
+                                       indent=1))
+            os.replace(part, args.json)
 
     try:
         if args.max_context:

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -286,3 +287,27 @@ def test_cli_eval_writes_table_json_and_heatmap(tmp_path):
     assert run.media(row, "eval_passkey/heatmap").read_bytes() == png
     assert [r[2] for r in run.table(row, "eval_passkey/grid")["data"]] == [grid["accuracy"][i][j] for j in range(2)
                                                                            for i in range(2)]
+
+
+def test_a_rank_failing_alone_ends_the_evaluation_without_waiting_for_the_timeout(tmp_path):
+    """Rank 1 raises while rank 0 evaluates: the job ends in seconds with rank 1's error, not after
+    parallel.timeout_s (a barrier in a `finally` had the failing rank wait for peers stuck in a collective)."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(
+        "import os, sys\n"
+        "from ringtrain.config import load_config\n"
+        "from ringtrain.eval import runner\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    def broken(self, lm, step=None, fsdp_root=None):\n"
+        "        raise RuntimeError('injected failure on rank 1')\n"
+        "    runner.Evaluator.run = broken\n"
+        "runner.run_eval(load_config(None, sys.argv[1:]))\n")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
+         "eval.tasks=[passkey]", "eval.lengths=[118]", "parallel.sp_size=2", "parallel.timeout_s=300",
+         f"train.output_dir={tmp_path}", f"eval.output_dir={tmp_path / 'eval'}", "logging.wandb_mode=disabled"],
+        capture_output=True, text=True, timeout=200,
+    )
+    assert proc.returncode != 0 and "injected failure on rank 1" in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 120, "waited for the collective timeout"

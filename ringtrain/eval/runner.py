@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ringtrain.errors import ConfigError
 from ringtrain.eval.config import RETRIEVAL_EVAL_TASKS
 from ringtrain.eval.tasks import EvalDocument, answer_token_hits, eval_documents, exact_match, sliding_windows
 from ringtrain.log import get_logger
@@ -437,7 +438,6 @@ def load_model_for_eval(cfg: TrainConfig, mesh: Mesh | None) -> tuple[nn.Module,
     step = None
     if cfg.eval.checkpoint:
         from ringtrain.checkpoint import CheckpointManager, is_complete
-        from ringtrain.errors import ConfigError
         from ringtrain.model import CausalLMWithChunkedLoss
 
         manager = CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh)
@@ -495,6 +495,11 @@ def run_eval(cfg: TrainConfig) -> dict[str, Any]:
                 metrics.log(step or 0, flat_metrics(results))
             finally:
                 metrics.close()
-        return results
-    finally:
-        teardown_distributed()
+    except ConfigError as e:
+        if e.agreed:  # every rank stops at this same point: a clean exit 2
+            teardown_distributed()
+        raise
+    # Not in a `finally`: teardown waits in a barrier, which a rank that failed alone would hold up until the
+    # collective timeout (its peers wait in a collective it never joins). It exits instead; torchrun stops the rest.
+    teardown_distributed()
+    return results
