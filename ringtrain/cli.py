@@ -46,10 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace, world_size: int | None):
-    from ringtrain.config import load_config
+    from ringtrain.validate import load_validated_config
 
     # plan reads shapes only: a model folder with just its config.json (not downloaded yet) can be planned.
-    return load_config(args.config, args.overrides, world_size=world_size, weights=args.command != "plan")
+    return load_validated_config(args.config, args.overrides, world_size=world_size, weights=args.command != "plan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
-    from ringtrain.config import ConfigError
+    from ringtrain.errors import ConfigError
 
     env_world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
     try:
         if args.command == "validate":
             from ringtrain.config import dump_config
-            from ringtrain.preflight import path_problems
+            from ringtrain.train.preflight import path_problems
 
             cfg = _load(args, args.world_size if args.world_size is not None else env_world)
             problems = path_problems(cfg)  # the output folder and local data files, as `train` checks them
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(text)
             return rc
         if args.command == "train":
-            from ringtrain.trainer import train
+            from ringtrain.train.trainer import train
 
             cfg = _load(args, env_world)
             trainer = train(cfg)

@@ -82,8 +82,8 @@ def model_shape(model_cfg: Any) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ringtrain.model import build_model_config
-    from ringtrain.parallelize import decoder_layers
+    from ringtrain.model.build import decoder_layers
+    from ringtrain.model.causal_lm import build_model_config
 
     try:
         config = build_model_config(model_cfg)
@@ -141,7 +141,7 @@ class Setup:
         return self.micro_batch * self.seq_len // self.sp
 
     def checkpointed(self, layers: int) -> list[bool]:
-        from ringtrain.loop_config import recompute_policy
+        from ringtrain.config.train import recompute_policy
 
         mode, every = recompute_policy(self.recompute)
         return [mode != "none" and i % every == 0 for i in range(layers)]
@@ -161,14 +161,13 @@ class Setup:
 
 def setup_from_config(cfg: Any, world: int | None = None, device: str = "cuda") -> Setup:
     """The Setup of a loaded TrainConfig on `world` ranks (default: parallel.sp_size x parallel.dp_size)."""
-    from ringtrain.distributed import resolve_layout
-    from ringtrain.model import DTYPES
+    from ringtrain.config import resolve_layout
+    from ringtrain.model.causal_lm import resolve_dtype
 
     par, tr = cfg.parallel, cfg.train
     world = world or par.sp_size * max(par.dp_size, 1)
-    dtype = DTYPES[cfg.model.dtype]
-    dtype_bytes = (2 if device == "cuda" else 4) if dtype is None else dtype.itemsize
-    layout = resolve_layout(par, cfg.data.document_mask, log=False)
+    dtype_bytes = resolve_dtype(cfg.model.dtype, device).itemsize
+    layout = resolve_layout(par, cfg.data.document_mask)
     policy = tr.recompute
     return Setup(world=world, sp=par.sp_size, ulysses=par.ulysses_size, seq_len=tr.seq_len,
                  micro_batch=tr.micro_batch_size, grad_accum=tr.grad_accum_steps,
@@ -249,7 +248,7 @@ def attention_transients(shape: ModelShape, setup: Setup) -> dict[str, int]:
 
 
 def mlp_tile_tokens(shape: ModelShape, setup: Setup) -> int:
-    from ringtrain.tiled_mlp import tile_count
+    from ringtrain.model.tiled_mlp import tile_count
 
     n = setup.local_tokens
     return math.ceil(n / tile_count(n, setup.mlp_tile_tokens or shape.hidden))
@@ -291,7 +290,7 @@ def layer_peak(shape: ModelShape, setup: Setup, checkpointed: bool) -> dict[str,
 
 def loss_bytes(shape: ModelShape, setup: Setup) -> dict[str, int]:
     """Bytes per rank of the fused chunked loss (ringtrain/loss.py) at the end of forward and in its backward."""
-    from ringtrain.loss import auto_chunk_tokens
+    from ringtrain.model.loss import auto_chunk_tokens
 
     a, n, d, v = setup.dtype_bytes, setup.local_tokens, shape.hidden, shape.vocab
     chunk = min(setup.loss_chunk or auto_chunk_tokens(v), n)

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ringtrain.distributed import ParallelConfig, free_port
+from ringtrain.config import ParallelConfig
+from ringtrain.parallel.distributed import free_port
 from ringtrain.ring.comm import RingComm
 
 
@@ -37,7 +38,7 @@ def _worker(
 ) -> None:
     import torch.distributed as dist
 
-    from ringtrain.distributed import build_mesh
+    from ringtrain.parallel.distributed import build_mesh
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),

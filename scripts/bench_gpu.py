@@ -102,22 +102,22 @@ def loop_overrides(variant: str) -> tuple[str, list[str]]:
 
 def predicted_peak_bytes(spec: dict, args, device: torch.device) -> float:
     """`ringtrain plan`'s peak for this loop's config at spec['seq_len'] (no device involved)."""
-    from ringtrain.config import load_config
     from ringtrain.planner import model_shape, predict, setup_from_config
+    from ringtrain.validate import load_validated_config
 
-    cfg = load_config(None, [*ringtrain_overrides(spec, 1, "unused"), f"model.dtype={args.dtype}"])
+    cfg = load_validated_config(None, [*ringtrain_overrides(spec, 1, "unused"), f"model.dtype={args.dtype}"])
     return predict(model_shape(cfg.model), setup_from_config(cfg, 1, device.type))["peak_bytes"]
 
 
 def build_loop(kind: str, mesh, spec: dict, args, out: str) -> dict:
     """The objects one loop keeps across contexts: a Trainer, or the plain model and its AdamW."""
     if kind == "ringtrain":
-        from ringtrain.config import load_config
-        from ringtrain.trainer import build_trainer
+        from ringtrain.train.trainer import build_trainer
+        from ringtrain.validate import load_validated_config
 
-        cfg = load_config(None, [*ringtrain_overrides(spec, 1, out), f"model.dtype={args.dtype}"])
+        cfg = load_validated_config(None, [*ringtrain_overrides(spec, 1, out), f"model.dtype={args.dtype}"])
         return {"trainer": build_trainer(cfg, mesh)}
-    from ringtrain.model import DTYPES
+    from ringtrain.model.causal_lm import DTYPES
 
     return dict(zip(("model", "optimizer"), plain_model(spec, DTYPES[args.dtype], mesh.device), strict=True))
 
@@ -191,8 +191,8 @@ def run_loop(kind: str, mesh, model: dict, contexts: list[int], args, recompute:
 def report(records: list[dict], device_name: str, args, lm_meta) -> str:
     """Markdown tables; TFLOP/s = the trainer's model FLOPs per token x tokens / synchronised step time, both loops."""
     from ringtrain.config import LoggingConfig
-    from ringtrain.metrics import peak_tflops
-    from ringtrain.trainer import model_flops_per_token
+    from ringtrain.train.metrics import peak_tflops
+    from ringtrain.train.trainer import model_flops_per_token
 
     n_params = sum(p.numel() for p in lm_meta.parameters())
     peak = peak_tflops(LoggingConfig(), device_name)
@@ -267,8 +267,9 @@ def main() -> None:
             size *= 2
         args.warmup, args.steps = 0, 1
 
-    from ringtrain.distributed import ParallelConfig, init_distributed, teardown_distributed
+    from ringtrain.config import ParallelConfig
     from ringtrain.log import setup_logging
+    from ringtrain.parallel.distributed import init_distributed, teardown_distributed
 
     setup_logging()
     mesh = init_distributed(ParallelConfig(sp_size=1))

@@ -9,7 +9,7 @@ their peak resident memory over a baseline taken just before the build:
 
 Loaders:
 - slices (the default path): meta-device model, FSDP2, then each rank reads its slice of every tensor (DCP plans
-  it, `ringtrain.weights.SliceReader` reads it with positioned reads); this run also exports the model
+  it, `ringtrain.model.weights.SliceReader` reads it with positioned reads); this run also exports the model
   (`Trainer.export`) and reports the export's peak;
 - mmap-slices: the same through DCP's stock HuggingFaceStorageReader (safetensors' memory map);
 - broadcast (the fallback for folders that cannot be read by slices): rank 0 runs from_pretrained and
@@ -76,9 +76,9 @@ def every_rank_build(cfg, device, parallelize=None):
     """The builder before issue 15: from_pretrained on every rank, then the parallelism."""
     from transformers import AutoModelForCausalLM
 
-    from ringtrain.distributed import seed_everything
     from ringtrain.hf.rope import apply_rope_scaling
-    from ringtrain.model import build_model_config, resolve_dtype
+    from ringtrain.model.causal_lm import build_model_config, resolve_dtype
+    from ringtrain.parallel.distributed import seed_everything
 
     seed_everything(cfg.train.seed)
     config = build_model_config(cfg.model)
@@ -99,9 +99,9 @@ def _spawned(mesh, cfg, warmup_cfg, loader: str, export_dir: str | None) -> dict
     import torch.distributed.checkpoint  # noqa: F401 - imported by the loaders: part of the baseline
     from safetensors import safe_open  # noqa: F401
 
-    import ringtrain.model
-    import ringtrain.weights
-    from ringtrain.trainer import build_trainer
+    import ringtrain.model.causal_lm
+    import ringtrain.model.weights
+    from ringtrain.train.trainer import build_trainer
 
     # A tiny trainer first, so that library code, lazy imports and one-time buffers (data pipeline, datasets,
     # transformers' model module, gloo) are in the baseline and the figure is the model's own cost.
@@ -110,12 +110,12 @@ def _spawned(mesh, cfg, warmup_cfg, loader: str, export_dir: str | None) -> dict
         # DCP's stock reader: the same slices through safetensors' memory map (what SliceReader replaces).
         from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-        ringtrain.weights.SliceReader = HuggingFaceStorageReader
+        ringtrain.model.weights.SliceReader = HuggingFaceStorageReader
     if loader == "broadcast":
         # Force the fallback the loader takes for folders it cannot read by slices (.bin weights, renamed keys).
-        ringtrain.weights._unreadable_by_slices = lambda *_: ["forced by bench_load.py"]
+        ringtrain.model.weights._unreadable_by_slices = lambda *_: ["forced by bench_load.py"]
     if loader == "every-rank":
-        ringtrain.model.build_causal_lm = every_rank_build
+        ringtrain.model.causal_lm.build_causal_lm = every_rank_build
     gc.collect()
     out = {}
     t0, c0 = time.perf_counter(), _cpu_s()
@@ -140,7 +140,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a 25M-parameter model")
     args = p.parse_args()
 
-    from ringtrain.config import load_config
+    from ringtrain.validate import load_validated_config
 
     size = "25m" if args.quick else "250m"
     root = Path(args.dir)
@@ -149,7 +149,7 @@ def main() -> None:
     shape = "{" + ", ".join(f"{k}: {v}" for k, v in SHAPES[size].items()) + "}"
     common = ["train.seq_len=256", "train.threads=1", "data.source=passkey", "data.num_samples=16",
               f"train.output_dir={root / 'run'}", "logging.progress_bar=false", "model.dtype=float32"]
-    warmup = load_config(None, [*common, "model.arch=llama", "model.config={hidden_size: 64, intermediate_size: 128, "
+    warmup = load_validated_config(None, [*common, "model.arch=llama", "model.config={hidden_size: 64, intermediate_size: 128, "
                                                              "num_hidden_layers: 1, num_attention_heads: 4}"])
     load = time.time()
     busy0 = os.getloadavg()[0]
@@ -158,7 +158,7 @@ def main() -> None:
         model = (["model.arch=llama", f"model.config={shape}"] if loader == "random"
                  else [f"model.path={folder}"])
         for world in map(int, args.worlds.split(",")):
-            cfg = load_config(None, [*common, *model])
+            cfg = load_validated_config(None, [*common, *model])
             export_dir = str(root / f"export_w{world}") if loader == "slices" else None
             ranks = run_distributed(_spawned, world, cfg, warmup, loader, export_dir, sp_size=1, timeout=3600)
             rows.append((loader, world, ranks))

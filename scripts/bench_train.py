@@ -124,12 +124,13 @@ def ringtrain_overrides(spec: dict, sp_size: int, out: str) -> list[str]:
 def plain_model(spec: dict, dtype: torch.dtype, device: torch.device):
     """The plain transformers loop's model and AdamW: the same initial weights as build_trainer draws (its builder,
     without the parallelism: the random init does not depend on how the model is sharded)."""
-    from ringtrain.config import load_config
-    from ringtrain.model import DTYPES, build_causal_lm
-    from ringtrain.optim import OptimConfig, build_optimizer
+    from ringtrain.config import OptimConfig
+    from ringtrain.model.causal_lm import DTYPES, build_causal_lm
+    from ringtrain.train.optim import build_optimizer
+    from ringtrain.validate import load_validated_config
 
     dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
-    cfg = load_config(None, [*ringtrain_overrides(spec, 1, "unused"), f"model.dtype={dtype_name}"])
+    cfg = load_validated_config(None, [*ringtrain_overrides(spec, 1, "unused"), f"model.dtype={dtype_name}"])
     model = build_causal_lm(cfg, device)
     model.set_attn_implementation("sdpa")
     model.train()
@@ -150,15 +151,15 @@ def _ringtrain_rank(mesh, spec: dict) -> dict:
     """Build the real Trainer; feed it the same synthetic sequence every step through `train_step`."""
     import torch.distributed as dist
 
-    from ringtrain.config import load_config
-    from ringtrain.trainer import build_trainer
+    from ringtrain.train.trainer import build_trainer
+    from ringtrain.validate import load_validated_config
 
     # transformers 5.24 deprecates the name the trainer calls (reported); keep the benchmark's output readable.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
     c_start = time.process_time()
     mem0 = _memory()
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, [*ringtrain_overrides(spec, mesh.sp_size, out), "model.dtype=float32",
+        cfg = load_validated_config(None, [*ringtrain_overrides(spec, mesh.sp_size, out), "model.dtype=float32",
                                  "train.threads=1"])
         trainer = build_trainer(cfg, mesh)
         # Bypass the loader: every rank of the SP group gets the same full sequence, as the loader would give.

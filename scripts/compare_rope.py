@@ -28,11 +28,12 @@ def longrope_factors(config: str, factor: float) -> str:
     mechanism in ringtrain and transformers (its attention factor, the short/long switch), not its search."""
     import copy
 
-    from ringtrain.config import load_config
-    from ringtrain.hf.rope import RopeConfig, apply_rope_scaling, rope_report
-    from ringtrain.model import build_model_config
+    from ringtrain.config import RopeConfig
+    from ringtrain.hf.rope import apply_rope_scaling, rope_report
+    from ringtrain.model.causal_lm import build_model_config
+    from ringtrain.validate import load_validated_config
 
-    model_config = build_model_config(load_config(config, ["rope.method=none", "rope.factor=null"]).model)
+    model_config = build_model_config(load_validated_config(config, ["rope.method=none", "rope.factor=null"]).model)
     theta = model_config.rope_parameters["rope_theta"]
     original = model_config.max_position_embeddings
     yarn = copy.deepcopy(model_config)

@@ -53,11 +53,11 @@ def _spec(seq_len: int, steps: int, overrides: list[str]) -> dict:
 
 
 def predicted(spec: dict, world: int) -> dict:
-    from ringtrain.config import load_config
     from ringtrain.planner import model_shape, predict, setup_from_config
+    from ringtrain.validate import load_validated_config
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, [*ringtrain_overrides(spec, world, out), "model.dtype=float32"])
+        cfg = load_validated_config(None, [*ringtrain_overrides(spec, world, out), "model.dtype=float32"])
     shape = model_shape(cfg.model)
     pred = predict(shape, setup_from_config(cfg, world, "cpu"))
     pred["parameter_bytes"] = pred["moments"]["optimizer step"] / 5  # parameters, as the baseline holds them

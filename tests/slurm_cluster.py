@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ringtrain.distributed import free_port
+from ringtrain.parallel.distributed import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo")

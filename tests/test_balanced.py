@@ -124,7 +124,7 @@ def test_balanced_layout_matches_dense_float64(world: int, ulysses: int):
 
 
 def _losses(mesh, cfg):
-    from ringtrain.trainer import build_trainer
+    from ringtrain.train.trainer import build_trainer
 
     return [h["loss"] for h in build_trainer(cfg, mesh).fit()]
 

@@ -16,9 +16,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-import ringtrain.checkpoint as ckpt
-from ringtrain.checkpoint import CheckpointConfig, CheckpointManager, SignalFlag, is_complete
+import ringtrain.train.checkpoint as ckpt
+from ringtrain.config import CheckpointConfig
 from ringtrain.testing import RankFailedError, run_distributed
+from ringtrain.train.checkpoint import CheckpointManager, SignalFlag, is_complete
 
 EXTRA = {"step": 3, "data": {"epoch": 0, "position": 96}, "wandb_run_id": "abc123"}
 

@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from ringtrain.cli import main
-from ringtrain.config import ConfigError, load_config, save_config
+from ringtrain.config import save_config
+from ringtrain.errors import ConfigError
+from ringtrain.validate import load_validated_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("**/*.yaml"))
@@ -59,7 +61,7 @@ def test_shipped_configs_exist():
 
 def test_precedence_defaults_file_overrides(tmp_path):
     path = _write(tmp_path, {**GOOD, "optim": {"lr": 1e-3, "warmup_steps": 7}})
-    cfg = load_config(path, ["optim.lr=5e-4", "parallel.sp_size=2", "model.config={hidden_size: 64}"])
+    cfg = load_validated_config(path, ["optim.lr=5e-4", "parallel.sp_size=2", "model.config={hidden_size: 64}"])
     assert cfg.optim.lr == 5e-4  # override beats file
     assert cfg.optim.warmup_steps == 7  # file beats default
     assert cfg.optim.schedule == "cosine"  # default
@@ -69,16 +71,16 @@ def test_precedence_defaults_file_overrides(tmp_path):
 
 def test_override_coercion(tmp_path):
     path = _write(tmp_path, GOOD)
-    cfg = load_config(path, ["train.fsdp=false", "optim.betas=[0.8,0.9]", "logging.tags=a,b", "model.path=null",
+    cfg = load_validated_config(path, ["train.fsdp=false", "optim.betas=[0.8,0.9]", "logging.tags=a,b", "model.path=null",
                              "train.max_steps=1_000", "optim.lr=1"])
     assert cfg.train.fsdp is False and cfg.optim.betas == [0.8, 0.9] and cfg.logging.tags == ["a", "b"]
     assert cfg.model.path is None and cfg.train.max_steps == 1000 and cfg.optim.lr == 1.0
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(_write(tmp_path, GOOD), ["optim.lr=2e-4"])
+    cfg = load_validated_config(_write(tmp_path, GOOD), ["optim.lr=2e-4"])
     saved = save_config(cfg, tmp_path / "run" / "config.yaml")
-    assert load_config(saved) == cfg
+    assert load_validated_config(saved) == cfg
 
 
 BAD_FILES = [
@@ -93,10 +95,10 @@ BAD_FILES = [
     ("bad-arch", {**GOOD, "model": {"arch": "lama"}}, [], r"model\.arch='lama' is not a transformers model type: "
                                                           r"did you mean 'llama'\?"),
     ("seq-len-multiple", {**GOOD, "parallel": {"sp_size": 2}, "train": {"output_dir": "x", "seq_len": 510}}, [],
-     r"train\.seq_len=510 is not a multiple of 4 \(2 x parallel\.sp_size=2, zigzag layout\): use train\.seq_len=512"),
+     r"train\.seq_len=510 is not a multiple of 4 \(2 x parallel\.sp_size=2, balanced layout\): use train\.seq_len=512"),
     ("seq-len-multiple-ulysses", {**GOOD, "parallel": {"sp_size": 4, "ulysses_size": 2},
                                   "train": {"output_dir": "x", "seq_len": 1004}}, [],
-     r"train\.seq_len=1004 is not a multiple of 8 \(2 x ring size 2 x parallel\.ulysses_size=2, zigzag layout\): "
+     r"train\.seq_len=1004 is not a multiple of 8 \(2 x ring size 2 x parallel\.ulysses_size=2, balanced layout\): "
      r"use train\.seq_len=1008"),
     # Issue 13: the Ulysses degree against sp_size and the model's heads, naming the numbers and the choices.
     ("ulysses-not-dividing", {**GOOD, "parallel": {"sp_size": 4, "ulysses_size": 3}}, [],
@@ -241,7 +243,7 @@ def test_bad_model_folders(tmp_path, capsys, model_dir):
 
 def test_model_type_errors_are_all_reported(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_config(_write(tmp_path, GOOD), ["model.config.vocab_size=abc", "model.config.hidden_size=1.5"])
+        load_validated_config(_write(tmp_path, GOOD), ["model.config.vocab_size=abc", "model.config.hidden_size=1.5"])
     assert [p.split(" is rejected")[0] for p in info.value.problems] == \
            ["model.config.vocab_size='abc'", "model.config.hidden_size=1.5"]
 
@@ -261,7 +263,7 @@ def test_missing_model_path_is_reported_before_any_work(capsys, command):
 
 def test_every_problem_is_collected(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_config(_write(tmp_path, {**GOOD, "optim": {"lrr": 1, "schedule": 5}}), ["train.max_steps=x"])
+        load_validated_config(_write(tmp_path, {**GOOD, "optim": {"lrr": 1, "schedule": 5}}), ["train.max_steps=x"])
     joined = "\n".join(info.value.problems)
     assert len(info.value.problems) == 3, joined
     assert "optim.lrr" in joined and "optim.schedule" in joined and "train.max_steps" in joined

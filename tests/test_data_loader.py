@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from ringtrain.data import DataConfig, PackedDataLoader, PackedDataset
+from ringtrain.config import DataConfig
+from ringtrain.data import PackedDataLoader, PackedDataset
 from ringtrain.data.pipeline import build_dataloader
 from ringtrain.testing import run_distributed
 

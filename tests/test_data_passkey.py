@@ -10,7 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
-from ringtrain.data import DataConfig, PasskeyGenerator, build_packed_dataset, make_passkey_document
+from ringtrain.config import DataConfig
+from ringtrain.data import PasskeyGenerator, build_packed_dataset, make_passkey_document
 from ringtrain.data.passkey import (
     NEEDLE,
     QUESTION,

@@ -10,7 +10,8 @@ import pytest
 from datasets import Dataset
 from transformers import ByT5Tokenizer
 
-from ringtrain.data import DataConfig, build_dataloader, build_packed_dataset, check_data_config
+from ringtrain.config import DataConfig, check_data_config
+from ringtrain.data import build_dataloader, build_packed_dataset
 from ringtrain.data.pipeline import load_documents, tokenize_documents
 from ringtrain.data.tokenizer import build_tokenizer, encode
 from ringtrain.errors import ConfigError

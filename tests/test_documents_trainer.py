@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from ringtrain.data import pack_documents
 from ringtrain.hf import apply_ring_attention, shard_batch
-from ringtrain.trainer import CausalLMWithChunkedLoss
+from ringtrain.train.trainer import CausalLMWithChunkedLoss
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, vocab_size=64, attention_dropout=0.0,

@@ -11,14 +11,15 @@ import torch
 from torch import nn
 from wandb_offline import read_offline_run
 
-from ringtrain.config import load_config
+from ringtrain.config import EvalConfig
+from ringtrain.config.eval import RETRIEVAL_EVAL_TASKS
 from ringtrain.data import build_tokenizer
 from ringtrain.errors import ConfigError
-from ringtrain.eval import EvalConfig, answer_token_hits, eval_documents, exact_match, sliding_windows
-from ringtrain.eval.config import RETRIEVAL_EVAL_TASKS
+from ringtrain.eval import answer_token_hits, eval_documents, exact_match, sliding_windows
 from ringtrain.eval.runner import Evaluator, evaluate_retrieval, evaluation_mode, load_model_for_eval
 from ringtrain.eval.tasks import TASK_DOCUMENTS
 from ringtrain.testing import run_distributed
+from ringtrain.validate import load_validated_config
 
 SAMPLE_TEXT = "ringtrain/data/samples/tiny.jsonl"
 
@@ -176,7 +177,7 @@ def test_multi_needle_tasks_score_every_answer_token(mode):
 
 def test_eval_config_messages_name_field_value_and_fix():
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["model.arch=llama", "train.output_dir=x", "eval.tasks=[passkey,needel]",
+        load_validated_config(None, ["model.arch=llama", "train.output_dir=x", "eval.tasks=[passkey,needel]",
                            "eval.mode=beam", "eval.depths=[0.5,1.5]", "eval.batch_size=0", "eval.ppl_stride=-1",
                            "eval.lengths=[]"])
     text = "\n".join(e.value.problems)
@@ -240,12 +241,12 @@ def test_sp_and_dp_evaluation_equal_single_process(tmp_path):
     Every retrieval task (the multi-needle ones have answers of several values or names). Lengths 118 and 150 are not
     multiples of 2 x sp_size: the right padding added for sharding must not change anything. A random model scores
     ~0 exact match, so the predicted tokens themselves are compared."""
-    cfg = load_config(None, [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_validated_config(None, [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
     ref = _evaluate(None, cfg)
     assert len(ref["documents"]) == 5 * 2 * 3 * 3
     assert ref["perplexity"][0]["tokens"] == ref["perplexity"][1]["tokens"] == 699
     assert 50 < ref["perplexity"][0]["ppl"] < 1000  # random init over 384 ids
-    sp_cfg = load_config(None, [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
+    sp_cfg = load_validated_config(None, [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
                                 "parallel.sp_size=2"])
     got = run_distributed(_evaluate, 4, sp_cfg, sp_size=2, timeout=240)
     for rank_result in got:
@@ -295,13 +296,13 @@ def test_a_rank_failing_alone_ends_the_evaluation_without_waiting_for_the_timeou
     script = tmp_path / "one_rank_fails.py"
     script.write_text(
         "import os, sys\n"
-        "from ringtrain.config import load_config\n"
+        "from ringtrain.validate import load_validated_config\n"
         "from ringtrain.eval import runner\n"
         "if os.environ['RANK'] == '1':\n"
         "    def broken(self, lm, step=None, fsdp_root=None):\n"
         "        raise RuntimeError('injected failure on rank 1')\n"
         "    runner.Evaluator.run = broken\n"
-        "runner.run_eval(load_config(None, sys.argv[1:]))\n")
+        "runner.run_eval(load_validated_config(None, sys.argv[1:]))\n")
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,

@@ -7,8 +7,8 @@ import json
 import pytest
 from wandb_offline import read_offline_run
 
-from ringtrain.config import load_config
 from ringtrain.testing import run_distributed
+from ringtrain.validate import load_validated_config
 
 TINY = [
     "model.arch=llama",
@@ -25,7 +25,7 @@ TINY = [
 def _train_then_eval_checkpoint(mesh, cfg):
     from ringtrain.data import build_tokenizer
     from ringtrain.eval.runner import Evaluator, flat_metrics, load_model_for_eval
-    from ringtrain.trainer import build_trainer
+    from ringtrain.train.trainer import build_trainer
 
     history = build_trainer(cfg, mesh).fit()
     after = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint="latest"))
@@ -34,7 +34,7 @@ def _train_then_eval_checkpoint(mesh, cfg):
 
 
 def test_in_training_eval_matches_checkpoint_eval(tmp_path):
-    cfg = load_config(None, [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_validated_config(None, [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
     history, step, reloaded = run_distributed(_train_then_eval_checkpoint, 2, cfg, timeout=240)[0]
     assert "eval/passkey/acc" not in history[0]  # step 1: not an evaluation step
     during = history[1]

@@ -19,14 +19,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ringtrain.hf import (
-    RopeConfig,
-    apply_ring_attention,
-    apply_rope_scaling,
-    remove_ring_attention,
-    shard_batch,
-    token_loss_sum,
-)
+from ringtrain.config import RopeConfig
+from ringtrain.hf import apply_ring_attention, apply_rope_scaling, remove_ring_attention, shard_batch, token_loss_sum
 from ringtrain.ring import unshard_sequence
 from ringtrain.testing import run_distributed
 

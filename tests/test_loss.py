@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ringtrain.loss import IGNORE_INDEX, auto_chunk_tokens, chunked_cross_entropy_sum, count_valid_tokens
+from ringtrain.model.loss import IGNORE_INDEX, auto_chunk_tokens, chunked_cross_entropy_sum, count_valid_tokens
 
 
 def _case(seed, n=37, d=16, vocab=53, dtype=torch.float64, weighted=False):

@@ -17,14 +17,14 @@ TINY = [*TRAINER_TINY, "model.config.num_hidden_layers=3", "parallel.sp_size=2"]
 
 
 def _with_and_without_offload(mesh, out_dir):
-    from ringtrain.config import load_config
-    from ringtrain.trainer import build_trainer
+    from ringtrain.train.trainer import build_trainer
+    from ringtrain.validate import load_validated_config
 
     results = []
     for extra in (["train.activation_checkpointing=full"],
                   ["train.activation_checkpointing=full", "train.offload_activations=true"],
                   ["train.activation_checkpointing=every:2", "train.offload_activations=true", "train.tiled_mlp=true"]):
-        trainer = build_trainer(load_config(None, [*TINY, f"train.output_dir={out_dir}", *extra]), mesh)
+        trainer = build_trainer(load_validated_config(None, [*TINY, f"train.output_dir={out_dir}", *extra]), mesh)
         micro = [trainer.loader.dataset.batch([0, 1]), trainer.loader.dataset.batch([2, 3])]
         loss = trainer.forward_backward(micro)  # two micro-batches: the offload context is entered twice
         grads = {n: p.grad.full_tensor().detach().clone() for n, p in trainer.model.named_parameters()}
@@ -57,7 +57,7 @@ def _cuda_step(offload: bool):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ringtrain.offload import LayerInputOffload
+    from ringtrain.model.offload import LayerInputOffload
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,

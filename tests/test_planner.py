@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ringtrain.cli import main
-from ringtrain.model import ModelConfig
+from ringtrain.config import ModelConfig
 from ringtrain.planner import (
     GIB,
     ModelShape,
@@ -95,7 +95,7 @@ def test_h200_measurements_within_15_percent(tinyllama, seq_len, measured_gib):
 def _saved_in_layer(model, layer_index: int, ids: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd saves while decoder layer `layer_index` runs forward, weights and the
     shared rotary cos/sin excluded."""
-    from ringtrain.parallelize import decoder_layers
+    from ringtrain.model.build import decoder_layers
 
     layer = decoder_layers(model)[layer_index]
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -122,8 +122,8 @@ def test_layer_formula_matches_what_autograd_saves(family, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ringtrain.hf import apply_ring_attention
-    from ringtrain.parallelize import decoder_layers
-    from ringtrain.tiled_mlp import tile_mlp
+    from ringtrain.model.build import decoder_layers
+    from ringtrain.model.tiled_mlp import tile_mlp
 
     kwargs = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, attention_dropout=0.0)
@@ -158,9 +158,9 @@ def test_plan_every_shipped_config(path, capsys, tmp_path):
         # needs shapes, not weights: a model can be planned before it is downloaded; validate would refuse this).
         from transformers import AutoConfig
 
-        from ringtrain.config import load_config
+        from ringtrain.validate import load_validated_config
 
-        stage1 = load_config(ROOT / "configs/passkey_short.yaml").model
+        stage1 = load_validated_config(ROOT / "configs/passkey_short.yaml").model
         AutoConfig.for_model(stage1.arch, **stage1.config).save_pretrained(tmp_path / "stage1")
         extra = [f"model.path={tmp_path / 'stage1'}"]
     rc, out, err = _plan(capsys, path, *extra, "--json", "--device", "cpu")
@@ -229,14 +229,14 @@ CPU_RUNS = [  # (overrides, world, measured peak bytes at 4K, at 12K)
 @pytest.mark.parametrize("overrides,world,at_4k,at_12k", CPU_RUNS)
 def test_cpu_measurements_growth_within_20_percent(overrides, world, at_4k, at_12k):
     """The process baseline (interpreter, libraries, data) cancels in the growth between the two contexts."""
-    from ringtrain.config import load_config
     from ringtrain.planner import setup_from_config
+    from ringtrain.validate import load_validated_config
 
     model = ("model.config={vocab_size: 32000, hidden_size: 256, intermediate_size: 1024, num_hidden_layers: 4, "
              "num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 12288}")
     peaks = []
     for seq_len in (4096, 12288):
-        cfg = load_config(None, ["model.arch=llama", model, "model.dtype=float32", "train.output_dir=unused",
+        cfg = load_validated_config(None, ["model.arch=llama", model, "model.dtype=float32", "train.output_dir=unused",
                                  f"train.seq_len={seq_len}", *overrides])
         peaks.append(predict(model_shape(cfg.model), setup_from_config(cfg, world, "cpu"))["peak_bytes"])
     growth = peaks[1] - peaks[0]

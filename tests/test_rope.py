@@ -7,8 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from ringtrain.config import RopeConfig
 from ringtrain.hf.rope import (
-    RopeConfig,
     apply_rope_scaling,
     check_rotary_precision,
     describe_rope,

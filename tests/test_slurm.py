@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 - the fixture
 
-from ringtrain.distributed import free_port
+from ringtrain.parallel.distributed import free_port
 
 pytestmark = pytest.mark.slurm
 

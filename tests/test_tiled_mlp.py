@@ -8,9 +8,9 @@ import torch
 from test_trainer import TINY as TRAINER_TINY
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from ringtrain.parallelize import decoder_layers
+from ringtrain.model.build import decoder_layers
+from ringtrain.model.tiled_mlp import TiledForward, tile_count, tile_mlp, untile_mlp
 from ringtrain.testing import run_distributed
-from ringtrain.tiled_mlp import TiledForward, tile_count, tile_mlp, untile_mlp
 
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=80, vocab_size=97, attention_dropout=0.0)
@@ -73,8 +73,8 @@ def _tiled_and_untiled(mesh, out_dir):
     """(loss, full gradients, reduce-scatters) of one forward/backward, untiled then tiled (+ recompute), same batch."""
     import torch.distributed as dist
 
-    from ringtrain.config import load_config
-    from ringtrain.trainer import build_trainer
+    from ringtrain.train.trainer import build_trainer
+    from ringtrain.validate import load_validated_config
 
     calls = [0]
     reduce_scatter = dist.reduce_scatter_single  # what FSDP2's reduce-scatter calls, counted here
@@ -87,7 +87,7 @@ def _tiled_and_untiled(mesh, out_dir):
     results = []
     for extra in ([], ["train.tiled_mlp=true", "train.mlp_tile_tokens=24"],
                   ["train.tiled_mlp=true", "train.mlp_tile_tokens=24", "train.activation_checkpointing=full"]):
-        trainer = build_trainer(load_config(None, [*TINY, f"train.output_dir={out_dir}", *extra]), mesh)
+        trainer = build_trainer(load_validated_config(None, [*TINY, f"train.output_dir={out_dir}", *extra]), mesh)
         calls[0] = 0
         loss = trainer.forward_backward([trainer.loader.dataset.batch([0, 1])])
         grads = {n: p.grad.full_tensor().detach().clone() for n, p in trainer.model.named_parameters()}
@@ -146,8 +146,8 @@ def test_tiled_mlp_on_cuda_bf16_matches_and_saves_the_mlp_activations():
 
 
 def test_a_family_without_an_mlp_submodule_is_refused():
-    from ringtrain.config import load_config
-    from ringtrain.parallelize import apply_tiled_mlp
+    from ringtrain.model.build import apply_tiled_mlp
+    from ringtrain.validate import load_validated_config
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -161,8 +161,8 @@ def test_a_family_without_an_mlp_submodule_is_refused():
             super().__init__()
             self.layers = torch.nn.ModuleList([Block(), Block()])
 
-    cfg = load_config(None, ["model.arch=llama", "train.output_dir=unused", "train.tiled_mlp=true"]).train
+    cfg = load_validated_config(None, ["model.arch=llama", "train.output_dir=unused", "train.tiled_mlp=true"]).train
     with pytest.raises(ValueError, match=r"train\.tiled_mlp: Block has no 'mlp' submodule to tile .*"
                                          r"set train\.tiled_mlp=false for Model"):
         apply_tiled_mlp(Model(), cfg, sp_size=1)
-    assert apply_tiled_mlp(Model(), load_config(None, ["model.arch=llama", "train.output_dir=unused"]).train, 1) == 0
+    assert apply_tiled_mlp(Model(), load_validated_config(None, ["model.arch=llama", "train.output_dir=unused"]).train, 1) == 0

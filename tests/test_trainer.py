@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ringtrain.config import load_config
 from ringtrain.testing import run_distributed
+from ringtrain.validate import load_validated_config
 
 TINY = [
     "model.arch=llama",
@@ -18,11 +18,11 @@ TINY = [
 
 
 def _cfg(tmp, *overrides):
-    return load_config(None, [*TINY, f"train.output_dir={tmp}", *overrides])
+    return load_validated_config(None, [*TINY, f"train.output_dir={tmp}", *overrides])
 
 
 def _grads(mesh, cfg, n_micro):
-    from ringtrain.trainer import build_trainer
+    from ringtrain.train.trainer import build_trainer
 
     trainer = build_trainer(cfg, mesh)
     # Every rank takes the same full batches here (a DP slice would differ): compare like for like.
@@ -64,8 +64,8 @@ def test_sp_gradients_equal_single_process(tmp_path):
 
 def _recompute_counts(mesh, cfg):
     """(loss, grads, forward calls per decoder layer in one forward/backward)."""
-    from ringtrain.parallelize import decoder_layers
-    from ringtrain.trainer import build_trainer
+    from ringtrain.model.build import decoder_layers
+    from ringtrain.train.trainer import build_trainer
 
     trainer = build_trainer(cfg, mesh)
     calls = [0] * len(decoder_layers(trainer.lm))
@@ -92,7 +92,7 @@ def test_recompute_policies_are_exact_and_recompute_what_they_name(tmp_path):
 
 
 def _losses(mesh, cfg):
-    from ringtrain.trainer import build_trainer
+    from ringtrain.train.trainer import build_trainer
 
     trainer = build_trainer(cfg, mesh)
     history = trainer.fit()
@@ -128,7 +128,7 @@ def test_ulysses_loss_trajectory_matches_the_ring(tmp_path):
 
 
 def _export_and_logits(mesh, cfg):
-    from ringtrain.trainer import build_trainer
+    from ringtrain.train.trainer import build_trainer
 
     trainer = build_trainer(cfg, mesh)
     trainer.fit()
@@ -159,9 +159,9 @@ def _export_sp2_run(mesh, cfg, sharded_dir):
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from ringtrain.model import build_causal_lm
-    from ringtrain.parallelize import parallelize_model
-    from ringtrain.trainer import build_trainer
+    from ringtrain.model.build import parallelize_model
+    from ringtrain.model.causal_lm import build_causal_lm
+    from ringtrain.train.trainer import build_trainer
 
     trainer = build_trainer(cfg, mesh)
     trainer.fit()
@@ -210,7 +210,7 @@ def test_sharded_export_of_an_sp2_run_reloads_with_identical_logits(tmp_path):
 
 
 def _wandb_run_ids(mesh, cfg_first, cfg_second):
-    from ringtrain.trainer import build_trainer
+    from ringtrain.train.trainer import build_trainer
 
     first = build_trainer(cfg_first, mesh)
     first.fit()
@@ -238,7 +238,7 @@ def test_wandb_offline_run_continues_after_resume(tmp_path):
 
 
 def _nonfinite(mesh, cfg):
-    from ringtrain.trainer import build_trainer
+    from ringtrain.train.trainer import build_trainer
 
     trainer = build_trainer(cfg, mesh)
     with torch.no_grad():

@@ -19,11 +19,12 @@ import pytest
 import torch
 from torch.distributed.checkpoint import CheckpointException
 
-import ringtrain.checkpoint as ckpt
-from ringtrain.checkpoint import checkpoint_problem
+import ringtrain.train.checkpoint as ckpt
 from ringtrain.cli import main
-from ringtrain.distributed import free_port, teardown_distributed
-from ringtrain.optim import OptimConfig, lr_factor
+from ringtrain.config import OptimConfig
+from ringtrain.parallel.distributed import free_port, teardown_distributed
+from ringtrain.train.checkpoint import checkpoint_problem
+from ringtrain.train.optim import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
@@ -99,7 +100,7 @@ def test_a_run_folder_holds_one_run(run: Path, reference: Path) -> None:
     code, err = _train(run, f"checkpoint.resume={root / 'step_00000005'}", "optim.lr=1e-3")
     assert code == 0, err
     assert [line.split("WARNING ")[1] for line in _lines(err, "WARNING")] == [
-        "ringtrain.checkpoint: resuming from step_00000005: deleting the newer checkpoint(s) step_00000010, which "
+        "ringtrain.train.checkpoint: resuming from step_00000005: deleting the newer checkpoint(s) step_00000010, which "
         "this run replaces"]
     assert _folders(run) == ["step_00000005", "step_00000010"]
     assert json.loads((root / "step_00000010" / "meta.json").read_text())["config"]["optim"]["lr"] == 1e-3
@@ -177,7 +178,7 @@ def test_changed_schedule_applies_from_the_resumed_step(run: Path, reference: Pa
     code, err = _train(run, "train.max_steps=14", "optim.lr=1e-3")
     assert code == 0, err
     old, new = OptimConfig(lr=2e-3, warmup_steps=5), OptimConfig(lr=1e-3, warmup_steps=5)
-    assert [line.split("ringtrain.resume_rules: ")[1] for line in _lines(err, "ringtrain.resume_rules")] == [
+    assert [line.split("ringtrain.train.resume_rules: ")[1] for line in _lines(err, "ringtrain.train.resume_rules")] == [
         "resume at step 10: optim.lr changed from 0.002 to 0.001, applied from step 11 on",
         "resume at step 10: train.max_steps changed from 10 to 14, applied from step 11 on",
         f"resume at step 10: learning rate {1e-3 * lr_factor(10, new, 14):.6g} at step 11 under optim.* and "
@@ -224,13 +225,13 @@ def test_an_exception_of_any_base_class_names_the_rank(tmp_path: Path, monkeypat
     raised, err = _train(tmp_path / "run", "train.max_steps=5")
     assert isinstance(raised, CheckpointException)
     assert [line.split("ERROR ")[1] for line in _lines(err, "failed")] == [
-        "ringtrain.trainer: rank 0 failed: CheckpointException: rank 0: OSError: [Errno 28] No space left on device"]
+        "ringtrain.train.trainer: rank 0 failed: CheckpointException: rank 0: OSError: [Errno 28] No space left on device"]
 
 
 def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stop signals are polled before each step: one that arrives during the last step does not skip the
     export; the run saves, exports and exits 0."""
-    from ringtrain.trainer import Trainer
+    from ringtrain.train.trainer import Trainer
 
     step = Trainer.train_step
 
@@ -281,7 +282,7 @@ def test_bad_paths_exit_2_in_validate_and_before_training(tmp_path: Path, case: 
     code, err = _train(tmp_path / "unused", *overrides)  # the last train.output_dir wins
     assert code == 2 and "Traceback" not in err, err
     assert _lines(err, "^error: ") == [f"error: {message}"]
-    assert _lines(err, "ringtrain.model") == []  # refused before the model was built
+    assert _lines(err, "ringtrain.model.causal_lm") == []  # refused before the model was built
 
 
 def test_an_unwritable_output_dir_exits_2_before_training(tmp_path: Path) -> None:

@@ -151,11 +151,11 @@ def test_evaluation_with_ulysses_equals_single_process(tmp_path):
     as one process with sdpa (the ring's guarantee, test_eval.py, now through the all-to-all)."""
     from test_eval import TINY, _assert_same_results, _evaluate
 
-    from ringtrain.config import load_config
+    from ringtrain.validate import load_validated_config
 
     common = [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"]
-    ref = _evaluate(None, load_config(None, common))
-    cfg = load_config(None, [*common, "parallel.sp_size=2", "parallel.ulysses_size=2"])
+    ref = _evaluate(None, load_validated_config(None, common))
+    cfg = load_validated_config(None, [*common, "parallel.sp_size=2", "parallel.ulysses_size=2"])
     for rank_result in run_distributed(_evaluate, 2, cfg, ulysses_size=2, timeout=240):
         _assert_same_results(ref, rank_result)
 

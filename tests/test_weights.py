@@ -5,8 +5,8 @@ worlds 1, 2 and 4 and without FSDP."""
 import pytest
 import torch
 
-from ringtrain.config import load_config
 from ringtrain.testing import run_distributed
+from ringtrain.validate import load_validated_config
 
 SHAPE = dict(vocab_size=383, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)  # 383 rows: the last rank of 4 gets a shorter shard
@@ -38,11 +38,11 @@ def folders(tmp_path_factory):
 
 
 def _cfgs(tmp_path, folders):
-    cfgs = {name: load_config(None, [*COMMON, f"train.output_dir={tmp_path}", f"model.path={path}",
+    cfgs = {name: load_validated_config(None, [*COMMON, f"train.output_dir={tmp_path}", f"model.path={path}",
                                      "model.dtype=float32", *extra])
             for name, (path, extra) in folders.items()}
     shape = "{" + ", ".join(f"{k}: {v}" for k, v in SHAPE.items()) + "}"
-    cfgs["random"] = load_config(None, [*COMMON, f"train.output_dir={tmp_path}", "model.arch=llama",
+    cfgs["random"] = load_validated_config(None, [*COMMON, f"train.output_dir={tmp_path}", "model.arch=llama",
                                         f"model.config={shape}", "model.config.tie_word_embeddings=true",
                                         "train.seed=3"])
     return cfgs
@@ -52,8 +52,8 @@ def _build_all(mesh, cfgs):
     """Each config built as the trainer builds it (FSDP2 over the world): this rank's local shards and buffers."""
     from torch.distributed.tensor import DTensor
 
-    from ringtrain.model import build_causal_lm
-    from ringtrain.parallelize import parallelize_model
+    from ringtrain.model.build import parallelize_model
+    from ringtrain.model.causal_lm import build_causal_lm
 
     out = {}
     for name, cfg in cfgs.items():
@@ -73,7 +73,8 @@ def _reference(path, extra):
     """Single process, plain transformers: from_pretrained with the run's RoPE scaling applied to its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ringtrain.hf import RopeConfig, apply_rope_scaling
+    from ringtrain.config import RopeConfig
+    from ringtrain.hf import apply_rope_scaling
 
     config = AutoConfig.from_pretrained(path)
     rope = dict(e.removeprefix("rope.").split("=") for e in extra)

@@ -1,14 +1,13 @@
-"""The data pipeline: DataConfig, loading and tokenizing with datasets, packing, resumable sampling, passkey docs.
+"""The data pipeline: loading and tokenizing with datasets, packing, resumable sampling, passkey docs.
 
-The pipeline functions (which import datasets / transformers) load lazily, so `from ringtrain.data import
-DataConfig` stays cheap for the config loader and for spawned test workers.
+The pipeline functions (which import datasets / transformers) load lazily, so importing the package stays cheap for
+spawned test workers. Its settings are `ringtrain.config.DataConfig`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ringtrain.data.config import DataConfig, check_data_config
 from ringtrain.data.loader import PackedDataLoader
 from ringtrain.data.packing import IGNORE_INDEX, PackedDataset, document_position_ids, pack_documents
 from ringtrain.data.passkey import PasskeyDocument, PasskeyGenerator, make_passkey_document
@@ -22,8 +21,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "IGNORE_INDEX", "DataConfig", "PackedDataLoader", "PackedDataset", "PasskeyDocument", "PasskeyGenerator",
-    "check_data_config", "document_position_ids", "make_passkey_document", "pack_documents", *_LAZY,
+    "IGNORE_INDEX", "PackedDataLoader", "PackedDataset", "PasskeyDocument", "PasskeyGenerator",
+    "document_position_ids", "make_passkey_document", "pack_documents", *_LAZY,
 ]
 
 

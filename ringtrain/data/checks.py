@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from ringtrain.data.config import DataConfig
+from ringtrain.config.data import DataConfig
 
 SAMPLED_RECORDS = 100  # JSON lines read per file to look for the text field
 _CHUNK = 1 << 16

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ringtrain.log import get_logger
-from ringtrain.loss import IGNORE_INDEX
+from ringtrain.model.loss import IGNORE_INDEX
 
 logger = get_logger(__name__)
 

@@ -199,7 +199,7 @@ def generate_passkey_documents(
     """`num_samples` documents with lengths uniform in [min_tokens, max_tokens] and depths uniform in [0, 1],
     except a share `edge_depths` of them at depth exactly 0 or 1 (half each).
 
-    `tasks` (`ringtrain.data.config.PASSKEY_TASKS`) are drawn uniformly per document; a task whose shortest
+    `tasks` (`ringtrain.config.data.PASSKEY_TASKS`) are drawn uniformly per document; a task whose shortest
     document exceeds `min_tokens` draws its length from [its shortest, max_tokens].
     Returns (token arrays, answer masks): the mask is True on the answer's tokens, for loss weighting.
     """

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ringtrain.config.data import EXTENSION_FORMATS, DataConfig, check_data_config, split_paths
 from ringtrain.data.checks import data_file_problems, non_empty_files
-from ringtrain.data.config import EXTENSION_FORMATS, DataConfig, check_data_config, split_paths
 from ringtrain.data.loader import PackedDataLoader
 from ringtrain.data.packing import PackedDataset, pack_documents
 from ringtrain.data.passkey import generate_passkey_documents
@@ -20,7 +20,7 @@ from ringtrain.log import get_logger
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from ringtrain.distributed import Mesh
+    from ringtrain.parallel.distributed import Mesh
 
 logger = get_logger(__name__)
 

@@ -24,7 +24,7 @@ import string
 from collections.abc import Callable
 from typing import Any
 
-from ringtrain.data.config import PASSKEY_TASKS
+from ringtrain.config.data import PASSKEY_TASKS
 from ringtrain.data.passkey import PasskeyDocument, PasskeyGenerator
 
 RETRIEVAL_TASKS = tuple(t for t in PASSKEY_TASKS if t != "passkey")

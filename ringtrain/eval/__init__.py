@@ -1,14 +1,12 @@
 """Long-context evaluation: passkey / needle-in-a-haystack grids scored by exact match, perplexity by context length.
 
-`EvalConfig` (the `eval:` config section) is imported eagerly; the runner (torch.distributed, transformers) loads
-lazily, so `from ringtrain.eval import EvalConfig` stays cheap for the config loader and spawned test workers.
+Everything loads lazily (torch.distributed, transformers), so importing the package stays cheap. Its settings are
+`ringtrain.config.EvalConfig`.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from ringtrain.eval.config import EVAL_MODES, EVAL_TASKS, EvalConfig
 
 _LAZY = {
     "answer_token_hits": "ringtrain.eval.tasks",
@@ -25,7 +23,7 @@ _LAZY = {
     "write_results": "ringtrain.eval.report",
 }
 
-__all__ = ["EVAL_MODES", "EVAL_TASKS", "EvalConfig", *_LAZY]
+__all__ = [*_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -22,17 +22,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ringtrain.config.eval import RETRIEVAL_EVAL_TASKS
 from ringtrain.errors import ConfigError
-from ringtrain.eval.config import RETRIEVAL_EVAL_TASKS
 from ringtrain.eval.tasks import EvalDocument, answer_token_hits, eval_documents, exact_match, sliding_windows
 from ringtrain.log import get_logger
-from ringtrain.loss import IGNORE_INDEX
+from ringtrain.model.loss import IGNORE_INDEX
 from ringtrain.ring import SequenceParallel
 
 if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
-    from ringtrain.distributed import Mesh
-    from ringtrain.trainer import Trainer
+    from ringtrain.parallel.distributed import Mesh
+    from ringtrain.train.trainer import Trainer
 
 logger = get_logger(__name__)
 
@@ -264,7 +264,7 @@ def evaluate_perplexity(
 ) -> dict[str, Any]:
     """Perplexity of the token stream `tokens` with `window`-token contexts advancing by `stride` (see
     `sliding_windows`); identical on every rank. Call under `evaluation_mode`."""
-    from ringtrain.loss import chunked_cross_entropy_sum
+    from ringtrain.model.loss import chunked_cross_entropy_sum
 
     _check_mesh(mesh)
     device = _device(lm, mesh)
@@ -336,9 +336,9 @@ class Evaluator:
 
     def run(self, lm: nn.Module, step: int | None = None, fsdp_root: nn.Module | None = None) -> dict[str, Any]:
         """Results of every task (a JSON-able dict, the same on every rank)."""
-        from ringtrain.distributed import resolve_layout
+        from ringtrain.config import resolve_layout
 
-        e, layout = self.cfg.eval, resolve_layout(self.cfg.parallel, False, log=False)  # no documents in evaluation
+        e, layout = self.cfg.eval, resolve_layout(self.cfg.parallel, False)  # no documents in evaluation
         rope_type = (getattr(lm.config, "rope_parameters", None) or {}).get("rope_type")
         if rope_type == "dynamic" and len({*e.lengths, *e.ppl_lengths}) > 1:
             # transformers keeps dynamic NTK frequencies of the longest sequence seen until one shorter than the
@@ -401,7 +401,7 @@ def evaluate_in_training(trainer: Trainer) -> dict[str, float]:
     if not every or trainer.step % every:
         return {}
     from ringtrain.eval.report import format_table, wandb_eval_media, write_results
-    from ringtrain.metrics import active_wandb_run
+    from ringtrain.train.metrics import active_wandb_run
 
     evaluator = _TRAINER_EVALUATORS.get(trainer)
     if evaluator is None:
@@ -430,15 +430,15 @@ def load_model_for_eval(cfg: TrainConfig, mesh: Mesh | None) -> tuple[nn.Module,
     the saved FSDP shards into full tensors, so any world size can evaluate it. `mesh=None`: one process on CPU
     with the model's own (sdpa) attention, the reference the sharded evaluation is tested against.
     """
-    from ringtrain.distributed import resolve_layout
+    from ringtrain.config import resolve_layout
     from ringtrain.hf import apply_ring_attention
-    from ringtrain.model import build_causal_lm
+    from ringtrain.model.causal_lm import build_causal_lm
 
     lm = build_causal_lm(cfg, torch.device("cpu") if mesh is None else mesh.device)
     step = None
     if cfg.eval.checkpoint:
-        from ringtrain.checkpoint import CheckpointManager, is_complete
-        from ringtrain.model import CausalLMWithChunkedLoss
+        from ringtrain.model.causal_lm import CausalLMWithChunkedLoss
+        from ringtrain.train.checkpoint import CheckpointManager, is_complete
 
         manager = CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh)
         path = manager.latest() if cfg.eval.checkpoint == "latest" else Path(cfg.eval.checkpoint)
@@ -466,10 +466,10 @@ def run_eval(cfg: TrainConfig) -> dict[str, Any]:
 
     from ringtrain.config import config_to_dict
     from ringtrain.data import build_tokenizer
-    from ringtrain.distributed import init_distributed, teardown_distributed
     from ringtrain.eval.report import format_table, wandb_eval_media, write_results
     from ringtrain.log import setup_logging
-    from ringtrain.metrics import MetricsLogger
+    from ringtrain.parallel.distributed import init_distributed, teardown_distributed
+    from ringtrain.train.metrics import MetricsLogger
 
     setup_logging()
     if cfg.train.threads:

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ringtrain.config.eval import RETRIEVAL_EVAL_TASKS
 from ringtrain.data.passkey import PasskeyDocument
 from ringtrain.data.retrieval import build_generator
 from ringtrain.errors import ConfigError
-from ringtrain.eval.config import RETRIEVAL_EVAL_TASKS
 
 # Evaluation task -> (document generator of data.passkey_tasks, haystack). The needle task hides the passkey sentence
 # in seeded random sentences ("A cat is warm. The road is ..."): unlike the repeated passkey filler, the haystack

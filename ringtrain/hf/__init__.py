@@ -2,18 +2,10 @@
 
 from ringtrain.hf.attention import apply_ring_attention, remove_ring_attention
 from ringtrain.hf.batch import IGNORE_INDEX, check_right_padding, shard_batch, token_loss_sum
-from ringtrain.hf.rope import (
-    RopeConfig,
-    apply_rope_scaling,
-    check_rotary_precision,
-    describe_rope,
-    format_rope_report,
-    rope_report,
-)
+from ringtrain.hf.rope import apply_rope_scaling, check_rotary_precision, describe_rope, format_rope_report, rope_report
 
 __all__ = [
     "IGNORE_INDEX",
-    "RopeConfig",
     "apply_ring_attention",
     "apply_rope_scaling",
     "check_right_padding",

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ringtrain.data.packing import document_position_ids
-from ringtrain.loss import IGNORE_INDEX
+from ringtrain.model.loss import IGNORE_INDEX
 from ringtrain.ring import SequenceParallel
 from ringtrain.ring.layout import Layout
 

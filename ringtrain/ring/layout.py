@@ -54,15 +54,6 @@ class Layout:
         """Rank `rank`'s positions as runs in increasing order, seq_len // world positions in all."""
         raise NotImplementedError
 
-    def length_problem(self, seq_len: int, world: int) -> str | None:
-        """None if `seq_len` can be sharded over `world` ranks, else why not and the fix (one phrase)."""
-        multiple = self.multiple(world)
-        if seq_len % multiple == 0:
-            return None
-        fix = -(-seq_len // multiple) * multiple
-        return (f"is not a multiple of {multiple} ({self.multiple_reason(world)}): "
-                f"pad the sequence to {fix} tokens")
-
     def multiple_reason(self, world: int) -> str:
         return f"world size {world}, layout={self.name!r}"
 
@@ -224,17 +215,23 @@ def required_multiple(world: int, layout: str | Layout, ulysses: int = 1) -> int
     return get_layout(layout).multiple(world) * ulysses
 
 
-def seq_len_problem(seq_len: int, world: int, layout: str | Layout, ulysses: int = 1) -> str | None:
-    """None if a `seq_len`-token sequence can be sharded, else why not and the fix (completes a sentence)."""
+def padded_length(seq_len: int, world: int, layout: str | Layout, ulysses: int = 1) -> int:
+    """`seq_len` rounded up to the next length the layout can shard."""
+    multiple = required_multiple(world, layout, ulysses)
+    return -(-seq_len // multiple) * multiple
+
+
+def seq_len_problem(seq_len: int, world: int, layout: str | Layout, ulysses: int = 1,
+                    fix: str = "pad the sequence to {} tokens") -> str | None:
+    """None if a `seq_len`-token sequence can be sharded, else why not and the fix (completes a sentence that names
+    the length). The one owner of this rule: the config check, the planner and the runtime all ask here. `fix` is
+    formatted with the next length that works."""
     lay = get_layout(layout)
-    multiple = lay.multiple(world) * ulysses
+    multiple = required_multiple(world, lay, ulysses)
     if seq_len % multiple == 0:
         return None
-    if ulysses == 1:
-        return lay.length_problem(seq_len, world)
-    fix = -(-seq_len // multiple) * multiple
-    return (f"is not a multiple of {multiple} ({lay.multiple_reason(world)} x ulysses size {ulysses}): "
-            f"pad the sequence to {fix} tokens")
+    reason = lay.multiple_reason(world) + (f" x ulysses size {ulysses}" if ulysses > 1 else "")
+    return f"is not a multiple of {multiple} ({reason}): {fix.format(padded_length(seq_len, world, lay, ulysses))}"
 
 
 def check_seq_len(seq_len: int, world: int, layout: str | Layout, *, what: str = "sequence length",

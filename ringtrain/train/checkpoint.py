@@ -15,7 +15,6 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -33,13 +32,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ringtrain.distributed import Mesh
+from ringtrain.config import RESUME_MODES, CheckpointConfig
 from ringtrain.errors import ConfigError
 from ringtrain.log import describe_exception, get_logger
+from ringtrain.parallel.distributed import Mesh
 
 logger = get_logger(__name__)
 
-RESUME_MODES = ("auto", "none")
 COMPLETE_MARKER = "COMPLETE"
 META_FILE = "meta.json"
 RNG_DIR = "rng"
@@ -47,41 +46,6 @@ DCP_INDEX = ".metadata"
 MODEL_PREFIX = "train.model."  # DCP key prefix of the model tensors (see _TrainState)
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_INFIX = ".tmp-"
-
-
-@dataclass
-class CheckpointConfig:
-    """When to save, how many checkpoints to keep, and where to resume from."""
-
-    every_steps: int = 0
-    """Save every N optimizer steps; 0 saves only at the end of training and on a stop signal."""
-    keep_last: int = 3
-    """How many complete checkpoints to keep; older ones are deleted after each successful save."""
-    resume: str = "auto"
-    """'auto' = newest usable checkpoint under <output_dir>/checkpoints if any, 'none', or a step_* folder."""
-    save_on_signal: bool = True
-    """On SIGINT (Ctrl-C), SIGTERM or SIGUSR1, save at the next step boundary and exit 75 (SLURM preemption,
-    torchrun shutdown); a second signal stops at once, without saving."""
-    export_final: bool = True
-    """Export the final weights as a Hugging Face safetensors folder (done by the trainer)."""
-    overwrite: bool = False
-    """With resume='none' (or a checkpoint of another folder): delete the checkpoints an earlier run left in
-    <output_dir>/checkpoints once the run starts. Without it such a start is refused: a run folder holds one run.
-    Ignored when resume='auto' (a SLURM requeue adds it: the new run then continues)."""
-
-    def _validate(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.every_steps < 0:
-            problems.append(
-                ("every_steps", f"every_steps={self.every_steps} must be >= 1, or 0 to save only at the end / on signal")
-            )
-        if self.keep_last < 1:
-            problems.append(("keep_last", f"keep_last={self.keep_last} must be >= 1 (the newest checkpoint is always kept)"))
-        if not isinstance(self.resume, str) or not self.resume.strip():
-            problems.append(
-                ("resume", f"resume={self.resume!r} must be 'auto', 'none' or the path of a step_* checkpoint folder")
-            )
-        return problems
 
 
 class _TrainState(Stateful):

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 from torch import nn
 
-from ringtrain.model import CausalLMWithChunkedLoss
+from ringtrain.model.causal_lm import CausalLMWithChunkedLoss
 
 if TYPE_CHECKING:
-    from ringtrain.distributed import Mesh
-    from ringtrain.loop_config import TrainLoopConfig
+    from ringtrain.config.train import TrainLoopConfig
+    from ringtrain.parallel.distributed import Mesh
     from ringtrain.ring import SequenceParallel
 
 
@@ -56,12 +56,12 @@ def apply_activation_checkpointing(lm: nn.Module, cfg: TrainLoopConfig) -> list[
 
 def apply_tiled_mlp(lm: nn.Module, cfg: TrainLoopConfig, sp_size: int) -> int:
     """With `train.tiled_mlp`: every decoder layer's `mlp` runs over token tiles, recomputed per tile in backward
-    (`ringtrain.tiled_mlp`); returns the tile count (0 when off).
+    (`ringtrain.model.tiled_mlp`); returns the tile count (0 when off).
 
     The count comes from the config (tokens per rank = micro_batch_size x seq_len / sp_size over
     `train.mlp_tile_tokens`, default hidden_size tokens: ALST's ceil(S / hidden)), never from a rank's local tensor,
     so every rank runs the same number of tiles even where shards differ in length (the balanced layout)."""
-    from ringtrain.tiled_mlp import tile_count, tile_mlp
+    from ringtrain.model.tiled_mlp import tile_count, tile_mlp
 
     if not cfg.tiled_mlp:
         return 0

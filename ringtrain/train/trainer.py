@@ -14,19 +14,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ringtrain.config.train import NONFINITE_ACTIONS, TrainLoopConfig
 from ringtrain.errors import ConfigError
 from ringtrain.log import describe_exception, get_logger, setup_logging
-from ringtrain.loop_config import NONFINITE_ACTIONS, TrainLoopConfig
-from ringtrain.loss import count_valid_tokens
-from ringtrain.model import CausalLMWithChunkedLoss
-from ringtrain.parallelize import all_reduce_gradients
+from ringtrain.model.build import all_reduce_gradients
+from ringtrain.model.causal_lm import CausalLMWithChunkedLoss
+from ringtrain.model.loss import count_valid_tokens
 
 if TYPE_CHECKING:
-    from ringtrain.checkpoint import SignalFlag
     from ringtrain.config import TrainConfig
-    from ringtrain.distributed import Mesh
-    from ringtrain.offload import LayerInputOffload
+    from ringtrain.model.offload import LayerInputOffload
+    from ringtrain.parallel.distributed import Mesh
     from ringtrain.ring import SequenceParallel
+    from ringtrain.train.checkpoint import SignalFlag
 
 __all__ = ["NONFINITE_ACTIONS", "CausalLMWithChunkedLoss", "TrainLoopConfig", "Trainer", "build_trainer", "train"]
 
@@ -57,7 +57,7 @@ class Trainer:
         self.cfg, self.mesh, self.sp, self.model, self.lm, self.tokenizer = cfg, mesh, sp, model, lm, tokenizer
         self.loader, self.optimizer, self.scheduler, self.checkpoints = loader, optimizer, scheduler, checkpoints
         self.flops_per_token = flops_per_token
-        from ringtrain.metrics import peak_tflops
+        from ringtrain.train.metrics import peak_tflops
 
         name = torch.cuda.get_device_name(mesh.device) if mesh.device.type == "cuda" else None
         self.peak_tflops = peak_tflops(cfg.logging, name)
@@ -75,8 +75,8 @@ class Trainer:
         Returns the checkpoint loaded, or None for a fresh start. Settings it cannot follow (global batch, model
         shape, data position) raise ConfigError on every rank before any step: see ringtrain/resume_rules.py.
         """
-        from ringtrain.checkpoint import model_shapes
-        from ringtrain.resume_rules import apply_resumed_settings, resume_problems
+        from ringtrain.train.checkpoint import model_shapes
+        from ringtrain.train.resume_rules import apply_resumed_settings, resume_problems
 
         shapes = model_shapes(self.model)
         resumed = self.checkpoints.resume(
@@ -105,7 +105,7 @@ class Trainer:
     @functools.cached_property
     def activation_offload(self) -> LayerInputOffload | None:
         """With train.offload_activations: the context that moves checkpointed layer inputs to host memory."""
-        from ringtrain.offload import LayerInputOffload
+        from ringtrain.model.offload import LayerInputOffload
 
         return LayerInputOffload(self.lm, self.mesh.device) if self.cfg.train.offload_activations else None
 
@@ -192,10 +192,10 @@ class Trainer:
         `signals`: the flag `train` installed before building (a signal during the build is then a stop request
         too); without one, fit installs its own.
         """
-        from ringtrain.checkpoint import SignalFlag
         from ringtrain.config import config_to_dict, save_config
         from ringtrain.eval import evaluate_in_training
-        from ringtrain.metrics import MetricsLogger
+        from ringtrain.train.checkpoint import SignalFlag
+        from ringtrain.train.metrics import MetricsLogger
 
         if signals is None:
             with SignalFlag(enabled=self.cfg.checkpoint.save_on_signal) as own:
@@ -247,20 +247,20 @@ class Trainer:
 
     def export(self, out_dir: Path, max_shard_bytes: int | None = None) -> None:
         """Write the trained weights as a plain HF folder (sharded safetensors, config, tokenizer) that
-        `from_pretrained` loads; collective, and no rank gathers the model (`ringtrain.weights.export_hf_folder`)."""
-        from ringtrain.weights import EXPORT_SHARD_BYTES, export_hf_folder
+        `from_pretrained` loads; collective, and no rank gathers the model (`ringtrain.model.weights.export_hf_folder`)."""
+        from ringtrain.model.weights import EXPORT_SHARD_BYTES, export_hf_folder
 
         export_hf_folder(self.lm, out_dir, self.tokenizer, max_shard_bytes or EXPORT_SHARD_BYTES)
 
 
 def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
     """Assemble a Trainer: the model (the builder eval shares), its parallelism, optimizer, data, checkpoints."""
-    from ringtrain.checkpoint import CheckpointManager
+    from ringtrain.config import resolve_layout
     from ringtrain.data import build_dataloader, build_tokenizer
-    from ringtrain.distributed import resolve_layout
-    from ringtrain.model import build_causal_lm
-    from ringtrain.optim import build_optimizer, build_scheduler
-    from ringtrain.parallelize import parallelize_model
+    from ringtrain.model.build import parallelize_model
+    from ringtrain.model.causal_lm import build_causal_lm
+    from ringtrain.train.checkpoint import CheckpointManager
+    from ringtrain.train.optim import build_optimizer, build_scheduler
 
     tcfg = cfg.train
     tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -279,9 +279,9 @@ def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
 
 def train(cfg: TrainConfig) -> Trainer:
     """The `ringtrain train` entry point: bootstrap, check the paths, build, fit, tear down."""
-    from ringtrain.checkpoint import SignalFlag
-    from ringtrain.distributed import init_distributed, teardown_distributed
-    from ringtrain.preflight import check_before_training
+    from ringtrain.parallel.distributed import init_distributed, teardown_distributed
+    from ringtrain.train.checkpoint import SignalFlag
+    from ringtrain.train.preflight import check_before_training
 
     setup_logging()
     if cfg.train.threads:

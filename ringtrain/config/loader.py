@@ -17,23 +17,21 @@ from typing import Any
 
 import yaml
 
-from ringtrain.checkpoint import CheckpointConfig
-from ringtrain.data import DataConfig
-from ringtrain.distributed import ParallelConfig, resolve_parallel_sizes
+from ringtrain.config.checkpoint import CheckpointConfig
+from ringtrain.config.data import DataConfig
+from ringtrain.config.eval import EvalConfig
+from ringtrain.config.logging import LoggingConfig
+from ringtrain.config.model import ModelConfig
+from ringtrain.config.optim import OptimConfig
+from ringtrain.config.parallel import ParallelConfig
+from ringtrain.config.rope import RopeConfig
+from ringtrain.config.train import TrainLoopConfig
 from ringtrain.errors import ConfigError
-from ringtrain.eval import EvalConfig
-from ringtrain.hf.rope import RopeConfig
-from ringtrain.loop_config import TrainLoopConfig
-from ringtrain.metrics import LoggingConfig
-from ringtrain.model import ModelConfig
-from ringtrain.model_checks import model_problems
-from ringtrain.optim import OptimConfig
-from ringtrain.ring.layout import LAYOUT_NAMES, required_multiple
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. Each section is documented next to the code that uses it."""
+    """Everything a run needs: one section per component, each documented field by field."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
@@ -44,22 +42,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def _validate(self) -> list[tuple[str, str]]:
-        problems = []
-        par, seq_len = self.parallel, self.train.seq_len
-        sp, u = par.sp_size, par.ulysses_size
-        layout = "zigzag" if par.layout == "auto" else par.layout  # balanced falls back to zigzag without documents
-        if sp >= 1 and u >= 1 and sp % u == 0 and seq_len >= 1 and layout in LAYOUT_NAMES:
-            multiple = required_multiple(sp // u, layout, u)
-            if seq_len % multiple:
-                fixed = (seq_len // multiple + 1) * multiple
-                ring = f"parallel.sp_size={sp}" if u == 1 else \
-                    f"ring size {sp // u} x parallel.ulysses_size={u}"
-                times = "2 x " if layout != "contiguous" else ""
-                problems.append(("train.seq_len", f"train.seq_len={seq_len} is not a multiple of {multiple} "
-                                                  f"({times}{ring}, {layout} layout): use train.seq_len={fixed}"))
-        return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,32 +286,29 @@ def read_yaml(path: str | Path, problems: list[str]) -> dict:
     return data
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), world_size: int | None = None,
-    *, weights: bool = True,
-) -> TrainConfig:
-    """Defaults < YAML at `path` < `overrides`; validated (against `world_size` too, when given).
+def parse_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+                 ) -> tuple[TrainConfig | None, list[str]]:
+    """Defaults < YAML at `path` < `overrides`, with every structural and per-section problem found.
 
-    `weights=False` accepts a model.path folder that holds only config.json (`ringtrain plan` needs the shapes, not
-    the weights: a model can be planned before it is downloaded)."""
+    Returns the config and the problems, one line each. Keys that were rejected keep their defaults, so a caller can
+    go on checking values; a section missing a required key is None, and so is the config when the problems leave
+    nothing to build. Checks that need the runtime (layouts, kernels, the model itself, the world size) are
+    `ringtrain.validate`'s."""
     problems: list[str] = []
     data = read_yaml(path, problems) if path is not None else {}
     for key, value in parse_overrides(list(overrides), problems):
         _set_dotted(data, key, value)
     cfg = _build(TrainConfig, data, "", problems, TrainConfig)
-    # Values are checked even when some keys were rejected (those keep their defaults), so one run
-    # of `ringtrain validate` lists every problem.
     _validate_tree(cfg, "", problems)
-    if cfg is not None and cfg.parallel is not None and world_size is not None:
-        try:
-            resolve_parallel_sizes(cfg.parallel, world_size)
-        except ConfigError as e:
-            problems.extend(e.problems)
-    if cfg is not None:
-        # The model itself (issue 15): what transformers would reject on every rank later, reported now.
-        problems.extend(model_problems(cfg, weights=weights))
-    if problems:
-        raise ConfigError(problems)
+    return cfg, problems
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The config at `path` with `overrides`, or a ConfigError listing every structural problem. For a run, use
+    `ringtrain.validate.load_validated_config`, which adds the checks that need the runtime."""
+    cfg, problems = parse_config(path, overrides)
+    if problems or cfg is None:
+        raise ConfigError(problems or ["the config could not be built"])
     return cfg
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ringtrain.config import ModelConfig
 from ringtrain.log import get_logger
-from ringtrain.loss import chunked_cross_entropy_sum
+from ringtrain.model.loss import chunked_cross_entropy_sum
 
 if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
@@ -23,47 +22,12 @@ logger = get_logger(__name__)
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class ModelConfig:
-    """Which model to train and in what precision."""
-
-    path: str | None = None
-    """A local model folder (safetensors: each rank reads only its shards) or a hub name (rank 0 loads it with
-    `from_pretrained` and hands out the shards); unset to build from `arch` + `config`."""
-    arch: str | None = None
-    """A transformers model type (llama, mistral, qwen2, qwen3, ...) to build with random weights."""
-    config: dict[str, Any] = field(default_factory=dict)
-    """Overrides for the transformers config (hidden_size, num_hidden_layers, vocab_size, ...)."""
-    dtype: str = "auto"
-    """Parameter dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
-    trust_remote_code: bool = False
-    """Allow model code from the hub. Such models must still route attention through AttentionInterface."""
-
-    def _validate(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.path is None and self.arch is None:
-            problems.append(("path", "path is missing: set model.path (a model folder or hub name) "
-                                     "or model.arch (e.g. llama) to build from model.config"))
-        if self.path is not None and self.arch is not None:
-            problems.append(("arch", f"arch={self.arch!r} conflicts with model.path={self.path!r}: "
-                                     "set only one (path loads weights, arch builds a random model)"))
-        if self.arch is not None:
-            from transformers import CONFIG_MAPPING
-
-            if self.arch not in CONFIG_MAPPING:
-                close = difflib.get_close_matches(self.arch, list(CONFIG_MAPPING.keys()), n=1)
-                hint = f"did you mean {close[0]!r}?" if close else "use a transformers model type such as 'llama'"
-                problems.append(("arch", f"arch={self.arch!r} is not a transformers model type: {hint}"))
-        if self.dtype not in DTYPES:
-            problems.append(("dtype", f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}"))
-        return problems
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on accelerators (the usual training precision) and fp32 on CPU (no fast bf16 matmul)."""
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """model.dtype as a torch dtype; the one owner of 'auto': bf16 on accelerators (the usual training precision),
+    fp32 on CPU (no fast bf16 matmul)."""
     dtype = DTYPES[name]
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return dtype
 
 
@@ -113,11 +77,11 @@ def build_causal_lm(cfg: TrainConfig, device: torch.device,
     buffers are built from it); the model is built on the meta device and `parallelize` (attention, recompute, FSDP2)
     applied there, so that each rank then allocates only its shards and fills them from model.path, or with a random
     init that is the same whatever the world size (seeded with train.seed). No rank ever holds the whole model,
-    except rank 0 when model.path cannot be read shard by shard (see `ringtrain.weights`).
+    except rank 0 when model.path cannot be read shard by shard (see `ringtrain.model.weights`).
     """
-    from ringtrain.distributed import seed_everything
     from ringtrain.hf.rope import apply_rope_scaling
-    from ringtrain.weights import load_weights
+    from ringtrain.model.weights import load_weights
+    from ringtrain.parallel.distributed import seed_everything
 
     # Every rank draws the same initial weights: FSDP keeps each rank's shard of what it initialised.
     seed_everything(cfg.train.seed)

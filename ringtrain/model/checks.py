@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ringtrain.model import (
+from ringtrain.config import ModelConfig
+from ringtrain.model.causal_lm import (
     CausalLMWithChunkedLoss,
-    ModelConfig,
     build_meta_model,
     build_model_config,
     config_class_keys,
@@ -157,8 +157,8 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from ringtrain.hf.rope import apply_rope_scaling
+    from ringtrain.model.weights import checkpoint_shapes, unique_state
     from ringtrain.ring.ulysses import ulysses_head_problems
-    from ringtrain.weights import checkpoint_shapes, unique_state
 
     model = cfg.model
     if not model.trust_remote_code and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ringtrain.checkpoint import model_mismatches
 from ringtrain.log import get_logger
+from ringtrain.train.checkpoint import model_mismatches
 
 if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
@@ -90,7 +90,7 @@ def apply_resumed_settings(meta: dict[str, Any], cfg: TrainConfig, optimizer: to
     train.max_steps stretches a cosine and moves the LR to where the longer run would be).
     """
     from ringtrain.config import config_to_dict
-    from ringtrain.optim import apply_optim_settings, build_scheduler
+    from ringtrain.train.optim import apply_optim_settings, build_scheduler
 
     saved = meta.get("config")
     if saved is None:

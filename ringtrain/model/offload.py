@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ringtrain.parallelize import decoder_layers
+from ringtrain.model.build import decoder_layers
 
 
 class _Offloaded:

@@ -18,7 +18,7 @@ from ringtrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
-    from ringtrain.distributed import Mesh
+    from ringtrain.parallel.distributed import Mesh
 
 
 def output_dir_problems(output_dir: str, *, write: bool) -> list[str]:
@@ -60,8 +60,8 @@ def check_before_training(cfg: TrainConfig, mesh: Mesh) -> None:
     Each rank writes into the output folder (on several nodes it must be a filesystem they share); rank 0
     checks the data files and whether the run folder holds another run. Raises one ConfigError on every rank.
     """
-    from ringtrain.checkpoint import CheckpointManager
     from ringtrain.data.checks import data_file_problems
+    from ringtrain.train.checkpoint import CheckpointManager
 
     found: list[list[str] | None] = [None] * mesh.world_size
     dist.all_gather_object(found, output_dir_problems(cfg.train.output_dir, write=True))
