@@ -10,22 +10,9 @@ from __future__ import annotations
 import json
 
 from ringtrain.config.data import DataConfig
+from ringtrain.data.files import non_empty_files, resolve_files
 
 SAMPLED_RECORDS = 100  # JSON lines read per file to look for the text field
-_CHUNK = 1 << 16
-
-
-def holds_data(path: str, builder: str) -> bool:
-    """Whether a data file holds at least one record: a parquet row, or any non-blank byte of json / text."""
-    if builder == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows > 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            if chunk.strip():
-                return True
-    return False
 
 
 def text_field_problem(path: str, builder: str, cfg: DataConfig) -> str | None:
@@ -70,11 +57,6 @@ def _sampled_json_fields(path: str) -> list[str] | None:
     return list(fields)
 
 
-def non_empty_files(files: list[str], builder: str) -> list[str]:
-    """`files` without those that hold no record (datasets cannot infer a schema from an empty first file)."""
-    return [f for f in files if holds_data(f, builder)]
-
-
 def data_file_problems(cfg: DataConfig) -> list[str]:
     """What stops source='files' data from loading, found by reading the start of each file; [] otherwise.
 
@@ -83,8 +65,6 @@ def data_file_problems(cfg: DataConfig) -> list[str]:
     """
     if cfg.source != "files":
         return []
-    from ringtrain.data.pipeline import resolve_files
-
     try:
         builder, files = resolve_files(cfg)
     except ValueError as err:

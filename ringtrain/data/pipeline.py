@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import glob
-import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ringtrain.config.data import EXTENSION_FORMATS, DataConfig, check_data_config, split_paths
-from ringtrain.data.checks import data_file_problems, non_empty_files
+from ringtrain.config.data import DataConfig, check_data_config
+from ringtrain.data.checks import data_file_problems
+from ringtrain.data.files import non_empty_files, resolve_files
 from ringtrain.data.loader import PackedDataLoader
 from ringtrain.data.packing import PackedDataset, pack_documents
 from ringtrain.data.passkey import generate_passkey_documents
@@ -23,34 +22,6 @@ if TYPE_CHECKING:
     from ringtrain.parallel.distributed import Mesh
 
 logger = get_logger(__name__)
-
-
-def resolve_files(cfg: DataConfig) -> tuple[str, list[str]]:
-    """(datasets builder name, sorted file list) for source='files'; directories expand to known extensions."""
-    files: list[str] = []
-    for entry in split_paths(cfg.path):
-        for match in sorted(glob.glob(os.path.expanduser(entry))):
-            if os.path.isdir(match):
-                files += sorted(
-                    os.path.join(root, f) for root, _, names in os.walk(match) for f in names
-                    if os.path.splitext(f)[1].lower() in EXTENSION_FORMATS
-                )
-            else:
-                files.append(match)
-    if not files:
-        raise ValueError(f"data.path={cfg.path!r} matches no data file: give a file, glob or directory "
-                         f"holding {', '.join(EXTENSION_FORMATS)} files")
-    if cfg.format != "auto":
-        return cfg.format, files
-    formats = {EXTENSION_FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
-    if None in formats:
-        unknown = [f for f in files if os.path.splitext(f)[1].lower() not in EXTENSION_FORMATS][:3]
-        raise ValueError(f"data.format='auto' cannot tell the format of {', '.join(unknown)}: set data.format "
-                         "to json, parquet or text")
-    if len(formats) > 1:
-        raise ValueError(f"data.path={cfg.path!r} mixes formats {sorted(formats)}: point it at one kind of file "
-                         "or set data.format")
-    return formats.pop(), files
 
 
 def load_documents(cfg: DataConfig) -> Dataset:
