@@ -47,7 +47,7 @@ def ppl_text(out: str, documents: int, tokens: int, seed: int) -> None:
     """`documents` documents of `tokens` bytes each, drawn from the training task mix with documents no run saw
     (their own seed): the text the perplexity-by-length evaluation slides its windows over."""
     from ringtrain.data import build_tokenizer
-    from ringtrain.data.passkey import generate_passkey_documents
+    from ringtrain.data.synthetic import generate_passkey_documents
 
     tok = build_tokenizer("bytes")
     docs, _ = generate_passkey_documents(tok, documents, tokens, tokens, seed,

@@ -12,14 +12,9 @@ from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
 from ringtrain.config import DataConfig
 from ringtrain.data import PasskeyGenerator, build_packed_dataset, make_passkey_document
-from ringtrain.data.passkey import (
-    NEEDLE,
-    QUESTION,
-    REPEAT_FILLER,
-    document_seed,
-    generate_passkey_documents,
-)
-from ringtrain.data.retrieval import DEFAULT_NEEDLES, RetrievalGenerator, build_generator
+from ringtrain.data.passkey import NEEDLE, QUESTION, REPEAT_FILLER
+from ringtrain.data.retrieval import DEFAULT_NEEDLES, RetrievalGenerator
+from ringtrain.data.synthetic import build_generator, document_seed, generate_passkey_documents
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from ringtrain.data.checks import data_file_problems
 from ringtrain.data.files import non_empty_files, resolve_files
 from ringtrain.data.loader import PackedDataLoader
 from ringtrain.data.packing import PackedDataset, pack_documents
-from ringtrain.data.passkey import generate_passkey_documents
+from ringtrain.data.synthetic import generate_passkey_documents
 from ringtrain.data.tokenizer import build_tokenizer, encode_bytes, is_byte_tokenizer, pad_id_of
 from ringtrain.errors import ConfigError
 from ringtrain.log import get_logger

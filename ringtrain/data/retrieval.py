@@ -104,9 +104,3 @@ def _distinct(rng: random.Random, n: int, draw: Callable[[], str]) -> list[str]:
             out.append(x)
     return out
 
-
-def build_generator(tokenizer: Any, task: str, digits: int = 5, filler: str = "repeat") -> PasskeyGenerator:
-    """The document generator of a task of `data.passkey_tasks`: passkey, or one of the RULER-style tasks."""
-    if task == "passkey":
-        return PasskeyGenerator(tokenizer, digits=digits, filler=filler)
-    return RetrievalGenerator(tokenizer, task, digits=digits, filler=filler)

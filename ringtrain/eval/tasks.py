@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ringtrain.config.eval import RETRIEVAL_EVAL_TASKS
 from ringtrain.data.passkey import PasskeyDocument
-from ringtrain.data.retrieval import build_generator
+from ringtrain.data.synthetic import build_generator
 from ringtrain.errors import ConfigError
 
 # Evaluation task -> (document generator of data.passkey_tasks, haystack). The needle task hides the passkey sentence
