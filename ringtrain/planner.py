@@ -38,12 +38,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ringtrain.errors import ConfigError
+from ringtrain.model.flops import DEFAULT_PEAK_TFLOPS, flops_per_token
 
 GIB = 2**30
 # Measured: ringtrain's 1.1B Llama on one H200 ran at 0.275-0.294 of the bf16 peak on hardware FLOPs (recompute
 # included) from 8K to 128K tokens (docs/benchmarks.md); the estimate uses 0.28.
 HARDWARE_EFFICIENCY = 0.28
-DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 dense bf16
 HOST_LINK_GBPS = 25.0  # effective host <-> device copy bandwidth per GPU (PCIe Gen5 x16 shared by a node's GPUs)
 DEFAULT_HEADROOM = 0.10
 RECOMPUTE_CHOICES = ("none", "every:4", "every:2", "full")
@@ -80,10 +80,9 @@ class ModelShape:
 def model_shape(model_cfg: Any) -> ModelShape:
     """The shapes of `model.*` (a ringtrain ModelConfig), from its transformers config, built on the meta device."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from ringtrain.model.build import decoder_layers
-    from ringtrain.model.causal_lm import build_model_config
+    from ringtrain.model.causal_lm import build_meta_model, build_model_config
 
     try:
         config = build_model_config(model_cfg)
@@ -92,8 +91,7 @@ def model_shape(model_cfg: Any) -> ModelShape:
         raise ConfigError([f"{where}: cannot read the model config ({str(e).splitlines()[0][:160]}); the planner "
                            "needs its shape: point model.path at a model folder, or set model.arch and model.config"]
                           ) from None
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    lm = build_meta_model(model_cfg, config, torch.float32)  # shapes and counts only: the dtype changes neither
     layers = decoder_layers(lm)
     layer = layers[0]
     mlp = getattr(layer, "mlp", None)
@@ -353,7 +351,7 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
     peak_moment = max(totals, key=totals.get)
 
     tokens_per_step = setup.micro_batch * setup.seq_len * setup.dp * setup.grad_accum
-    model_per_token = 6 * shape.params + 6 * L * setup.seq_len * d
+    model_per_token = flops_per_token(shape.params, L, d, setup.seq_len)
     recompute_per_token = n_ckpt * (2 * shape.layer_params + 2 * setup.seq_len * d)
     tiled_per_token = 2 * L * shape.mlp_params if setup.tiled_mlp else 0
     return {

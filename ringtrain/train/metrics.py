@@ -9,21 +9,16 @@ from typing import Any
 
 from ringtrain.config import LoggingConfig
 from ringtrain.log import get_logger
+from ringtrain.model.flops import device_peak_tflops
 
 logger = get_logger(__name__)
-
-# Dense bf16 peak (no sparsity) from the vendors' datasheets, matched against torch.cuda.get_device_name.
-_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 
 def peak_tflops(cfg: LoggingConfig, device_name: str | None) -> float | None:
     """The MFU denominator: the configured peak, else a known GPU's, else None (no MFU reported)."""
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops
-    for key, value in _PEAK_TFLOPS.items():
-        if device_name and key in device_name:
-            return value
-    return None
+    return device_peak_tflops(device_name)
 
 
 class MetricsLogger:

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
     from ringtrain.model.offload import LayerInputOffload
     from ringtrain.parallel.distributed import Mesh
+    from ringtrain.parallel.signals import SignalFlag
     from ringtrain.ring import SequenceParallel
-    from ringtrain.train.checkpoint import SignalFlag
 
 __all__ = ["NONFINITE_ACTIONS", "CausalLMWithChunkedLoss", "TrainLoopConfig", "Trainer", "build_trainer", "train"]
 
@@ -73,10 +73,9 @@ class Trainer:
         """Continue the checkpoint checkpoint.resume names under this config's settings (collective).
 
         Returns the checkpoint loaded, or None for a fresh start. Settings it cannot follow (global batch, model
-        shape, data position) raise ConfigError on every rank before any step: see ringtrain/resume_rules.py.
+        shape, data position) raise ConfigError on every rank before any step: see train/checkpoint/resume.py.
         """
-        from ringtrain.train.checkpoint import model_shapes
-        from ringtrain.train.resume_rules import apply_resumed_settings, resume_problems
+        from ringtrain.train.checkpoint import apply_resumed_settings, model_shapes, resume_problems
 
         shapes = model_shapes(self.model)
         resumed = self.checkpoints.resume(
@@ -98,7 +97,7 @@ class Trainer:
     def save(self) -> None:
         from ringtrain.config import config_to_dict
 
-        # The config goes into meta.json: a resume compares it with the config it is given (resume_rules.py).
+        # The config goes into meta.json: a resume compares it with the config it is given (checkpoint/resume.py).
         self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.extra_state(),
                               meta={"config": config_to_dict(self.cfg)})
 
@@ -194,7 +193,7 @@ class Trainer:
         """
         from ringtrain.config import config_to_dict, save_config
         from ringtrain.eval import evaluate_in_training
-        from ringtrain.train.checkpoint import SignalFlag
+        from ringtrain.parallel.signals import SignalFlag
         from ringtrain.train.metrics import MetricsLogger
 
         if signals is None:
@@ -280,7 +279,7 @@ def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
 def train(cfg: TrainConfig) -> Trainer:
     """The `ringtrain train` entry point: bootstrap, check the paths, build, fit, tear down."""
     from ringtrain.parallel.distributed import init_distributed, teardown_distributed
-    from ringtrain.train.checkpoint import SignalFlag
+    from ringtrain.parallel.signals import SignalFlag
     from ringtrain.train.preflight import check_before_training
 
     setup_logging()
