@@ -1,4 +1,4 @@
-"""Helpers of scripts/compare_rope.sh (issue 18): LongRoPE factors, the perplexity text, the results table and figure.
+"""Helpers of scripts/compare_rope.sh: LongRoPE factors, the perplexity text, the results table and figure.
 
     python scripts/compare_rope.py longrope-factors CONFIG FACTOR      # rope.short_factor=[...] rope.long_factor=[...]
     python scripts/compare_rope.py ppl-text OUT.jsonl                  # held-out long documents of the task mix
@@ -15,7 +15,9 @@ import statistics
 import sys
 from pathlib import Path
 
-RETRIEVAL = ("passkey", "needle", "multikey", "multivalue", "variable_tracking")
+from ringtrain.config.data import PASSKEY_TASKS
+from ringtrain.config.eval import RETRIEVAL_EVAL_TASKS
+
 LENGTHS = (128, 256, 512, 1024, 2048)  # the evaluation grid of compare_rope.sh, up to the x16 target
 ORIGINAL = 128  # the short model's trained length
 METHODS = ("linear", "dynamic", "yarn", "llama3", "longrope", "theta")
@@ -51,7 +53,7 @@ def ppl_text(out: str, documents: int, tokens: int, seed: int) -> None:
 
     tok = build_tokenizer("bytes")
     docs, _ = generate_passkey_documents(tok, documents, tokens, tokens, seed,
-                                         tasks=["passkey", "multikey", "multivalue", "variable_tracking"])
+                                         tasks=PASSKEY_TASKS)  # the mix configs/rope_short.yaml trains on
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for ids in docs:
@@ -109,7 +111,7 @@ def _cell(runs: list[dict], length: int, what: str, task: str | None = None) -> 
         if what == "ppl":
             values += [p["ppl"] for p in res["perplexity"] if p["length"] == length]
             continue
-        tasks = [task] if task else [t for t in RETRIEVAL if t in res["retrieval"]]
+        tasks = [task] if task else [t for t in RETRIEVAL_EVAL_TASKS if t in res["retrieval"]]
         per_task = []
         for t in tasks:
             g = res["retrieval"][t]
@@ -165,12 +167,12 @@ def report(run: Path, markdown: str | None, figure: str | None) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         target = lengths[-1]
-        head = ["method"] + list(RETRIEVAL)
+        head = ["method"] + list(RETRIEVAL_EVAL_TASKS)
         lines += [f"Exact match by task at {target} tokens (%):", "", "| " + " | ".join(head) + " |",
                   "|" + "---|" * len(head)]
         for m in order:
             lines.append("| " + " | ".join([m] + [_fmt(*_cell(by_method[m], target, "acc", t), "acc", 1)
-                                                 for t in RETRIEVAL]) + " |")
+                                                 for t in RETRIEVAL_EVAL_TASKS]) + " |")
         lines.append("")
     text = "\n".join(lines)
     if markdown:

@@ -11,10 +11,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
 from ringtrain.config import DataConfig
+from ringtrain.config.data import PASSKEY_TASKS
 from ringtrain.data import PasskeyGenerator, build_packed_dataset, make_passkey_document
 from ringtrain.data.passkey import NEEDLE, QUESTION, REPEAT_FILLER
-from ringtrain.data.retrieval import DEFAULT_NEEDLES, RetrievalGenerator
-from ringtrain.data.synthetic import build_generator, document_seed, generate_passkey_documents
+from ringtrain.data.retrieval import DEFAULT_NEEDLES, RETRIEVAL_TASKS, RetrievalGenerator
+from ringtrain.data.synthetic import GENERATORS, build_generator, document_seed, generate_passkey_documents
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +249,15 @@ def test_task_mix_draws_every_task_and_keeps_passkey_only_data(byt5):
     problems = dict(DataConfig(passkey_tasks=["passkey", "ruler"])._validate())
     assert problems["passkey_tasks"] == ("passkey_tasks=['passkey', 'ruler'] must be a non-empty list of passkey, "
                                          "multikey, multivalue, variable_tracking")
+
+
+def test_generator_registry_is_keyed_by_the_config_task_names(byt5):
+    """The config validates data.passkey_tasks against PASSKEY_TASKS without importing the generators: each of those
+    names has a generator (and each retrieval task its needle count), and no generator is unreachable."""
+    assert tuple(GENERATORS) == PASSKEY_TASKS
+    assert set(DEFAULT_NEEDLES) == set(RETRIEVAL_TASKS) == set(PASSKEY_TASKS) - {"passkey"}
+    for task in PASSKEY_TASKS:
+        gen = build_generator(byt5, task, digits=4, filler="random")
+        assert (gen.digits, gen.filler, getattr(gen, "task", "passkey")) == (4, "random", task)
+    with pytest.raises(ValueError, match="task='ruler' is not one of passkey, multikey, multivalue, variable_tracking"):
+        build_generator(byt5, "ruler")

@@ -12,6 +12,7 @@ from torch import nn
 from wandb_offline import read_offline_run
 
 from ringtrain.config import EvalConfig
+from ringtrain.config.data import PASSKEY_TASKS
 from ringtrain.config.eval import RETRIEVAL_EVAL_TASKS
 from ringtrain.data import build_tokenizer
 from ringtrain.errors import ConfigError
@@ -62,7 +63,9 @@ def test_sliding_windows_reject_strides_that_skip_tokens():
 def test_eval_documents_keep_their_seeds_when_tasks_are_added():
     """A task's place in RETRIEVAL_EVAL_TASKS seeds its documents: the passkey and needle grids keep the documents
     they had before the RULER-style tasks existed (keys pinned from then), so earlier results stay comparable."""
+    assert RETRIEVAL_EVAL_TASKS[:5] == ("passkey", "needle", "multikey", "multivalue", "variable_tracking")
     assert tuple(TASK_DOCUMENTS) == RETRIEVAL_EVAL_TASKS
+    assert {source for source, _ in TASK_DOCUMENTS.values()} == set(PASSKEY_TASKS)  # every data task is evaluated
     tok = build_tokenizer("bytes")
     keys = [eval_documents(tok, t, [128], [0.5], 1, seed=1234, digits=5)[0].doc.key for t in ("passkey", "needle")]
     assert keys == ["69700", "41115"]

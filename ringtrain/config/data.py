@@ -10,8 +10,8 @@ SOURCES = ("passkey", "files", "hub")
 FORMATS = ("auto", "json", "parquet", "text")
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 FILLERS = ("repeat", "random")
-# The synthetic tasks (generators in data/passkey.py and data/retrieval.py); here so that loading a config does not
-# import the generators.
+# The synthetic tasks: the one list of their names, here so that loading a config does not import the generators
+# (data/synthetic.py keys its registry by these names; evaluation's tasks derive from them in config/eval.py).
 PASSKEY_TASKS = ("passkey", "multikey", "multivalue", "variable_tracking")
 DOCUMENT_POSITIONS = ("restart", "global")
 # File extension -> datasets' packaged builder name; "auto" picks from this table.
@@ -80,7 +80,7 @@ class DataConfig:
     needle-question distance), which is where a RoPE-scaled model has the most to relearn. 0: all uniform."""
     answer_loss_fraction: float = 0.0
     """source='passkey': share of each document's loss carried by its answer tokens, through per-token
-    `token_weights` in the batch (issue 8: plain weighting lets the filler dominate). 0: no token_weights."""
+    `token_weights` in the batch (plain weighting lets the filler dominate). 0: no token_weights."""
 
     def _validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []

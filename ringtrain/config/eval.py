@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Retrieval tasks scored by exact match over a depth x length grid (documents: eval/tasks.py), then perplexity.
-RETRIEVAL_EVAL_TASKS = ("passkey", "needle", "multikey", "multivalue", "variable_tracking")
+from ringtrain.config.data import PASSKEY_TASKS
+
+# The passkey sentence in a haystack of seeded random sentences instead of the repeated filler (eval/tasks.py).
+NEEDLE_TASK = "needle"
+# Retrieval tasks scored by exact match over a depth x length grid (documents: eval/tasks.py), then perplexity:
+# every synthetic data task, with needle second. A task's index seeds its documents, so new tasks go at the end.
+RETRIEVAL_EVAL_TASKS = (PASSKEY_TASKS[0], NEEDLE_TASK, *PASSKEY_TASKS[1:])
 EVAL_TASKS = (*RETRIEVAL_EVAL_TASKS, "perplexity")
 EVAL_MODES = ("teacher_forced", "greedy")
 PPL_SOURCES = ("files", "hub")

@@ -12,18 +12,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ringtrain.config.eval import RETRIEVAL_EVAL_TASKS
+from ringtrain.config.eval import NEEDLE_TASK, RETRIEVAL_EVAL_TASKS
 from ringtrain.data.passkey import PasskeyDocument
 from ringtrain.data.synthetic import build_generator
 from ringtrain.errors import ConfigError
 
 # Evaluation task -> (document generator of data.passkey_tasks, haystack). The needle task hides the passkey sentence
 # in seeded random sentences ("A cat is warm. The road is ..."): unlike the repeated passkey filler, the haystack
-# cannot be memorised, and its many "X is Y" phrases are near-misses. The RULER-style tasks use the filler their
-# training documents have (data.passkey_filler's default): what they add is several needles, not another haystack.
-TASK_DOCUMENTS = {"passkey": ("passkey", "repeat"), "needle": ("passkey", "random"),
-                  "multikey": ("multikey", "repeat"), "multivalue": ("multivalue", "repeat"),
-                  "variable_tracking": ("variable_tracking", "repeat")}
+# cannot be memorised, and its many "X is Y" phrases are near-misses. The other tasks use the filler their
+# training documents have (data.passkey_filler's default): what RULER's tasks add is several needles, not a haystack.
+TASK_DOCUMENTS = {task: ("passkey", "random") if task == NEEDLE_TASK else (task, "repeat")
+                  for task in RETRIEVAL_EVAL_TASKS}
 
 
 @dataclass
@@ -51,8 +50,7 @@ def eval_documents(
     shortest = gen.minimum_tokens()
     too_short = [n for n in lengths if n < shortest]
     if too_short:
-        what = "passkey" if task in ("passkey", "needle") else task
-        raise ConfigError([f"eval.lengths={lengths} has lengths shorter than a {digits}-digit {what} document "
+        raise ConfigError([f"eval.lengths={lengths} has lengths shorter than a {digits}-digit {source} document "
                            f"({shortest} tokens with this tokenizer): use lengths >= {shortest}"])
     task_id = RETRIEVAL_EVAL_TASKS.index(task)  # the tuple's order seeds the documents: new tasks go at its end
     docs = []
