@@ -16,10 +16,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-import ringtrain.train.checkpoint as ckpt
+import ringtrain.train.checkpoint.manager as ckpt_manager
 from ringtrain.config import CheckpointConfig
+from ringtrain.parallel.signals import SignalFlag
 from ringtrain.testing import RankFailedError, run_distributed
-from ringtrain.train.checkpoint import CheckpointManager, SignalFlag, is_complete
+from ringtrain.train.checkpoint import CheckpointManager, is_complete
 
 EXTRA = {"step": 3, "data": {"epoch": 0, "position": 96}, "wandb_run_id": "abc123"}
 
@@ -135,7 +136,7 @@ def _save_and_kill_rank_one(mesh, out_dir: Path):
     _train(model, opt, sched, 2)
     if mesh.rank == 1:
         # Die like a SIGKILLed process after DCP wrote every shard and its metadata, before the commit.
-        ckpt._rng_state = lambda: os._exit(9)
+        ckpt_manager._rng_state = lambda: os._exit(9)
     mgr.save(4, model, opt, sched, extra={"step": 4})
 
 

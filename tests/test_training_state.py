@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import CheckpointException
 
-import ringtrain.train.checkpoint as ckpt
+import ringtrain.train.checkpoint.manager as ckpt_manager
 from ringtrain.cli import main
 from ringtrain.config import OptimConfig
 from ringtrain.parallel.distributed import free_port, teardown_distributed
@@ -100,7 +100,7 @@ def test_a_run_folder_holds_one_run(run: Path, reference: Path) -> None:
     code, err = _train(run, f"checkpoint.resume={root / 'step_00000005'}", "optim.lr=1e-3")
     assert code == 0, err
     assert [line.split("WARNING ")[1] for line in _lines(err, "WARNING")] == [
-        "ringtrain.train.checkpoint: resuming from step_00000005: deleting the newer checkpoint(s) step_00000010, which "
+        "ringtrain.train.checkpoint.manager: resuming from step_00000005: deleting the newer checkpoint(s) step_00000010, which "
         "this run replaces"]
     assert _folders(run) == ["step_00000005", "step_00000010"]
     assert json.loads((root / "step_00000010" / "meta.json").read_text())["config"]["optim"]["lr"] == 1e-3
@@ -178,7 +178,8 @@ def test_changed_schedule_applies_from_the_resumed_step(run: Path, reference: Pa
     code, err = _train(run, "train.max_steps=14", "optim.lr=1e-3")
     assert code == 0, err
     old, new = OptimConfig(lr=2e-3, warmup_steps=5), OptimConfig(lr=1e-3, warmup_steps=5)
-    assert [line.split("ringtrain.train.resume_rules: ")[1] for line in _lines(err, "ringtrain.train.resume_rules")] == [
+    rules = "ringtrain.train.checkpoint.resume"
+    assert [line.split(f"{rules}: ")[1] for line in _lines(err, rules)] == [
         "resume at step 10: optim.lr changed from 0.002 to 0.001, applied from step 11 on",
         "resume at step 10: train.max_steps changed from 10 to 14, applied from step 11 on",
         f"resume at step 10: learning rate {1e-3 * lr_factor(10, new, 14):.6g} at step 11 under optim.* and "
@@ -221,7 +222,7 @@ def test_an_exception_of_any_base_class_names_the_rank(tmp_path: Path, monkeypat
     def full_disk(*args, **kwargs):
         raise CheckpointException("save failed", {0: (OSError(28, "No space left on device"), None)})
 
-    monkeypatch.setattr(ckpt.dcp, "save", full_disk)
+    monkeypatch.setattr(ckpt_manager.dcp, "save", full_disk)
     raised, err = _train(tmp_path / "run", "train.max_steps=5")
     assert isinstance(raised, CheckpointException)
     assert [line.split("ERROR ")[1] for line in _lines(err, "failed")] == [

@@ -1,6 +1,6 @@
-"""Atomic, resumable training checkpoints with torch.distributed.checkpoint (DCP), plus save-on-signal.
+"""Atomic, resumable training checkpoints with torch.distributed.checkpoint (DCP): save, find, prune, load, resume.
 
-Layout, atomicity and resume rules are documented in docs/checkpoints.md.
+Layout, atomicity and resume rules are documented in docs/checkpoints.md; the files themselves in files.py.
 """
 
 from __future__ import annotations
@@ -9,21 +9,18 @@ import io
 import json
 import os
 import random
-import re
 import shutil
-import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -35,17 +32,28 @@ from torch.distributed.checkpoint.stateful import Stateful
 from ringtrain.config import RESUME_MODES, CheckpointConfig
 from ringtrain.errors import ConfigError
 from ringtrain.log import describe_exception, get_logger
-from ringtrain.parallel.distributed import Mesh
+from ringtrain.parallel.agree import agree
+from ringtrain.train.checkpoint.files import (
+    COMPLETE_MARKER,
+    META_FILE,
+    RNG_DIR,
+    checkpoint_problem,
+    fsync_dir,
+    is_complete,
+    is_step_folder,
+    is_temporary,
+    read_meta,
+    step_folder,
+    step_of,
+    temporary_folder,
+    unpublish_and_delete,
+    write_durably,
+)
+
+if TYPE_CHECKING:
+    from ringtrain.parallel.dims import ParallelDims
 
 logger = get_logger(__name__)
-
-COMPLETE_MARKER = "COMPLETE"
-META_FILE = "meta.json"
-RNG_DIR = "rng"
-DCP_INDEX = ".metadata"
-MODEL_PREFIX = "train.model."  # DCP key prefix of the model tensors (see _TrainState)
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
-_TMP_INFIX = ".tmp-"
 
 
 class _TrainState(Stateful):
@@ -81,7 +89,7 @@ class CheckpointManager:
     `complete_checkpoints` and `should_save`, which only read the filesystem or the config.
     """
 
-    def __init__(self, cfg: CheckpointConfig, output_dir: str | os.PathLike, mesh: Mesh) -> None:
+    def __init__(self, cfg: CheckpointConfig, output_dir: str | os.PathLike, mesh: ParallelDims) -> None:
         problems = cfg._validate()
         if problems:
             raise ValueError("invalid checkpoint config: " + "; ".join(f"checkpoint.{m}" for _, m in problems))
@@ -96,7 +104,7 @@ class CheckpointManager:
         """Complete checkpoints, oldest step first."""
         if not self.root.is_dir():
             return []
-        return sorted((p for p in self.root.iterdir() if is_complete(p)), key=_step_of)
+        return sorted((p for p in self.root.iterdir() if is_complete(p)), key=step_of)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None; folders still being written (or left half-written) never count."""
@@ -107,7 +115,7 @@ class CheckpointManager:
         """Every step_* folder, complete or not (saves in progress, *.tmp-*, excluded), oldest step first."""
         if not self.root.is_dir():
             return []
-        return sorted((p for p in self.root.iterdir() if _STEP_RE.match(p.name)), key=_step_of)
+        return sorted((p for p in self.root.iterdir() if is_step_folder(p)), key=step_of)
 
     def should_save(self, step: int) -> bool:
         """Whether the periodic schedule saves after optimizer step `step`."""
@@ -136,16 +144,12 @@ class CheckpointManager:
         A bad explicit path, a refused fresh start (`run_folder_problems`) or, with 'auto', step folders none of
         which is usable raise ConfigError on every rank. Unusable folders are skipped with a warning.
         """
-        plan = self._decided_by_rank0(self._resume_plan)
-        for name, problem in plan:
-            if problem is None:
-                logger.info("resume=%r -> %s", self.cfg.resume, name)
-                return Path(name)
-            self._warn_skipped(Path(name), problem)
-        if plan:
-            raise self._no_usable_checkpoint(plan)
-        logger.info("resume=%r -> start from scratch", self.cfg.resume)
-        return None
+        path = next(self._resumable(), None)
+        if path is None:
+            logger.info("resume=%r -> start from scratch", self.cfg.resume)
+        else:
+            logger.info("resume=%r -> %s", self.cfg.resume, path)
+        return path
 
     def resume(
         self,
@@ -162,13 +166,8 @@ class CheckpointManager:
         Refusals and "nothing usable" raise ConfigError on every rank, before anything was changed on disk.
         """
         explicit = self.cfg.resume not in RESUME_MODES
-        plan = self._decided_by_rank0(self._resume_plan)
-        for name, problem in plan:
-            path = Path(name)
-            if problem is not None:
-                self._warn_skipped(path, problem)
-                continue
-            meta = self._decided_by_rank0(lambda path=path: self._checked_meta(path, check))
+        for path in self._resumable():
+            meta = agree(lambda path=path: self._checked_meta(path, check), what="choosing the checkpoint")
             try:
                 extra = self.load(path, model, optimizer, scheduler)
             except CheckpointUnreadable as err:
@@ -177,9 +176,22 @@ class CheckpointManager:
                 self._warn_skipped(path, f"cannot be read ({err})")
                 continue
             return path, extra, meta
+        return None
+
+    def _resumable(self) -> Iterator[Path]:
+        """The checkpoints a resume tries, in its order (collective: rank 0 plans, so every rank walks the same).
+
+        Folders that cannot be used are skipped with a warning. Walking past the last one raises ConfigError
+        (nothing usable, where starting fresh would mix two runs); with no step folder at all the walk is empty.
+        """
+        plan = agree(self._resume_plan, what="choosing the checkpoint")
+        for name, problem in plan:
+            if problem is None:
+                yield Path(name)
+            else:
+                self._warn_skipped(Path(name), problem)
         if plan:
             raise self._no_usable_checkpoint(plan)
-        return None
 
     def begin(self, resumed: Path | None) -> None:
         """Make the run folder hold this run alone, once it is known to start (collective).
@@ -190,7 +202,7 @@ class CheckpointManager:
         if self.mesh.rank == 0:
             inside = resumed is not None and resumed.resolve().parent == self.root.resolve()
             if inside:
-                doomed = [p for p in self.step_folders() if _step_of(p) > _step_of(resumed)]
+                doomed = [p for p in self.step_folders() if step_of(p) > step_of(resumed)]
                 # Unusable ones were reported when resume skipped them; good ones are news.
                 good = [p.name for p in doomed if p not in self._skipped]
                 if good:
@@ -205,7 +217,7 @@ class CheckpointManager:
                     logger.warning("checkpoint.overwrite=true: deleting the %d checkpoint(s) of the earlier run in %s",
                                    len(doomed), self.root)
             for path in doomed:
-                _unpublish_and_delete(path)
+                unpublish_and_delete(path)
         dist.barrier()
 
     def _resume_plan(self) -> list[tuple[str, str | None]]:
@@ -231,11 +243,11 @@ class CheckpointManager:
         nearby = [c for d in (path, path / "checkpoints", path.parent) if d.is_dir() for c in d.iterdir()
                   if c != path and checkpoint_problem(c) is None]
         if nearby:
-            hint += f", e.g. {max(nearby, key=_step_of)}"
+            hint += f", e.g. {max(nearby, key=step_of)}"
         return f"checkpoint.resume={self.cfg.resume!r} {reason}: {hint}"
 
     def _checked_meta(self, path: Path, check: Callable[[Path, dict[str, Any]], list[str]] | None) -> dict[str, Any]:
-        meta = json.loads((path / META_FILE).read_text())
+        meta = read_meta(path)
         problems = check(path, meta) if check is not None else []
         if problems:
             raise ConfigError(problems)
@@ -252,26 +264,6 @@ class CheckpointManager:
             f"checkpoint.resume=auto: none of the {len(plan)} checkpoint(s) in {self.root} is usable (see the "
             "warnings above): resume from a good copy with checkpoint.resume=<step_* folder>, or start over with "
             "checkpoint.resume=none checkpoint.overwrite=true"], agreed=True)
-
-    def _decided_by_rank0(self, decide: Callable[[], Any]) -> Any:
-        """decide() on rank 0, broadcast; its ConfigError is raised on every rank (agreed), as is any other error."""
-        outcome: list[Any] = [None, None, None]  # result, config problems, another error's description
-        error = None
-        if self.mesh.rank == 0:
-            try:
-                outcome[0] = decide()
-            except ConfigError as err:
-                outcome[1] = err.problems
-            except Exception as err:  # noqa: BLE001 - re-raised below; the other ranks must not wait for rank 0
-                error, outcome[2] = err, describe_exception(err)
-        dist.broadcast_object_list(outcome, src=0)
-        if outcome[1] is not None:
-            raise ConfigError(outcome[1], agreed=True)
-        if error is not None:
-            raise error
-        if outcome[2] is not None:
-            raise RuntimeError(f"rank 0 failed while choosing the checkpoint: {outcome[2]}")
-        return outcome[0]
 
     # ---- saving ----------------------------------------------------------------------------
 
@@ -291,15 +283,13 @@ class CheckpointManager:
         e.g. the run's config. Saving a step that already has a complete checkpoint is a no-op returning it;
         a step folder left over from a save that did not finish is replaced.
         """
-        final = self.root / f"step_{step:08d}"
+        final = step_folder(self.root, step)
         # One agreed temporary name: ranks must write their shards into the same folder.
-        plan: list[Any] = [uuid.uuid4().hex[:8], is_complete(final)]
-        dist.broadcast_object_list(plan, src=0)
-        nonce, exists = plan
+        nonce, exists = agree(lambda: (uuid.uuid4().hex[:8], is_complete(final)), what="naming the checkpoint")
         if exists:
             logger.info("checkpoint %s already exists; not saving it again", final)
             return final
-        tmp = self.root / f"{final.name}{_TMP_INFIX}{nonce}"
+        tmp = temporary_folder(final, nonce)
         start = time.monotonic()
         extra = self._agree_on_extra(extra or {})
 
@@ -352,17 +342,17 @@ class CheckpointManager:
             "torch_version": torch.__version__,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_durably(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
+        write_durably(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
         # The marker is written last inside the temporary folder and the rename publishes it, so a
         # step_* folder is complete even on filesystems where directory rename is not atomic.
-        _write_durably(tmp / COMPLETE_MARKER, "")
+        write_durably(tmp / COMPLETE_MARKER, "")
         if final.exists():
             # Left over from a save that did not finish (no marker, or a file lost): never a checkpoint of
             # this run, which would have been complete. Renaming onto a non-empty folder fails, so move it aside.
             logger.warning("replacing %s, an unusable folder left over from an earlier save", final)
-            _unpublish_and_delete(final)
+            unpublish_and_delete(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._prune(keep=final)
 
     def _prune(self, keep: Path) -> None:
@@ -370,9 +360,9 @@ class CheckpointManager:
         done = self.complete_checkpoints()
         # Ordered by step; the one just written is never pruned, even if newer steps sort after it.
         old = [p for p in done[: max(0, len(done) - self.cfg.keep_last)] if p != keep]
-        stale = [p for p in self.root.iterdir() if _TMP_INFIX in p.name]
+        stale = [p for p in self.root.iterdir() if is_temporary(p)]
         for path in old:
-            _unpublish_and_delete(path)
+            unpublish_and_delete(path)
             logger.info("deleted old checkpoint %s (keep_last=%d)", path.name, self.cfg.keep_last)
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
@@ -420,7 +410,7 @@ class CheckpointManager:
 
     def _load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any | None,
               restore_rng: bool) -> dict[str, Any]:
-        meta = json.loads((path / META_FILE).read_text())
+        meta = read_meta(path)
         state: dict[str, Any] = {"train": _TrainState(model, optimizer), "extra": io.BytesIO()}
         if scheduler is not None:
             state["scheduler"] = scheduler
@@ -447,84 +437,6 @@ class CheckpointManager:
 class CheckpointUnreadable(RuntimeError):
     """A checkpoint that looked complete failed to load (raised on every rank); the message names the first error."""
 
-
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why `path` cannot be resumed from, judged from its files without reading a tensor; None if it looks usable.
-
-    Catches what a crash, a full disk or a careless copy leaves: no completion marker, an unreadable index, and
-    data files that are missing or shorter than the index says. The phrase completes "checkpoint X ...".
-    """
-    path = Path(path)
-    if not path.exists():
-        return "does not exist"
-    if path.name.startswith("step_") and _TMP_INFIX in path.name:
-        return "is a checkpoint that was never finished (interrupted while being written)"
-    if not _STEP_RE.match(path.name) or not path.is_dir():
-        return "is not a step_* checkpoint folder"
-    if not (path / COMPLETE_MARKER).is_file():
-        return f"has no {COMPLETE_MARKER} marker (interrupted while being written)"
-    for name in (DCP_INDEX, META_FILE):
-        if not (path / name).is_file():
-            return f"has no {name} file"
-    for name, read in ((META_FILE, lambda: json.loads((path / META_FILE).read_text())),
-                       (DCP_INDEX, lambda: FileSystemReader(str(path)).read_metadata())):
-        try:
-            index = read()
-        except Exception as err:  # noqa: BLE001 - whatever the damage, the checkpoint cannot be used
-            return f"has an unreadable {name} ({describe_exception(err)})"
-    needed: dict[str, int] = {}  # data file -> bytes the index says it holds
-    for info in index.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        file = path / name
-        if not file.is_file():
-            return f"is missing its data file {name}"
-        if file.stat().st_size < size:
-            return f"has a truncated data file {name} ({file.stat().st_size} of {size} bytes)"
-    return None
-
-
-def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The model's tensors as checkpoints store them (canonical names) with their global shapes (FSDP included)."""
-    return {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}
-
-
-def model_mismatches(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """How the model tensors in checkpoint `path` differ from `shapes` (see `model_shapes`), one phrase each."""
-    index = FileSystemReader(str(path)).read_metadata()
-    saved = {key[len(MODEL_PREFIX):]: tuple(item.size) for key, item in index.state_dict_metadata.items()
-             if key.startswith(MODEL_PREFIX) and hasattr(item, "size")}
-    out = []
-    for name, shape in shapes.items():
-        if name not in saved:
-            out.append(f"{name} is not in the checkpoint")
-        elif saved[name] != shape:
-            out.append(f"{name} is {list(saved[name])} in the checkpoint and {list(shape)} in the model")
-    out += [f"{name} is in the checkpoint, not in the model" for name in saved if name not in shapes]
-    return out
-
-
-def is_complete(path: str | os.PathLike) -> bool:
-    """Whether `path` is a finished checkpoint: a step_* folder with its completion marker and DCP metadata."""
-    path = Path(path)
-    return (
-        _STEP_RE.match(path.name) is not None
-        and (path / COMPLETE_MARKER).is_file()
-        and (path / ".metadata").is_file()
-    )
-
-
-def _unpublish_and_delete(path: Path) -> None:
-    """Rename a checkpoint folder out of the step_* namespace, then delete it: a crash mid-delete must not leave
-    a folder that looks complete with files missing (the renamed husk is swept as a *.tmp-* folder)."""
-    doomed = path.with_name(f"{path.name}{_TMP_INFIX}deleting-{uuid.uuid4().hex[:8]}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _step_of(path: Path) -> int:
-    match = _STEP_RE.match(path.name)
-    return int(match.group(1)) if match else -1
 
 
 # ---- pickled trainer state and RNG --------------------------------------------------------------
@@ -568,109 +480,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         import numpy as np
 
         np.random.set_state(state["numpy"])
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename: without it a power loss can undo it on some local filesystems."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some network filesystems refuse fsync on directories; the rename is still visible
-    finally:
-        os.close(fd)
-
-
-# ---- save and exit on signal --------------------------------------------------------------------
-
-
-class SignalFlag:
-    """Turns SIGINT / SIGTERM / SIGUSR1 into a flag that the training loop polls at step boundaries.
-
-    The first signal is only recorded (no collectives: it can interrupt anything) and announced; `agreed`
-    makes all ranks decide together, because launchers often signal one node or one process first, and ranks
-    that disagree on the step to stop at hang in the next collective. A second signal ends the process at
-    once, without saving (exit 128 + its number), except the same signal again within `REPEAT_WINDOW_S`:
-    SLURM signals every process of a step while torchrun forwards the same signal to its ranks, so one
-    request can arrive twice. (torchrun turns a second Ctrl-C into SIGTERM for its ranks.)
-    Use as a context manager (handlers are restored on exit), or call `install` and `restore`.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-    REPEAT_WINDOW_S = 2.0
-
-    def __init__(self, enabled: bool = True, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
-        self.enabled = enabled
-        self.signals = signals
-        self.received = 0
-        self._received_at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> SignalFlag:
-        """Install the handlers (main thread only), remembering the previous ones; a no-op when disabled."""
-        if self.enabled:
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        """Put back the handlers that were installed before `install`."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        now = time.monotonic()
-        name = signal.Signals(signum).name
-        if not self.received:
-            self.received, self._received_at = signum, now
-            _log_in_handler(logger.info, "received %s: finishing this step, then saving a checkpoint and exiting "
-                                         "(75); a second signal stops at once, without saving", name)
-            return
-        if signum == self.received and now - self._received_at < self.REPEAT_WINDOW_S:
-            return  # the same request delivered twice (see the class docstring)
-        _log_in_handler(logger.warning, "%s after %s: stopping at once, without saving (exit %d)",
-                        name, signal.Signals(self.received).name, 128 + signum)
-        os._exit(128 + signum)
-
-    def agreed(self, mesh: Mesh) -> int:
-        """The signal number if any rank received one, else 0; the same on every rank.
-
-        Collective (one tiny all_reduce): call it on all ranks at every step boundary. Without
-        `enabled` it returns 0 without communicating, which is consistent since every rank shares
-        the config.
-        """
-        if not self.enabled:
-            return 0
-        flag = torch.tensor([self.received], dtype=torch.int64, device=mesh.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-    def should_save_and_exit(self, mesh: Mesh) -> bool:
-        """Whether any rank received SIGINT, SIGTERM or SIGUSR1 (collective, like `agreed`)."""
-        return self.agreed(mesh) != 0
-
-    def __enter__(self) -> SignalFlag:
-        return self.install()
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-
-def _log_in_handler(log: Callable[..., None], message: str, *args: Any) -> None:
-    """Log from a signal handler. It runs between two bytecodes of the main thread, which may be inside a write
-    to the same stream: that write's "reentrant call" error must not escape into the interrupted code."""
-    try:
-        log(message, *args)
-    except Exception:  # noqa: BLE001 - losing one log line is better than breaking the interrupted code
-        pass

@@ -1,4 +1,4 @@
-"""What a resumed run may change: the config saved in the checkpoint against the one given now (issue 19).
+"""What a resumed run may change: the config saved in the checkpoint against the one given now.
 
 What the config says is what runs. Every setting applies from the resumed step, with one log line per changed
 key; the optimizer's hyperparameters and the learning-rate schedule are rebuilt from optim.* and train.max_steps
@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from ringtrain.log import get_logger
-from ringtrain.train.checkpoint import model_mismatches
+from ringtrain.train.checkpoint.files import model_mismatches
 
 if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
@@ -44,6 +46,11 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[s
     keys = [*after, *(k for k in before if k not in after)]
     return [(k, before.get(k, _UNSET), after.get(k, _UNSET)) for k in keys
             if k not in UNREPORTED and before.get(k, _UNSET) != after.get(k, _UNSET)]
+
+
+def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The model's tensors as checkpoints store them (canonical names) with their global shapes (FSDP included)."""
+    return {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}
 
 
 def resume_problems(path: Path, meta: dict[str, Any], cfg: TrainConfig, dp_size: int,

@@ -1,0 +1,144 @@
+"""A checkpoint on disk: step folder names, the completeness marker, meta.json, temporary folders.
+
+Everything here reads or writes files on one rank and never communicates; which rank calls it is the manager's
+business. The layout is documented in docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.checkpoint import FileSystemReader
+
+from ringtrain.log import describe_exception
+
+COMPLETE_MARKER = "COMPLETE"
+META_FILE = "meta.json"
+RNG_DIR = "rng"
+DCP_INDEX = ".metadata"
+MODEL_PREFIX = "train.model."  # DCP key prefix of the model tensors (the manager saves them under "train")
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_TMP_INFIX = ".tmp-"
+
+
+def step_folder(root: Path, step: int) -> Path:
+    """Where the checkpoint of optimizer step `step` lives under `root`; names sort by step."""
+    return root / f"step_{step:08d}"
+
+
+def is_step_folder(path: Path) -> bool:
+    """Whether `path` is named like a published checkpoint (step_NNNNNNNN), complete or not."""
+    return _STEP_RE.match(path.name) is not None
+
+
+def step_of(path: Path) -> int:
+    """The step of a step_* folder; -1 for any other name."""
+    match = _STEP_RE.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def temporary_folder(final: Path, nonce: str) -> Path:
+    """The folder a save writes into before publishing it as `final`: outside the step_* namespace."""
+    return final.with_name(f"{final.name}{_TMP_INFIX}{nonce}")
+
+
+def is_temporary(path: Path) -> bool:
+    """A folder being written, or left by a save or delete that did not finish."""
+    return _TMP_INFIX in path.name
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's meta.json: step, world and mesh sizes, and whatever the trainer added (its config)."""
+    return json.loads((Path(path) / META_FILE).read_text())
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether `path` is a finished checkpoint: a step_* folder with its completion marker and DCP metadata."""
+    path = Path(path)
+    return is_step_folder(path) and (path / COMPLETE_MARKER).is_file() and (path / DCP_INDEX).is_file()
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be resumed from, judged from its files without reading a tensor; None if it looks usable.
+
+    Catches what a crash, a full disk or a careless copy leaves: no completion marker, an unreadable index, and
+    data files that are missing or shorter than the index says. The phrase completes "checkpoint X ...".
+    """
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if path.name.startswith("step_") and is_temporary(path):
+        return "is a checkpoint that was never finished (interrupted while being written)"
+    if not is_step_folder(path) or not path.is_dir():
+        return "is not a step_* checkpoint folder"
+    if not (path / COMPLETE_MARKER).is_file():
+        return f"has no {COMPLETE_MARKER} marker (interrupted while being written)"
+    for name in (DCP_INDEX, META_FILE):
+        if not (path / name).is_file():
+            return f"has no {name} file"
+    for name, read in ((META_FILE, lambda: read_meta(path)),
+                       (DCP_INDEX, lambda: FileSystemReader(str(path)).read_metadata())):
+        try:
+            index = read()
+        except Exception as err:  # noqa: BLE001 - whatever the damage, the checkpoint cannot be used
+            return f"has an unreadable {name} ({describe_exception(err)})"
+    needed: dict[str, int] = {}  # data file -> bytes the index says it holds
+    for info in index.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"is missing its data file {name}"
+        if file.stat().st_size < size:
+            return f"has a truncated data file {name} ({file.stat().st_size} of {size} bytes)"
+    return None
+
+
+def model_mismatches(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """How the model tensors in checkpoint `path` differ from `shapes` (canonical names -> global shapes)."""
+    index = FileSystemReader(str(path)).read_metadata()
+    saved = {key[len(MODEL_PREFIX):]: tuple(item.size) for key, item in index.state_dict_metadata.items()
+             if key.startswith(MODEL_PREFIX) and hasattr(item, "size")}
+    out = []
+    for name, shape in shapes.items():
+        if name not in saved:
+            out.append(f"{name} is not in the checkpoint")
+        elif saved[name] != shape:
+            out.append(f"{name} is {list(saved[name])} in the checkpoint and {list(shape)} in the model")
+    out += [f"{name} is in the checkpoint, not in the model" for name in saved if name not in shapes]
+    return out
+
+
+def unpublish_and_delete(path: Path) -> None:
+    """Rename a checkpoint folder out of the step_* namespace, then delete it: a crash mid-delete must not leave
+    a folder that looks complete with files missing (the renamed husk is swept as a temporary folder)."""
+    doomed = temporary_folder(path, f"deleting-{uuid.uuid4().hex[:8]}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a rename: without it a power loss can undo it on some local filesystems."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network filesystems refuse fsync on directories; the rename is still visible
+    finally:
+        os.close(fd)
