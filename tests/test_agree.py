@@ -65,3 +65,25 @@ def test_without_a_process_group_decide_runs_here():
     assert info.value.agreed
     with pytest.raises(KeyError):
         agree(lambda: {}["missing"])
+
+
+def _load_packed(mesh, path: str, cache: str) -> tuple:
+    from ringtrain.config import DataConfig
+    from ringtrain.data import build_packed_dataset
+
+    try:
+        ds = build_packed_dataset(DataConfig(source="files", path=path, cache_dir=cache), seq_len=16, mesh=mesh)
+    except ConfigError as err:
+        return None, (str(err), err.agreed)
+    return ds.batch(list(range(len(ds))))["input_ids"].tolist(), None
+
+
+def test_rank_0_fills_the_data_cache_and_its_refusal_is_every_ranks(tmp_path):
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"text": "one"}\n{"text": "two three"}\n')
+    bad.write_text('{"text": null}\n{"text": ""}\n')
+    r0, r1 = run_distributed(_load_packed, 2, str(good), str(tmp_path / "cache"), timeout=120)
+    assert r0 == r1 and r0[0] and r0[1] is None
+    r0, r1 = run_distributed(_load_packed, 2, str(bad), str(tmp_path / "cache"), timeout=120)
+    assert r0 == r1 and r0[0] is None and r0[1][1] is True  # one agreed refusal: rank 0 alone reports it
+    assert "none of its 2 records has text in data.text_field='text'" in r0[1][0]

@@ -114,16 +114,6 @@ def _documents_from_tokenized(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-def _main_process_first(mesh: Mesh | None, before: bool) -> None:
-    """Rank 0 fills the datasets cache while the others wait at a barrier, then they read it."""
-    if mesh is None or mesh.world_size == 1:
-        return
-    import torch.distributed as dist
-
-    if (mesh.rank == 0) != before:
-        dist.barrier()
-
-
 def build_packed_dataset(
     cfg: DataConfig, seq_len: int, tokenizer: Any | None = None, mesh: Mesh | None = None
 ) -> PackedDataset:
@@ -149,12 +139,20 @@ def build_packed_dataset(
         return pack_documents(docs, seq_len, eos_id, pad_id, split_documents=split_documents,
                               document_mask=cfg.document_mask, answer_masks=masks,
                               answer_loss_fraction=cfg.answer_loss_fraction)
-    _main_process_first(mesh, before=True)
-    try:
+    loaded: list[tuple[Dataset, Dataset]] = []
+
+    def load_and_tokenize() -> None:
         documents = load_documents(cfg)
-        tokenized = tokenize_documents(documents, tokenizer, cfg)
-    finally:
-        _main_process_first(mesh, before=False)
+        loaded.append((documents, tokenize_documents(documents, tokenizer, cfg)))
+
+    if mesh is not None and mesh.world_size > 1:
+        from ringtrain.parallel.agree import agree
+
+        # Rank 0 fills the datasets cache while the others wait (and share its error, if any); then they read it.
+        agree(load_and_tokenize, what="loading and tokenizing the data")
+    if not loaded:
+        load_and_tokenize()
+    documents, tokenized = loaded[0]
     skipped = records_without_text(documents, text_column(documents, cfg))
     if skipped and (mesh is None or mesh.rank == 0):  # every rank loads the same records: one line for the job
         logger.warning("data: %d of %d records of %s have no text in data.text_field=%r (missing, null or empty): "

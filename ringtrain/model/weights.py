@@ -1,4 +1,4 @@
-"""Weights in and out of Hugging Face folders with no full copy of the model on any rank (issue 15).
+"""Weights in and out of Hugging Face folders with no full copy of the model on any rank.
 
 `build_causal_lm` builds the model on the meta device and parallelises it first (FSDP2 turns each parameter into a
 sharded DTensor), then `to_empty` allocates only this rank's shards and `load_weights` fills them:
@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.futures import Future
 
 from ringtrain.log import get_logger
+from ringtrain.parallel.agree import agree
 
 logger = get_logger(__name__)
 
@@ -133,15 +134,6 @@ def _read_rows(file: str, data_start: int, shape: list[int], req: Any, planner: 
     planner.commit_tensor(req, target)
 
 
-def _rank0_decides(value: Any) -> Any:
-    """Rank 0's `value` on every rank: ranks that chose different loaders would wait in different collectives."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def load_weights(lm: nn.Module, template: nn.Module, path: str | None, device: torch.device,
                  from_pretrained: Callable[[], nn.Module] | None = None) -> str:
     """Fill `lm`'s allocated (possibly sharded) tensors; collective. Returns the loader used.
@@ -153,7 +145,8 @@ def load_weights(lm: nn.Module, template: nn.Module, path: str | None, device: t
         init_from_template(lm, template, device)
         return "random init"
     want = unique_state(lm)
-    missing = _rank0_decides(_unreadable_by_slices(Path(path), want))
+    # Rank 0 judges the folder for all: ranks that chose different loaders would wait in different collectives.
+    missing = agree(lambda: _unreadable_by_slices(Path(path), want), what="choosing how to load model.path")
     if not missing:
         import torch.distributed.checkpoint as dcp
 

@@ -61,14 +61,17 @@ def check_before_training(cfg: TrainConfig, mesh: Mesh) -> None:
     checks the data files and whether the run folder holds another run. Raises one ConfigError on every rank.
     """
     from ringtrain.data.checks import data_file_problems
+    from ringtrain.parallel.agree import agree
     from ringtrain.train.checkpoint import CheckpointManager
 
     found: list[list[str] | None] = [None] * mesh.world_size
     dist.all_gather_object(found, output_dir_problems(cfg.train.output_dir, write=True))
-    decided = [list(dict.fromkeys(p for rank_problems in found for p in rank_problems or []))]
-    if mesh.rank == 0:
-        decided[0] += [*data_file_problems(cfg.data),
-                       *CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh).run_folder_problems()]
-    dist.broadcast_object_list(decided, src=0)
-    if decided[0]:
-        raise ConfigError(decided[0], agreed=True)
+
+    def decide() -> None:
+        problems = list(dict.fromkeys(p for rank_problems in found for p in rank_problems or []))
+        problems += [*data_file_problems(cfg.data),
+                     *CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh).run_folder_problems()]
+        if problems:
+            raise ConfigError(problems)
+
+    agree(decide, what="checking the run's paths")
