@@ -5,6 +5,9 @@ ends), and the stream is cut every `seq_len` tokens; only the tail of the last s
 `split_documents=False` documents are placed whole, best-fit decreasing (`best_fit_starts`), so sequences no
 longer follow the input order and the tails of many sequences are padded. Padding is always on the right of a
 sequence, gets its own document id and is masked out of labels and attention_mask.
+
+Positions that restart per document (`document_position_ids`) are re-exported from the ring runtime, which owns
+the rule because its balanced layout and block plan count work by it (the runtime never imports data).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from ringtrain.log import get_logger
 from ringtrain.model.loss import IGNORE_INDEX
+from ringtrain.ring.balance import document_position_ids as document_position_ids  # re-exported, see above
 
 logger = get_logger(__name__)
 
@@ -248,13 +252,3 @@ def _document_token_order(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
     new_offsets = np.concatenate([[0], np.cumsum(new_lengths)[:-1]])
     return np.arange(int(lengths.sum())) + np.repeat(offsets[order] - new_offsets, new_lengths)
 
-
-def document_position_ids(document_ids: torch.Tensor) -> torch.Tensor:
-    """Positions restarting at 0 at each document: [B, S] document ids -> [B, S] int64 positions."""
-    s = document_ids.shape[-1]
-    pos = torch.arange(s, device=document_ids.device).expand_as(document_ids)
-    new_doc = torch.ones_like(document_ids, dtype=torch.bool)
-    new_doc[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
-    # Position of the most recent document start at or before each token, by a running max.
-    start = torch.where(new_doc, pos, torch.zeros_like(pos)).cummax(dim=-1).values
-    return pos - start

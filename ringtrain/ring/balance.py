@@ -1,4 +1,4 @@
-# A document-aware layout that balances causal work without padding (issue 17): `balanced_runs`.
+# A document-aware layout that balances causal work without padding: `balanced_runs`.
 #
 # With packed documents a step takes as long as its busiest rank, and zigzag balances one causal sequence, not a
 # pack. Here each batch gets its own permutation, computed from the document ids identically on every rank:
@@ -29,14 +29,25 @@ def _segments(document_ids: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], s], strict=True))
 
 
+def document_position_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document: [..., S] document ids -> [..., S] int64, 0 at a document's first
+    token. A document is a run of equal ids; a row's first token starts one.
+
+    The one definition of the rule: the work a token costs (`token_work`), the plan's visible work and the positions
+    that restart per document (the data pipeline, the HF adapter) all build on it.
+    """
+    s = document_ids.shape[-1]
+    pos = torch.arange(s, device=document_ids.device).expand_as(document_ids)
+    new_doc = torch.ones_like(document_ids, dtype=torch.bool)
+    new_doc[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+    # Position of the most recent document start at or before each token, by a running max.
+    start = torch.where(new_doc, pos, torch.zeros_like(pos)).cummax(dim=-1).values
+    return pos - start
+
+
 def token_work(document_ids: torch.Tensor) -> torch.Tensor:
     """Causal keys each position sees, summed over batch rows: [S] int64 (its position in its document + 1)."""
-    b, s = document_ids.shape
-    pos = torch.arange(s).expand(b, s)
-    new = torch.ones_like(document_ids, dtype=torch.bool)
-    new[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    start = torch.where(new, pos, 0).cummax(1).values
-    return (pos - start + 1).sum(0)
+    return (document_position_ids(document_ids) + 1).sum(0)
 
 
 def _merge(runs: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

@@ -8,12 +8,12 @@
 #   window: the closest (query, key) pair out of the window -> SKIP, the farthest one out of it -> MASKED;
 #   documents: per tile the first and last document id of each batch row (documents are contiguous runs):
 #   no row with a document in both tiles -> SKIP, not one same document everywhere -> MASKED.
-# All tile pairs of all ranks are classified at once, vectorised in torch (issue 17: a new plan every batch must be
+# All tile pairs of all ranks are classified at once, vectorised in torch (a new plan every batch must be
 # cheap); each rank then coalesces its own steps' tiles into as few kernel calls as possible, because on every
 # backend the per-call overhead (launch, LSE merge, slicing) is paid per block. Tiles exist only to skip finer:
 # without masks a chunk layout has one tile per chunk and exactly the unmasked plan. Every rank computes the same
 # classification, so all agree, without communicating, on the last step any rank still has work in: the ring stops
-# rotating there (issue 7).
+# rotating there.
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from functools import lru_cache
 
 import torch
 
+from ringtrain.ring.balance import document_position_ids
 from ringtrain.ring.layout import ChunkLayout, Layout, get_layout
 
 
@@ -358,16 +359,12 @@ def visible_work(
 
     if document_ids is None:
         document_ids = torch.zeros(1, seq_len, dtype=torch.long)
-    b, s = document_ids.shape
-    pos = torch.arange(s).expand(b, s)
-    new = torch.ones_like(document_ids, dtype=torch.bool)
-    new[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    start = torch.where(new, pos, 0).cummax(1).values  # first position of each token's document
+    s = document_ids.shape[1]
+    before = document_position_ids(document_ids)  # tokens of its document before each token
     if causal:
-        seen = pos - start + 1
+        seen = before + 1
         seen = seen if window is None else seen.clamp(max=window)
-    else:
-        end = torch.where(torch.roll(new, -1, 1) | (pos == s - 1), pos, s).flip(1).cummin(1).values.flip(1)
-        seen = end - start + 1
+    else:  # the whole document: the tokens before, itself, and those after (counted on the reversed rows)
+        seen = before + 1 + document_position_ids(document_ids.flip(1)).flip(1)
     per_position = seen.sum(0)
     return [int(per_position[rank_positions(s, layout, world, r)].sum()) for r in range(world)]
