@@ -2,16 +2,20 @@
 
 Position within a document (`ring.balance.document_position_ids`): the restarting positions of packed batches, the
 causal work of the balanced layout and the plan's visible work all build on it.
+No loss across documents (`data.packing.ignore_cross_document_labels`): packing's unshifted labels and
+`shard_batch`'s shifted ones ignore the same predictions.
 """
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from ringtrain.data import document_position_ids as data_document_position_ids
+from ringtrain.data.packing import IGNORE_INDEX, ignore_cross_document_labels
 from ringtrain.ring.balance import document_position_ids, token_work
 from ringtrain.ring.layout import rank_positions
 from ringtrain.ring.plan import visible_work
@@ -78,3 +82,39 @@ def test_visible_work_matches_the_dense_mask(world, layout, causal, window):
     one = torch.zeros(1, 16 * world, dtype=torch.long)  # no documents: one causal (or full) sequence
     assert visible_work(None, world, layout, seq_len=16 * world, causal=causal, window=window) == \
         _visible_reference(one, world, layout, causal, window)
+
+
+def _labels_reference(labels: list[int], docs: list[int], shifted: bool) -> list[int]:
+    """Label by label: is the token it names predicted from a position in another document?"""
+    out = list(labels)
+    for j in range(len(labels)):
+        predicted_at, token = (j, j + 1) if shifted else (j - 1, j)
+        if 0 <= predicted_at and token < len(docs) and docs[predicted_at] != docs[token]:
+            out[j] = IGNORE_INDEX
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cross_document_labels_match_a_label_by_label_reference(seed):
+    rng = random.Random(seed)
+    docs = _random_document_ids(rng, rows=4, seq=rng.randint(1, 60))
+    targets = torch.randint(3, 1000, docs.shape, generator=torch.Generator().manual_seed(seed))
+    shifted = torch.full_like(targets, IGNORE_INDEX)  # shifted[:, j] = targets[:, j + 1], as shard_batch builds it
+    shifted[:, :-1] = targets[:, 1:]
+    for labels, is_shifted in ((targets, False), (shifted, True)):
+        expected = torch.tensor([_labels_reference(row, d, is_shifted)
+                                 for row, d in zip(labels.tolist(), docs.tolist(), strict=True)])
+        got = labels.clone()
+        ignore_cross_document_labels(got, docs, shifted=is_shifted)
+        assert torch.equal(got, expected)
+        as_numpy = labels.numpy().copy()  # packing's arrays take the same function
+        ignore_cross_document_labels(as_numpy, docs.numpy(), shifted=is_shifted)
+        assert np.array_equal(as_numpy, expected.numpy())
+    # The two frames agree: shifting the unshifted result gives the shifted result.
+    unshifted, shifted_out = targets.clone(), shifted.clone()
+    ignore_cross_document_labels(unshifted, docs, shifted=False)
+    ignore_cross_document_labels(shifted_out, docs, shifted=True)
+    assert torch.equal(shifted_out[:, :-1], unshifted[:, 1:])
+    custom = shifted.clone()
+    ignore_cross_document_labels(custom, docs, shifted=True, ignore_index=-1)
+    assert torch.equal(torch.where(custom == -1, IGNORE_INDEX, custom), shifted_out)  # shard_batch's ignore_index

@@ -79,7 +79,7 @@ class PackedDataset:
         segment_ids = np.cumsum(starts, axis=1, dtype=np.int64)
         if self.document_mask:
             document_ids = segment_ids
-            labels[starts] = IGNORE_INDEX
+            ignore_cross_document_labels(labels, document_ids, shifted=False)
         else:
             document_ids = np.zeros_like(input_ids)
         out = {
@@ -95,6 +95,24 @@ class PackedDataset:
                 weights = answer_token_weights(labels != IGNORE_INDEX, answer, segment_ids, self.answer_loss_fraction)
                 out["token_weights"] = torch.from_numpy(weights)
         return out
+
+
+def ignore_cross_document_labels(
+    labels: np.ndarray | torch.Tensor, document_ids: np.ndarray | torch.Tensor, *, shifted: bool,
+    ignore_index: int = IGNORE_INDEX,
+) -> None:
+    """No loss across documents: set to `ignore_index`, in place, every label predicted at one document's last token
+    for the next document's first (that prediction belongs to neither document).
+
+    `labels` and `document_ids` are [..., S], both numpy or both torch. Unshifted labels (label j is token j,
+    predicted at position j - 1): a document's first label is ignored, except a row's first. `shifted` labels (label
+    j is token j + 1, predicted at position j): the label at a document's last position is ignored, except a row's
+    last. Packing writes unshifted labels; `hf.batch.shard_batch` shifts them, and applies the rule again in case the
+    batch did not come from packing.
+    """
+    boundary = document_ids[..., 1:] != document_ids[..., :-1]  # between positions j and j + 1
+    predicted = labels[..., :-1] if shifted else labels[..., 1:]  # a view: assignments reach `labels`
+    predicted[boundary] = ignore_index
 
 
 def answer_token_weights(

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ringtrain.data.packing import document_position_ids
+from ringtrain.data.packing import document_position_ids, ignore_cross_document_labels
 from ringtrain.model.loss import IGNORE_INDEX
 from ringtrain.ring import SequenceParallel
 from ringtrain.ring.layout import Layout
@@ -118,7 +118,7 @@ def shard_batch(
             raise ValueError(f"document_ids shape {tuple(docs.shape)} != input_ids shape {tuple(input_ids.shape)}")
         documents = sp.documents(docs)  # checks the ids (non-decreasing); a per-batch layout comes from them
         sp = sp.with_layout(documents.layout)
-        shift_labels[:, :-1][docs[:, 1:] != docs[:, :-1]] = ignore_index
+        ignore_cross_document_labels(shift_labels, docs, shifted=True, ignore_index=ignore_index)
     if docs is not None and document_positions == "restart":
         positions = sp.shard(document_position_ids(docs))
     else:
