@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,6 +25,7 @@ from ringtrain.config import CheckpointConfig
 from ringtrain.parallel.signals import SignalFlag
 from ringtrain.testing import RankFailedError, run_distributed
 from ringtrain.train.checkpoint import CheckpointManager, is_complete
+from ringtrain.train.checkpoint.files import digest
 
 EXTRA = {"step": 3, "data": {"epoch": 0, "position": 96}, "wandb_run_id": "abc123"}
 
@@ -231,6 +236,51 @@ def test_keep_last_and_resume_modes(tmp_path):
             "CheckpointManager.save must be identical on all ranks (derive per-rank positions from it on load)"
         )
         assert r["should_save"] == [False, False, False, False]  # every_steps=0: end of run and signals only
+
+
+def _save_extra(mesh, out_dir: Path, differ: bool):
+    """Save trainer state holding tensors: per rank (`differ`), or equal with a NaN; (outcome, extra loaded back)."""
+    mgr = CheckpointManager(CheckpointConfig(), out_dir, mesh)
+    model, opt, sched = _build(0, shard=False)
+    extra = {"step": 1, "ema": torch.tensor([1.0, 2.0 + mesh.rank]) if differ else torch.tensor([1.0, 2.0])}
+    if not differ:
+        extra.update(loss=float("nan"), seen={"b", "a", "c"})
+    try:
+        path = mgr.save(1, model, opt, sched, extra=extra)
+    except ValueError as err:
+        return str(err), None
+    return "saved", mgr.load(path, model, opt, sched)
+
+
+def test_extras_that_equality_cannot_settle_are_compared_by_digest(tmp_path):
+    """`==` raises on tensors (and the ranks' differing states were saved as rank 0's) and calls NaN unequal to
+    itself (and equal states were refused): digests settle both."""
+    differ = run_distributed(_save_extra, 2, tmp_path / "differ", True, timeout=120)
+    message = "checkpoint extra differs between rank 0 and rank(s) [1]: trainer state passed to CheckpointManager.save"
+    assert [r[0][:len(message)] for r in differ] == [message, message]
+    assert not (tmp_path / "differ" / "checkpoints").exists() or not any((tmp_path / "differ" / "checkpoints").iterdir())
+    same = run_distributed(_save_extra, 2, tmp_path / "same", False, timeout=120)
+    for outcome, extra in same:
+        assert outcome == "saved"
+        assert extra["step"] == 1 and math.isnan(extra["loss"]) and extra["seen"] == {"a", "b", "c"}
+        assert torch.equal(extra["ema"], torch.tensor([1.0, 2.0]))
+
+
+def test_digest_is_canonical():
+    base = {"step": 3, "data": {"epoch": 0, "position": 96}, "t": torch.arange(4.0), "s": {"x", "y"}}
+    same = {"s": {"y", "x"}, "t": torch.arange(4.0), "data": {"position": 96, "epoch": 0}, "step": 3}
+    assert digest(base) == digest(same)
+    assert digest(float("nan")) == digest(float("nan"))
+    assert len({digest(v) for v in (1, 1.0, True, "1", [1], (1,), torch.tensor(1), torch.tensor(1.0))}) == 8
+    assert digest({**base, "t": torch.tensor([0.0, 1.0, 2.0, 4.0])}) != digest(base)
+    assert digest(torch.zeros(2, 3)) != digest(torch.zeros(3, 2))
+    assert digest(np.arange(3)) == digest(np.arange(3)) != digest(np.arange(3).astype(np.int32))
+    # Sets of strings iterate in an order that depends on the process's hash seed: the digest must not.
+    code = ("from ringtrain.train.checkpoint.files import digest; "
+            "print(digest({'seen': {'alpha', 'beta', 'gamma', 'delta'}, 'f': frozenset('xyz')}))")
+    outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True).stdout for seed in ("1", "2")}
+    assert len(outs) == 1
 
 
 def test_should_save_schedule():

@@ -1,4 +1,4 @@
-"""A checkpoint on disk: step folder names, the completeness marker, meta.json, temporary folders.
+"""A checkpoint on disk: step folder names, the completeness marker, meta.json, temporary folders, digests.
 
 Everything here reads or writes files on one rank and never communicates; which rank calls it is the manager's
 business. The layout is documented in docs/checkpoints.md.
@@ -6,14 +6,17 @@ business. The layout is documented in docs/checkpoints.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from ringtrain.log import describe_exception
@@ -142,3 +145,50 @@ def fsync_dir(path: Path) -> None:
         pass  # some network filesystems refuse fsync on directories; the rename is still visible
     finally:
         os.close(fd)
+
+
+# ---- digests -----------------------------------------------------------------------------------------------------
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a canonical serialisation of `obj`: equal for equal state on any rank, process or device.
+
+    `==` cannot settle whether two ranks hold the same trainer state: it raises on tensors inside a dict and
+    calls NaN unequal to itself. Here dicts and sets are hashed in an order independent of insertion and of
+    string hash seeds (which differ between processes), tensors and arrays by dtype, shape and bytes (on the
+    CPU, so the device does not count), floats by their exact repr; any other object by its pickle. Types count:
+    1, 1.0 and True differ.
+    """
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    def chunk(tag: str, data: bytes) -> None:
+        # Tagged and length-prefixed, so that no two structures serialise to the same bytes.
+        h.update(f"{tag}:{len(data)}:".encode())
+        h.update(data)
+
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        chunk(type(obj).__name__, repr(obj).encode())
+    elif isinstance(obj, (list, tuple)):
+        chunk(type(obj).__name__, str(len(obj)).encode())
+        for item in obj:
+            _feed(h, item)
+    elif isinstance(obj, dict):
+        items = sorted((digest(k), digest(v)) for k, v in obj.items())
+        chunk(type(obj).__name__, "".join(k + v for k, v in items).encode())
+    elif isinstance(obj, (set, frozenset)):
+        chunk(type(obj).__name__, "".join(sorted(digest(x) for x in obj)).encode())
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        chunk("tensor", f"{t.dtype}{tuple(obj.shape)}".encode())
+        chunk("bytes", t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif type(obj).__module__ == "numpy" and getattr(obj, "dtype", None) is not None and obj.dtype.hasobject:
+        _feed(h, obj.tolist())  # the bytes of an object array are pointers
+    elif type(obj).__module__ == "numpy" and hasattr(obj, "tobytes"):  # arrays and numpy scalars
+        chunk("numpy", f"{type(obj).__name__}{obj.dtype.str}{getattr(obj, 'shape', ())}".encode())
+        chunk("bytes", obj.tobytes())
+    else:
+        chunk(f"{type(obj).__module__}.{type(obj).__qualname__}", pickle.dumps(obj, protocol=4))

@@ -38,6 +38,7 @@ from ringtrain.train.checkpoint.files import (
     META_FILE,
     RNG_DIR,
     checkpoint_problem,
+    digest,
     fsync_dir,
     is_complete,
     is_step_folder,
@@ -314,22 +315,31 @@ class CheckpointManager:
         """Rank 0's `extra`, after checking that every rank passed the same one.
 
         DCP keeps one copy of a non-tensor entry saved by all ranks (from whichever rank it picks),
-        so per-rank trainer state would silently come back as another rank's; fail loudly instead.
+        so per-rank trainer state would silently come back as another rank's; fail loudly instead. Ranks compare
+        digests (`files.digest`): `==` raises on tensors and calls NaN unequal to itself, and state that cannot be
+        compared must never pass as equal.
         """
-        ref = [extra]
-        dist.broadcast_object_list(ref, src=0)
         try:
-            same = bool(ref[0] == extra)
-        except Exception:  # noqa: BLE001 - e.g. tensors inside: cannot compare cheaply, rank 0's copy is saved
-            same = True
-        flags: list[Any] = [None] * self.mesh.world_size
-        dist.all_gather_object(flags, same)
-        differ = [r for r, ok in enumerate(flags) if not ok]
+            mine: tuple[str | None, str | None] = (digest(extra), None)
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            mine = (None, describe_exception(err))
+        digests: list[Any] = [None] * self.mesh.world_size
+        dist.all_gather_object(digests, mine)
+        failed = [(r, error) for r, (_, error) in enumerate(digests) if error is not None]
+        if failed:
+            raise ValueError(
+                f"checkpoint extra cannot be compared between ranks (rank {failed[0][0]}: {failed[0][1]}): trainer "
+                "state passed to CheckpointManager.save must be made of dicts, lists, numbers, strings, tensors, "
+                "arrays or other picklable values"
+            )
+        differ = [r for r, (d, _) in enumerate(digests) if d != digests[0][0]]
         if differ:
             raise ValueError(
                 f"checkpoint extra differs between rank 0 and rank(s) {differ}: trainer state passed to "
                 "CheckpointManager.save must be identical on all ranks (derive per-rank positions from it on load)"
             )
+        ref = [extra]
+        dist.broadcast_object_list(ref, src=0)  # rank 0's copy is the one every rank saves
         return ref[0]
 
     def _finalize(self, tmp: Path, final: Path, step: int, more: dict[str, Any]) -> None:
