@@ -193,6 +193,7 @@ class Trainer:
         """
         from ringtrain.config import config_to_dict, save_config
         from ringtrain.eval import evaluate_in_training
+        from ringtrain.parallel.agree import agree
         from ringtrain.parallel.signals import SignalFlag
         from ringtrain.train.metrics import MetricsLogger
 
@@ -211,11 +212,8 @@ class Trainer:
             start_step=self.step, run_config=config_to_dict(self.cfg), wandb_run_id=self.wandb_run_id,
         )
         # Only rank 0 talks to W&B, but the id goes into every rank's (identical) checkpoint state.
-        run_id = [metrics.wandb_run_id]
-        dist.broadcast_object_list(run_id, src=0)
-        self.wandb_run_id = run_id[0]
+        self.wandb_run_id = agree(lambda: metrics.wandb_run_id, what="starting the metrics logger")
         history = []
-        ckpt_every = self.cfg.checkpoint.every_steps
         try:
             while self.step < tcfg.max_steps:
                 # Polled before each step: a signal during the last one lets the run finish (save, export, exit 0).
@@ -227,7 +225,8 @@ class Trainer:
                 record.update(evaluate_in_training(self))  # {} unless eval.every_steps divides the step
                 history.append(record)
                 metrics.log(self.step, record)
-                if ckpt_every and self.step % ckpt_every == 0 and self.step < tcfg.max_steps:
+                # The last step's checkpoint is the final one, saved below.
+                if self.checkpoints.should_save(self.step) and self.step < tcfg.max_steps:
                     self.save()
         finally:
             metrics.close()
