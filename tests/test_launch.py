@@ -171,6 +171,6 @@ def test_hung_rank_makes_the_other_fail_after_the_collective_timeout(tmp_path: P
     assert rc != 0, log
     assert timeout_s <= survivor_exit < timeout_s + 15, (survivor_exit, log)
     assert total < timeout_s + 45, (total, log)
-    assert re.search(r"\[rank 0\] ERROR ringtrain\.trainer: rank 0 failed: \w+Error: .*Timed out", log), log
+    assert re.search(r"\[rank 0\] ERROR ringtrain\.train\.trainer: rank 0 failed: \w+Error: .*Timed out", log), log
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", log), log  # the hung one, killed
     assert not any(_alive(pid) for pid in pids.values())
