@@ -1,6 +1,6 @@
-"""Issue 19: a run folder holds one run; damaged checkpoints are skipped; changed settings apply or are refused;
-bad paths and failures end in one line. `ringtrain train` runs in this process as a world of one (imports are paid
-once); tests/test_resume.py and tests/test_launch.py cover the same paths under torchrun with signals.
+"""Training state: a run folder holds one run; damaged checkpoints are skipped; changed settings apply or are
+refused; bad paths and failures end in one line. `ringtrain train` runs in this process as a world of one (imports
+are paid once); tests/test_resume.py and tests/test_launch.py cover the same paths under torchrun with signals.
 """
 
 from __future__ import annotations
