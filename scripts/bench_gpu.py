@@ -12,17 +12,17 @@ What one GPU shows is the CUDA path of the trainer and how far one device's memo
 - ringtrain = `build_trainer` + `Trainer.train_step` (ring attention on the CUDA flash kernel, activation
   checkpointing, chunked loss, FSDP2), data loader bypassed with the same seeded tokens every step;
 - plain = `AutoModelForCausalLM.from_config(..., attn_implementation="sdpa")`, `model(ids, labels=ids)`,
-  backward, clip, the same AdamW (scripts/bench_train.py's loop), on the same weights and tokens (both print
-  their first-step loss).
+  backward, clip, the same AdamW (`ringtrain.bench.plain_step`, scripts/bench_train.py's loop too), on the same
+  weights and tokens (both print their first-step loss).
 
 Each loop builds its model once and runs its contexts in ascending order; peak = the allocator's high-water mark of
 live tensors during a context's steps (`torch.cuda.max_memory_allocated`, reset before them: weights, gradients,
 AdamW state, activations). Step time = wall time of a step with the device synchronised,
-median over --steps after --warmup. MFU uses the trainer's FLOP count (6 x params + 6 x layers x S x hidden per
-token) against the card's dense bf16 peak. The plain loop stops at its first out-of-memory context.
-A ringtrain loop is named by its recompute policy with features: `full+tiled` adds train.tiled_mlp, `+offload`
-train.offload_activations (issue 16). Every ringtrain record also carries `ringtrain plan`'s predicted peak for the
-same config, so a lease checks the planner too.
+median over --steps after --warmup (`ringtrain.bench.measure`). MFU uses the trainer's FLOP count (6 x params +
+6 x layers x S x hidden per token, `ringtrain.model.flops`) against the card's dense bf16 peak. The plain loop stops
+at its first out-of-memory context. A ringtrain loop is named by its recompute policy with features: `full+tiled`
+adds train.tiled_mlp, `+offload` train.offload_activations. Every ringtrain record also carries `ringtrain plan`'s
+predicted peak for the same config, so a lease checks the planner too.
 No figure is asserted: this prints tables (and --json writes the raw records, after every context: "complete" is
 false in the file of a run stopped before its end).
 """
@@ -32,39 +32,26 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-from bench_train import _tokens, plain_model, plain_step, ringtrain_overrides  # noqa: E402
-
-GIB = 2**30
-# TinyLlama-1.1B's shape (GQA 32 x 4, head_dim 64): a real fine-tuning target that one GPU holds with AdamW.
-MODEL_1B = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-            "num_attention_heads": 32, "num_key_value_heads": 4, "attention_dropout": 0.0}
-MODEL_TINY = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "attention_dropout": 0.0}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+from ringtrain.bench import (
+    GIB,
+    add_common_flags,
+    device_name,
+    markdown_table,
+    measure,
+    meta_model,
+    model_spec,
+    plain_model,
+    plain_step,
+    seeded_tokens,
+    trainer_overrides,
+    write_json,
+)
 
 
 def _free(device: torch.device) -> None:
@@ -73,19 +60,14 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(step_fn, device: torch.device, warmup: int, steps: int) -> dict:
-    """Warm-up and timed steps; returns per-step seconds, losses, and the peak over all of them."""
-    _reset_peak(device)
-    times, losses = [], []
-    for _ in range(warmup + steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        losses.append(step_fn())
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    timed = times[warmup:]
-    return {"peak_bytes": _peak(device), "step_s": statistics.median(timed),
-            "step_s_all": times, "losses": losses}
+def measure_steps(step_fn, device: torch.device, warmup: int, steps: int) -> dict:
+    """Warm-up and timed steps; returns per-step seconds, losses, and the peak over all of them (the first step's
+    allocations, AdamW's state among them, count). CUDA only: on CPU the resident set also holds the interpreter and
+    its libraries, nothing to set beside the planner's tensors (and a sampling thread would cost the step time)."""
+    m = measure(step_fn, repeats=steps, warmup=warmup, device=device, memory=device.type == "cuda",
+                memory_from_warmup=True)
+    return {"peak_bytes": m.peak_bytes, "step_s": statistics.median(m.timed_wall_s), "step_s_all": m.wall_s,
+            "losses": m.results}
 
 
 FEATURES = {"tiled": "train.tiled_mlp=true", "offload": "train.offload_activations=true"}
@@ -105,7 +87,7 @@ def predicted_peak_bytes(spec: dict, args, device: torch.device) -> float:
     from ringtrain.planner import model_shape, predict, setup_from_config
     from ringtrain.validate import load_validated_config
 
-    cfg = load_validated_config(None, [*ringtrain_overrides(spec, 1, "unused"), f"model.dtype={args.dtype}"])
+    cfg = load_validated_config(None, [*trainer_overrides(spec, 1, "unused"), f"model.dtype={args.dtype}"])
     return predict(model_shape(cfg.model), setup_from_config(cfg, 1, device.type))["peak_bytes"]
 
 
@@ -115,7 +97,7 @@ def build_loop(kind: str, mesh, spec: dict, args, out: str) -> dict:
         from ringtrain.train.trainer import build_trainer
         from ringtrain.validate import load_validated_config
 
-        cfg = load_validated_config(None, [*ringtrain_overrides(spec, 1, out), f"model.dtype={args.dtype}"])
+        cfg = load_validated_config(None, [*trainer_overrides(spec, 1, out), f"model.dtype={args.dtype}"])
         return {"trainer": build_trainer(cfg, mesh)}
     from ringtrain.model.causal_lm import DTYPES
 
@@ -123,7 +105,7 @@ def build_loop(kind: str, mesh, spec: dict, args, out: str) -> dict:
 
 
 def measure_context(kind: str, held: dict, mesh, seq_len: int, vocab: int, args) -> dict:
-    ids = _tokens(seq_len, vocab, 1)
+    ids = seeded_tokens(seq_len, vocab)
     if kind == "ringtrain":
         held["trainer"].loader = itertools.repeat({"input_ids": ids})  # the loader, bypassed: same tokens
 
@@ -135,7 +117,7 @@ def measure_context(kind: str, held: dict, mesh, seq_len: int, vocab: int, args)
         def step() -> float:
             return plain_step(held["model"], held["optimizer"], ids)
 
-    return measure(step, mesh.device, args.warmup, args.steps)
+    return measure_steps(step, mesh.device, args.warmup, args.repeats)
 
 
 def run_loop(kind: str, mesh, model: dict, contexts: list[int], args, recompute: str = "full",
@@ -160,7 +142,7 @@ def run_loop(kind: str, mesh, model: dict, contexts: list[int], args, recompute:
             t0 = time.perf_counter()
             last = next((r for r in reversed(records) if "step_s" in r), None)
             if time_limit_s and last is not None:
-                predicted = 4 * last["step_s"] * (args.warmup + args.steps)
+                predicted = 4 * last["step_s"] * (args.warmup + args.repeats)
                 if t0 - start + predicted > time_limit_s:
                     records.append({"kind": kind, "recompute": recompute, "seq_len": seq_len, "not_tried":
                                     f"predicted {predicted:.0f}s, {time_limit_s - (t0 - start):.0f}s left"})
@@ -188,48 +170,46 @@ def run_loop(kind: str, mesh, model: dict, contexts: list[int], args, recompute:
     return records
 
 
-def report(records: list[dict], device_name: str, args, lm_meta) -> str:
+def report(records: list[dict], card: str, args, lm_meta) -> str:
     """Markdown tables; TFLOP/s = the trainer's model FLOPs per token x tokens / synchronised step time, both loops."""
-    from ringtrain.config import LoggingConfig
-    from ringtrain.train.metrics import peak_tflops
-    from ringtrain.train.trainer import model_flops_per_token
+    from ringtrain.model.flops import device_peak_tflops, model_flops_per_token
 
     n_params = sum(p.numel() for p in lm_meta.parameters())
-    peak = peak_tflops(LoggingConfig(), device_name)
-    lines = [
-        f"one-GPU trainer benchmark on {device_name}, torch {torch.__version__}: Llama {n_params / 1e9:.2f}B "
-        f"({args.model}), {args.dtype}, batch 1, median of {args.steps} step(s) after {args.warmup} warm-up",
-        "",
-        "| loop | context | step s | tokens/s | TFLOP/s | MFU | peak GiB | planner GiB | first loss |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    peak = device_peak_tflops(card)
+    rows = []
     for r in records:
         name = f"ringtrain SP=1 (recompute {r['recompute']}, chunked loss, FSDP2)" if r["kind"] == "ringtrain" else \
             "plain transformers (sdpa, full logits, no recompute)"
         planned = f"{r['predicted_peak_bytes'] / GIB:.1f}" if "predicted_peak_bytes" in r else "-"
         if "not_tried" in r:
-            lines.append(f"| {name} | {r['seq_len']:,} | not tried: {r['not_tried']} | - | - | - | - | - | - |")
+            rows.append([name, f"{r['seq_len']:,}", f"not tried: {r['not_tried']}", *["-"] * 6])
             continue
         if "oom" in r:
-            lines.append(f"| {name} | {r['seq_len']:,} | OOM | - | - | - | > {args.gpu_gib:.0f} | {planned} | - |")
+            rows.append([name, f"{r['seq_len']:,}", "OOM", "-", "-", "-", f"> {args.gpu_gib:.0f}", planned, "-"])
             continue
         tflops = r["seq_len"] * model_flops_per_token(lm_meta, r["seq_len"]) / r["step_s"] / 1e12
         mfu = tflops / peak if peak else None
-        lines.append(
-            f"| {name} | {r['seq_len']:,} | {r['step_s']:.3f} | {r['seq_len'] / r['step_s']:,.0f} "
-            f"| {tflops:.1f} | {'-' if mfu is None else f'{mfu:.1%}'} "
-            f"| {r['peak_bytes'] / GIB:.1f} | {planned} | {r['losses'][0]:.5f} |"
-        )
+        rows.append([name, f"{r['seq_len']:,}", f"{r['step_s']:.3f}", f"{r['seq_len'] / r['step_s']:,.0f}",
+                     f"{tflops:.1f}", "-" if mfu is None else f"{mfu:.1%}", f"{r['peak_bytes'] / GIB:.1f}", planned,
+                     f"{r['losses'][0]:.5f}"])
+    lines = [
+        f"one-GPU trainer benchmark on {card}, torch {torch.__version__}: Llama {n_params / 1e9:.2f}B "
+        f"({args.model}), {args.dtype}, batch 1, median of {args.repeats} step(s) after {args.warmup} warm-up",
+        "",
+        markdown_table(["loop", "context", "step s", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "planner GiB",
+                        "first loss"], rows),
+    ]
     done = [r for r in records if "step_s" in r]
     plain = {r["seq_len"]: r for r in done if r["kind"] == "plain"}
     pairs = [r for r in done if r["kind"] == "ringtrain" and r["seq_len"] in plain]
     if pairs:
-        lines += ["", "| recompute | context | ringtrain / plain tokens/s | ringtrain / plain peak memory |",
-                  "|---|---|---|---|"]
+        ratios = []
         for rt in sorted(pairs, key=lambda r: (r["recompute"], r["seq_len"])):
             pl = plain[rt["seq_len"]]
             mem = f"{rt['peak_bytes'] / pl['peak_bytes']:.2f}x" if pl["peak_bytes"] else "- (CPU: not measured)"
-            lines.append(f"| {rt['recompute']} | {rt['seq_len']:,} | {pl['step_s'] / rt['step_s']:.2f}x | {mem} |")
+            ratios.append([rt["recompute"], f"{rt['seq_len']:,}", f"{pl['step_s'] / rt['step_s']:.2f}x", mem])
+        lines += ["", markdown_table(["recompute", "context", "ringtrain / plain tokens/s",
+                                      "ringtrain / plain peak memory"], ratios)]
     return "\n".join(lines)
 
 
@@ -240,19 +220,18 @@ def main() -> None:
     p.add_argument("--ringtrain-contexts", type=int, nargs="*", default=[8192, 32768, 131072])
     p.add_argument("--plain-contexts", type=int, nargs="*", default=[8192, 32768, 65536],
                    help="the plain loop stops at the first that runs out of memory")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2)
+    add_common_flags(p, repeats=2, repeats_flags=("--repeats", "--steps"), warmup=1,
+                     json_help="also write the raw records here, after every context (stamped with the machine)",
+                     quick_help="tiny model, contexts 256 and 1,024, fp32: a smoke run")
     p.add_argument("--recompute", default="full",
-                   help="comma-separated train.activation_checkpointing policies (+tiled, +offload: issue 16's "
-                        "features, e.g. full+tiled+offload), one ringtrain loop each "
+                   help="comma-separated train.activation_checkpointing policies (+tiled, +offload: tiled MLP and "
+                        "offloaded layer inputs, e.g. full+tiled+offload), one ringtrain loop each "
                         "(e.g. none,every:2,full); 128K runs only with the last")
     p.add_argument("--max-context", type=int, default=0, metavar="S",
                    help="instead: the longest context that trains one step, doubling from S (the last --recompute)")
     p.add_argument("--max-context-limit", type=int, default=1 << 20, help="--max-context: the largest tried")
     p.add_argument("--time-limit", type=float, default=100.0,
                    help="--max-context: seconds; a context whose predicted step would not fit is not tried")
-    p.add_argument("--quick", action="store_true", help="tiny model, contexts 256 and 1,024, fp32: a smoke run")
-    p.add_argument("--json", type=Path, help="also write the raw records here")
     args = p.parse_args()
     for variant in args.recompute.split(","):
         loop_overrides(variant)  # an unknown feature fails before any device time is spent
@@ -265,7 +244,7 @@ def main() -> None:
         while size <= args.max_context_limit:
             args.ringtrain_contexts.append(size)
             size *= 2
-        args.warmup, args.steps = 0, 1
+        args.warmup, args.repeats = 0, 1
 
     from ringtrain.config import ParallelConfig
     from ringtrain.log import setup_logging
@@ -275,23 +254,19 @@ def main() -> None:
     mesh = init_distributed(ParallelConfig(sp_size=1))
     dev = mesh.device
     if dev.type == "cpu":
-        # The CPU smoke run: one thread, like the CPU benchmarks (two threads on a shared 2-core VM ran a tiny step
-        # 10-30x slower, and the smoke run's time limits then stopped the doubling early).
+        # The CPU smoke run: one thread, like the CPU benchmarks (on a shared CPU more threads made a tiny step many
+        # times slower, and the smoke run's time limits then stopped the doubling early).
         torch.set_num_threads(1)
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    card = device_name(dev)
     args.gpu_gib = torch.cuda.get_device_properties(dev).total_memory / GIB if dev.type == "cuda" else 0.0
-    model = MODEL_1B if args.model == "1b" else MODEL_TINY
-    model = {**model, "max_position_embeddings": max([*args.ringtrain_contexts, *args.plain_contexts])}
+    model = model_spec(args.model, max_position_embeddings=max([*args.ringtrain_contexts, *args.plain_contexts]))
     records = []
     policies = args.recompute.split(",")
 
     def save(loop_records=(), complete=False) -> None:
-        if args.json:  # written aside, then renamed: a timeout's SIGTERM mid-write leaves the previous file whole
-            part = args.json.with_name(args.json.name + ".part")
-            part.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "complete": complete,
-                                        "records": [*records, *loop_records], "max_context": bool(args.max_context)},
-                                       indent=1))
-            os.replace(part, args.json)
+        if args.json:  # atomic: a timeout's SIGTERM mid-write leaves the previous file whole
+            write_json(args.json, {"complete": complete, "records": [*records, *loop_records],
+                                   "max_context": bool(args.max_context)}, device=dev)
 
     try:
         if args.max_context:
@@ -305,11 +280,8 @@ def main() -> None:
             records += run_loop("plain", mesh, model, args.plain_contexts, args, on_record=save)
     finally:
         teardown_distributed()
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):  # shapes only: parameter count and config for the FLOP formula
-        lm_meta = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **model))
-    print(report(records, device_name, args, lm_meta))
+    lm_meta = meta_model(model)  # shapes only: parameter count and config for the FLOP formula
+    print(report(records, card, args, lm_meta))
     if args.max_context:
         trained = [r["seq_len"] for r in records if "step_s" in r]
         print(f"longest context that trained one step: {max(trained) if trained else 'none'}")

@@ -1,20 +1,22 @@
 """Trainer benchmark: SP=1 vs SP=2 step throughput, and ringtrain against a plain transformers training loop.
 
-    python scripts/bench_train.py            # full run: ~11-13 min on a quiet 2-core CPU VM
-    python scripts/bench_train.py --quick    # small contexts, a smoke run (a few minutes)
+    python scripts/bench_train.py            # full run (docs/benchmarks.md has its figures and times)
+    python scripts/bench_train.py --quick    # small contexts, a smoke run
     python scripts/bench_train.py --parts memory --malloc-mmap-threshold 1048576   # live-tensor memory view
 
-Everything runs on CPU, one thread per rank, gloo, through `ringtrain.testing.run_distributed`, so every
+Everything runs on CPU, --threads (one) per rank, gloo, through `ringtrain.testing.run_distributed`, so every
 configuration is a FRESH spawned process (CPU peak memory cannot be reset in a process that already ran one).
-The model is a random-weight Llama built from a config (d=256, 4 layers, 4 heads of 64, MLP 1024, 32K vocab by
-default), fp32, seeded; the tokens are seeded random ids, identical for every configuration (the tables print the
-first-step loss of both loops: equal losses show that they train the same model on the same tokens).
+The model is a random-weight Llama built from a config (`ringtrain.bench.MODEL_SPECS['20m']` by default: d=256,
+4 layers, 4 heads of 64, MLP 1024, 32K vocab), fp32, seeded; the tokens are seeded random ids, identical for every
+configuration (the tables print the first-step loss of both loops: equal losses show that they train the same model
+on the same tokens). The runs are `ringtrain.bench.ringtrain_rank` and the plain loop of `ringtrain.bench`.
 
 1. SP throughput: ringtrain (`build_trainer` + `Trainer.train_step`, FSDP2, activation checkpointing, zigzag ring)
    at SP=1 and SP=2 on the same sequence, at a long context (attention-heavy) and a short one. Step time = the
    slowest rank's `train_step` wall time (ranks start each step after a barrier); median and best over --steps
    after --warmup steps; tokens/s = sequence tokens / median step; per rank = that / SP. SP=1 and SP=2 run
    interleaved (--repeats). Also the CPU-time ratio: SP=1 CPU seconds per step over the SP=2 slowest rank's.
+   The attention share of FLOPs counts as the trainer's MFU does (`ringtrain.model.flops`).
 2. Memory: ringtrain SP=1 (chunked loss + activation checkpointing) vs a plain transformers loop (same model with
    attn_implementation="sdpa", `model(input_ids, labels=input_ids).loss.backward()`, clip, the same AdamW; no chunked
    loss, no activation checkpointing) at two contexts, plus ringtrain with a smaller loss chunk at the larger one.
@@ -36,39 +38,30 @@ No timing is asserted anywhere: this prints figures, tests check behaviour.
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import os
 import statistics
-import sys
-import tempfile
 import time
-import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from ringtrain.testing import run_distributed  # noqa: E402
-
-GIB = 2**30
-
+from ringtrain.bench import (
+    GIB,
+    add_common_flags,
+    markdown_table,
+    meta_model,
+    model_spec,
+    plain_model,
+    plain_step,
+    ringtrain_rank,
+    run_steps,
+    seeded_tokens,
+    write_json,
+)
+from ringtrain.model.flops import attention_flops_per_token, flops_per_token
+from ringtrain.testing import run_distributed
 
 # --------------------------------------------------------------------------------------------------
-# Measurement helpers (run inside the spawned ranks).
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _memory() -> dict[str, int]:
-    """Resident bytes now and the process's peak so far (VmHWM: what ru_maxrss reports)."""
-    return {"rss": _proc_status_kib("VmRSS") * 1024, "hwm": _proc_status_kib("VmHWM") * 1024}
+# Measurement helpers.
 
 
 def _machine_busy_s() -> float:
@@ -81,106 +74,19 @@ def _machine_busy_s() -> float:
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     """One model for every configuration (max_position_embeddings covers the longest context run)."""
-    return {
-        "vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.intermediate,
-        "num_hidden_layers": args.layers, "num_attention_heads": args.heads, "num_key_value_heads": args.heads,
-        "max_position_embeddings": max(args.max_context, 2048), "attention_dropout": 0.0,
-    }
-
-
-def _tokens(seq_len: int, vocab: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (1, seq_len), generator=g)  # [B=1, S]
-
-
-def _timed_steps(step_fn, n_steps: int, barrier=None) -> list[dict]:
-    records = []
-    for _ in range(n_steps):
-        if barrier is not None:
-            barrier()
-        c0, t0 = time.process_time(), time.perf_counter()
-        loss = step_fn()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        records.append({"wall_s": wall, "cpu_s": cpu, "loss": loss})
-    return records
-
-
-def ringtrain_overrides(spec: dict, sp_size: int, out: str) -> list[str]:
-    """The trainer config of one benchmark configuration (`spec`: model kwargs, seq_len, layout, ac, loss_chunk)."""
-    return [
-        "model.arch=llama", f"model.config={json.dumps(spec['model'])}",
-        f"parallel.sp_size={sp_size}", f"parallel.layout={spec['layout']}",
-        # The data pipeline is built (build_trainer always does) but bypassed: two passkey documents.
-        "data.source=passkey", "data.num_samples=2",
-        f"train.seq_len={spec['seq_len']}", "train.micro_batch_size=1",
-        f"train.activation_checkpointing={str(spec['ac']).lower()}",
-        *([f"train.loss_chunk_tokens={spec['loss_chunk']}"] if spec.get("loss_chunk") else []),
-        "train.seed=0", f"train.output_dir={out}", "train.max_steps=1000",
-        "optim.warmup_steps=0", "optim.schedule=constant", "logging.progress_bar=false",
-        *spec.get("overrides", []),
-    ]
-
-
-def plain_model(spec: dict, dtype: torch.dtype, device: torch.device):
-    """The plain transformers loop's model and AdamW: the same initial weights as build_trainer draws (its builder,
-    without the parallelism: the random init does not depend on how the model is sharded)."""
-    from ringtrain.config import OptimConfig
-    from ringtrain.model.causal_lm import DTYPES, build_causal_lm
-    from ringtrain.train.optim import build_optimizer
-    from ringtrain.validate import load_validated_config
-
-    dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
-    cfg = load_validated_config(None, [*ringtrain_overrides(spec, 1, "unused"), f"model.dtype={dtype_name}"])
-    model = build_causal_lm(cfg, device)
-    model.set_attn_implementation("sdpa")
-    model.train()
-    return model, build_optimizer(model, OptimConfig(warmup_steps=0, schedule="constant"))
-
-
-def plain_step(model, optimizer, ids: torch.Tensor) -> float:
-    """One step of the plain loop: HF loss on full logits, backward, clip, AdamW."""
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-def _ringtrain_rank(mesh, spec: dict) -> dict:
-    """Build the real Trainer; feed it the same synthetic sequence every step through `train_step`."""
-    import torch.distributed as dist
-
-    from ringtrain.train.trainer import build_trainer
-    from ringtrain.validate import load_validated_config
-
-    # transformers 5.24 deprecates the name the trainer calls (reported); keep the benchmark's output readable.
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
-    c_start = time.process_time()
-    mem0 = _memory()
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_validated_config(None, [*ringtrain_overrides(spec, mesh.sp_size, out), "model.dtype=float32",
-                                 "train.threads=1"])
-        trainer = build_trainer(cfg, mesh)
-        # Bypass the loader: every rank of the SP group gets the same full sequence, as the loader would give.
-        trainer.loader = itertools.repeat({"input_ids": _tokens(spec["seq_len"], spec["model"]["vocab_size"], 1)})
-        built = _memory()
-        dist.barrier()
-        records = _timed_steps(lambda: trainer.train_step()["loss"], spec["steps"], barrier=dist.barrier)
-    return {"built": built, "start": mem0, "end": _memory(), "records": records,
-            "cpu_total_s": time.process_time() - c_start}
+    return model_spec("20m", max_position_embeddings=max(args.max_context, 2048), vocab_size=args.vocab,
+                      hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.heads)
 
 
 def _plain_rank(mesh, spec: dict) -> dict:
     """The plain transformers loop: HF loss on full logits, sdpa, no activation checkpointing, same AdamW."""
-    c_start = time.process_time()
-    mem0 = _memory()
-    model, optimizer = plain_model(spec, torch.float32, torch.device("cpu"))
-    ids = _tokens(spec["seq_len"], spec["model"]["vocab_size"], 1)
-    built = _memory()
-    records = _timed_steps(lambda: plain_step(model, optimizer, ids), spec["steps"])
-    return {"built": built, "start": mem0, "end": _memory(), "records": records,
-            "cpu_total_s": time.process_time() - c_start}
+    def build():
+        model, optimizer = plain_model(spec, torch.float32, torch.device("cpu"))
+        ids = seeded_tokens(spec["seq_len"], spec["model"]["vocab_size"])
+        return lambda: plain_step(model, optimizer, ids)
+
+    return run_steps(build, spec["steps"])
 
 
 def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.3) -> float:
@@ -197,10 +103,10 @@ def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.3) -> float:
 
 def run_config(args: argparse.Namespace, kind: str, world: int, spec: dict) -> dict:
     """One configuration in fresh processes; per-step wall = slowest rank; plus the machine's other load."""
-    fn = _ringtrain_rank if kind == "ringtrain" else _plain_rank
+    fn = ringtrain_rank if kind == "ringtrain" else _plain_rank
     waited = wait_for_quiet(args.quiet_wait) if spec["steps"] else 0.0
     busy0, t0 = _machine_busy_s(), time.perf_counter()
-    ranks = run_distributed(fn, world, spec, sp_size=world, threads=1, timeout=args.timeout)
+    ranks = run_distributed(fn, world, spec, sp_size=world, threads=args.threads, timeout=args.timeout)
     elapsed, busy = time.perf_counter() - t0, _machine_busy_s() - busy0
     ours = sum(r["cpu_total_s"] for r in ranks)
     steps = [
@@ -246,9 +152,9 @@ def bench_sp(args: argparse.Namespace, log: list) -> tuple[list[dict], dict[int,
     """Returns the table rows and the SP=1 runs by context (part 2 reuses them: same process, same config)."""
     rows, sp1_runs = [], {}
     for seq_len in args.sp_contexts:
-        spec = _spec(args, seq_len, args.warmup + args.steps, args.warmup, args.loss_chunk)
+        spec = _spec(args, seq_len, args.warmup + args.repeats, args.warmup, args.loss_chunk)
         runs: dict[int, list[dict]] = {1: [], 2: []}
-        for _ in range(args.repeats):
+        for _ in range(args.rounds):
             for world in (1, 2):  # interleaved, so a burst of load from elsewhere hits both
                 r = run_config(args, "ringtrain", world, spec)
                 runs[world].append(r)
@@ -261,7 +167,7 @@ def bench_sp(args: argparse.Namespace, log: list) -> tuple[list[dict], dict[int,
 
         step, best, cpu = agg("step_s"), agg("best_step_s", min), agg("cpu_s")
         rows.append({
-            "seq_len": seq_len, "attention_flop_share": attention_flop_share(args, seq_len),
+            "seq_len": seq_len, "attention_flop_share": attention_flop_share(spec["model"], seq_len),
             "step_s": step, "best_step_s": best, "cpu_s": cpu,
             "tokens_per_s": {w: seq_len / step[w] for w in (1, 2)},
             "tokens_per_s_per_rank": {w: seq_len / step[w] / w for w in (1, 2)},
@@ -274,12 +180,11 @@ def bench_sp(args: argparse.Namespace, log: list) -> tuple[list[dict], dict[int,
     return rows, sp1_runs
 
 
-def attention_flop_share(args: argparse.Namespace, seq_len: int) -> float:
-    """Share of the model's training FLOPs spent in causal attention (matmul FLOPs, no recomputation)."""
-    d, L, f, V = args.hidden, args.layers, args.intermediate, args.vocab
-    dense = 6 * (L * (4 * d * d + 3 * d * f) + V * d)  # per token: layers' matmuls + lm_head
-    attn = 6 * L * seq_len * d  # per token, causal (half of 12 * S * d)
-    return attn / (attn + dense)
+def attention_flop_share(model: dict, seq_len: int) -> float:
+    """Share of the model's training FLOPs (no recomputation) spent in causal attention."""
+    params = sum(p.numel() for p in meta_model(model).parameters())
+    layers, hidden = model["num_hidden_layers"], model["hidden_size"]
+    return attention_flops_per_token(layers, hidden, seq_len) / flops_per_token(params, layers, hidden, seq_len)
 
 
 def bench_memory(args: argparse.Namespace, log: list, sp1_runs: dict[int, dict]) -> dict:
@@ -328,11 +233,7 @@ def _fmt_list(xs: list[float]) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    return "\n".join([line, sep, *body])
+    return markdown_table(header, rows, pad=True)  # read in a terminal while the run goes on
 
 
 def _loop_name(loop: dict) -> str:
@@ -404,26 +305,28 @@ def report(args: argparse.Namespace, sp_rows: list[dict], mem: dict | None) -> s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small contexts and few steps: a smoke run")
+    add_common_flags(p, repeats=2, repeats_flags=("--steps",), warmup=1, threads=1,
+                     json_help="also write every raw measurement here (stamped with the machine and versions)",
+                     quick_help="small contexts and few steps: a smoke run")
     p.add_argument("--parts", default="sp,memory", help="comma-separated: sp, memory")
     p.add_argument("--sp-contexts", type=int, nargs="+", default=[2048, 16384], help="contexts for part 1")
     p.add_argument("--mem-contexts", type=int, nargs=2, default=[4096, 16384], help="two contexts for parts 2-3")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (part 1)")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per configuration (part 1)")
-    p.add_argument("--repeats", type=int, default=1, help="interleaved SP=1 / SP=2 repetitions (part 1)")
+    p.add_argument("--repeats", dest="rounds", type=int, default=1,
+                   help="interleaved SP=1 / SP=2 repetitions of part 1 (--steps: timed steps in each)")
     p.add_argument("--mem-warmup", type=int, default=1, help="untimed steps (parts 2-3)")
     p.add_argument("--mem-steps", type=int, default=1,
                    help="timed steps (parts 2-3); keep warmup + steps >= 2 so the peak includes the AdamW state")
     p.add_argument("--budget-gib", type=float, default=4.0, help="memory budget over baseline for the max context")
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    model = model_spec("20m")
+    p.add_argument("--vocab", type=int, default=model["vocab_size"])
+    p.add_argument("--hidden", type=int, default=model["hidden_size"])
+    p.add_argument("--intermediate", type=int, default=model["intermediate_size"])
+    p.add_argument("--layers", type=int, default=model["num_hidden_layers"])
+    p.add_argument("--heads", type=int, default=model["num_attention_heads"])
     p.add_argument("--loss-chunk", type=int, default=0, help="train.loss_chunk_tokens; 0 keeps the trainer default")
     p.add_argument("--recompute", default="full", help="ringtrain's train.activation_checkpointing (none, full, "
                                                        "every:K); the plain loop never recomputes")
-    p.add_argument("--tiled-mlp", action="store_true", help="ringtrain with train.tiled_mlp=true (issue 16)")
+    p.add_argument("--tiled-mlp", action="store_true", help="ringtrain with train.tiled_mlp=true")
     p.add_argument("--small-loss-chunk", type=int, default=512,
                    help="also measure ringtrain with this train.loss_chunk_tokens at the larger memory context (0: no)")
     p.add_argument("--quiet-wait", type=float, default=15.0,
@@ -433,19 +336,19 @@ def main() -> None:
                         "then leave the RSS, so the peak tracks live tensors instead of glibc's retained heap; "
                         "0 keeps glibc's default (what a user of the trainer gets)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration before it is killed")
-    p.add_argument("--json", type=Path, help="also write every raw measurement here")
     args = p.parse_args()
     if args.quick:
         args.sp_contexts, args.mem_contexts, args.small_loss_chunk = [512, 2048], [1024, 2048], 256
-        args.steps, args.mem_steps, args.quiet_wait = 2, 1, 0.0
+        args.repeats, args.mem_steps, args.quiet_wait = 2, 1, 0.0
     args.max_context = max(*args.sp_contexts, *args.mem_contexts)
     if args.malloc_mmap_threshold:  # read by glibc at process start: applies to the spawned ranks, not to this one
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     parts = set(args.parts.split(","))
 
     t0 = time.perf_counter()
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, gloo, one thread per rank; model d={args.hidden}, "
-          f"{args.layers} layers, {args.heads} heads, MLP {args.intermediate}, vocab {args.vocab}, fp32; "
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, gloo, {args.threads} thread(s) per rank; "
+          f"model d={args.hidden}, {args.layers} layers, {args.heads} heads, MLP {args.intermediate}, vocab "
+          f"{args.vocab}, fp32; "
           f"glibc MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'default'}; "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
     log: list[dict] = []
@@ -455,8 +358,8 @@ def main() -> None:
     print(report(args, sp_rows, mem))
     print(f"\nwall time {time.perf_counter() - t0:.0f}s; load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "sp": sp_rows,
-                                         "memory": mem, "runs": log}, indent=1, default=str))
+        write_json(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "sp": sp_rows, "memory": mem,
+                               "runs": log}, default=str)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """Validate `ringtrain plan` on CPU: predicted against measured peak memory per rank, for several configurations.
 
-    python scripts/validate_plan.py                       # 5 configurations x 2 contexts (~10 min of CPU time)
+    python scripts/validate_plan.py                       # 5 configurations x 2 contexts
     python scripts/validate_plan.py --contexts 1024 2048 --configs 2   # a smoke run
 
-Each (configuration, context) is a fresh spawned process (`ringtrain.testing.run_distributed`, gloo, one thread per
-rank) that builds the real trainer (scripts/bench_train.py's model: d=256, 4 layers, 4 heads, MLP 1024, 32K vocab,
-fp32) and runs --steps `train_step` calls on the same seeded tokens; measured peak = the process's VmHWM, the largest
-rank's. glibc's mmap threshold is pinned at 1 MiB (--malloc-mmap-threshold) so a freed buffer leaves the RSS and the
+Each (configuration, context) is a fresh spawned process (`ringtrain.testing.run_distributed`, gloo, --threads per
+rank) that builds the real trainer (`ringtrain.bench.ringtrain_rank`, scripts/bench_train.py's run, on its model
+`MODEL_SPECS['20m']`: d=256, 4 layers, 4 heads, MLP 1024, 32K vocab, fp32) and runs --steps `train_step` calls on the
+same seeded tokens; measured peak = the process's VmHWM, the largest rank's.
+glibc's mmap threshold is pinned at 1 MiB (--malloc-mmap-threshold) so a freed buffer leaves the RSS and the
 peak follows live tensors, which is what the planner predicts.
 
-The process baseline: a CPU process carries the interpreter, torch, transformers and the data pipeline (~0.4-0.5 GiB)
-that the planner does not model. A baseline process per configuration builds the same trainer and runs no step; its
+The process baseline: a CPU process carries the interpreter, torch, transformers and the data pipeline, which the
+planner does not model. A baseline process per configuration builds the same trainer and runs no step; its
 peak also holds the parameters, so "measured tensors" = peak - baseline + the planner's parameter bytes (what the
 baseline already counted). The figure the planner is held to is the growth between the two contexts, where the
 baseline cancels exactly: (measured peak at S2 - at S1) against (predicted peak at S2 - at S1).
@@ -22,20 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ringtrain.bench import (
+    GIB,
+    add_common_flags,
+    markdown_table,
+    model_spec,
+    ringtrain_rank,
+    trainer_overrides,
+    write_json,
+)
+from ringtrain.testing import run_distributed
 
-from bench_train import _ringtrain_rank, ringtrain_overrides  # noqa: E402
-
-from ringtrain.testing import run_distributed  # noqa: E402
-
-GIB = 2**30
-MODEL = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 4, "attention_dropout": 0.0}
 # (name, world, ulysses, overrides)
 CONFIGS = [
     ("SP=1, recompute full", 1, 1, ["train.activation_checkpointing=full"]),
@@ -47,7 +49,7 @@ CONFIGS = [
 
 
 def _spec(seq_len: int, steps: int, overrides: list[str]) -> dict:
-    model = {**MODEL, "max_position_embeddings": seq_len}
+    model = model_spec("20m", max_position_embeddings=seq_len)
     return {"seq_len": seq_len, "model": model, "layout": "zigzag", "ac": "full", "loss_chunk": 0, "steps": steps,
             "warmup": 0, "overrides": overrides}
 
@@ -57,17 +59,17 @@ def predicted(spec: dict, world: int) -> dict:
     from ringtrain.validate import load_validated_config
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_validated_config(None, [*ringtrain_overrides(spec, world, out), "model.dtype=float32"])
+        cfg = load_validated_config(None, [*trainer_overrides(spec, world, out), "model.dtype=float32"])
     shape = model_shape(cfg.model)
     pred = predict(shape, setup_from_config(cfg, world, "cpu"))
     pred["parameter_bytes"] = pred["moments"]["optimizer step"] / 5  # parameters, as the baseline holds them
     return pred
 
 
-def measure(spec: dict, world: int, ulysses: int, timeout: float) -> dict:
+def measure(spec: dict, world: int, ulysses: int, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
-    ranks = run_distributed(_ringtrain_rank, world, spec, sp_size=world, ulysses_size=ulysses, threads=1,
-                            timeout=timeout)
+    ranks = run_distributed(ringtrain_rank, world, spec, sp_size=world, ulysses_size=ulysses, threads=args.threads,
+                            timeout=args.timeout)
     return {"peak_bytes": max(r["end"]["hwm"] for r in ranks), "elapsed_s": time.perf_counter() - t0,
             "cpu_s": [sum(x["cpu_s"] for x in r["records"]) for r in ranks],
             "losses": [x["loss"] for x in ranks[0]["records"]]}
@@ -80,7 +82,7 @@ def main() -> None:
     p.add_argument("--configs", type=int, default=len(CONFIGS), help="run the first N configurations")
     p.add_argument("--malloc-mmap-threshold", type=int, default=1 << 20)
     p.add_argument("--timeout", type=float, default=3600.0)
-    p.add_argument("--json", type=Path)
+    add_common_flags(p, threads=1, json_help="also write the raw records here (stamped with the machine and versions)")
     p.add_argument("--from-json", type=Path, help="no runs: re-predict the measurements of an earlier --json")
     args = p.parse_args()
     if args.from_json:
@@ -100,12 +102,12 @@ def main() -> None:
           f"{args.steps} steps; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'default'}", flush=True)
     rows = []
     for name, world, ulysses, overrides in CONFIGS[:args.configs]:
-        base = measure(_spec(args.contexts[0], 0, overrides), world, ulysses, args.timeout)
+        base = measure(_spec(args.contexts[0], 0, overrides), world, ulysses, args)
         row = {"config": name, "world": world, "baseline_bytes": base["peak_bytes"], "runs": []}
         for seq_len in args.contexts:
             spec = _spec(seq_len, args.steps, overrides)
             pred = predicted(spec, world)
-            got = measure(spec, world, ulysses, args.timeout)
+            got = measure(spec, world, ulysses, args)
             tensors = got["peak_bytes"] - base["peak_bytes"] + pred["parameter_bytes"]
             row["runs"].append({"seq_len": seq_len, "predicted_bytes": pred["peak_bytes"],
                                 "parameter_bytes": pred["parameter_bytes"],
@@ -119,7 +121,7 @@ def main() -> None:
     print(f"\nwall {time.perf_counter() - t0:.0f}s (this process's CPU {time.process_time() - c0:.0f}s); load average at "
           f"end {os.getloadavg()[0]:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"contexts": args.contexts, "rows": rows}, indent=1))
+        write_json(args.json, {"contexts": args.contexts, "rows": rows})
 
 
 def report(rows: list[dict], contexts: list[int]) -> None:
@@ -129,15 +131,17 @@ def report(rows: list[dict], contexts: list[int]) -> None:
         row["growth_measured"] = r2["measured_peak_bytes"] - r1["measured_peak_bytes"]
         row["growth_error"] = row["growth_predicted"] / row["growth_measured"] - 1
     s1, s2 = contexts
-    print(f"\n| configuration | baseline GiB | predicted GiB at {s1:,} / {s2:,} | measured tensors GiB at {s1:,} / "
-          f"{s2:,} | growth predicted GiB | growth measured GiB | error |")
-    print("|---|---|---|---|---|---|---|")
+    table = []
     for row in rows:
         r1, r2 = row["runs"]
-        print(f"| {row['config']} | {row['baseline_bytes'] / GIB:.3f} | {r1['predicted_bytes'] / GIB:.3f} / "
-              f"{r2['predicted_bytes'] / GIB:.3f} | {r1['measured_tensor_bytes'] / GIB:.3f} / "
-              f"{r2['measured_tensor_bytes'] / GIB:.3f} | {row['growth_predicted'] / GIB:.3f} | "
-              f"{row['growth_measured'] / GIB:.3f} | {row['growth_error']:+.1%} |")
+        table.append([row["config"], f"{row['baseline_bytes'] / GIB:.3f}",
+                      f"{r1['predicted_bytes'] / GIB:.3f} / {r2['predicted_bytes'] / GIB:.3f}",
+                      f"{r1['measured_tensor_bytes'] / GIB:.3f} / {r2['measured_tensor_bytes'] / GIB:.3f}",
+                      f"{row['growth_predicted'] / GIB:.3f}", f"{row['growth_measured'] / GIB:.3f}",
+                      f"{row['growth_error']:+.1%}"])
+    print("\n" + markdown_table(["configuration", "baseline GiB", f"predicted GiB at {s1:,} / {s2:,}",
+                                 f"measured tensors GiB at {s1:,} / {s2:,}", "growth predicted GiB",
+                                 "growth measured GiB", "error"], table))
 
 
 if __name__ == "__main__":
