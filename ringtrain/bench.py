@@ -177,8 +177,9 @@ def resident_bytes(anonymous: bool = False) -> int:
 
 def pin_malloc_mmap_threshold(threshold: int = 1 << 20) -> None:
     """Serve allocations above `threshold` bytes with mmap, so a freed large buffer leaves the resident set and a
-    sampled peak follows live tensors (glibc otherwise keeps freed heap). glibc reads this at process start: call it
-    before torch allocates, and it applies to the ranks this process spawns; an explicit setting is kept."""
+    sampled peak follows live tensors (glibc otherwise keeps freed heap). glibc reads the setting when a process
+    starts: it applies to the processes spawned after this call (the ranks), not to the caller. An explicit setting
+    in the environment is kept."""
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(threshold))
 
 
