@@ -5,20 +5,20 @@ CPU (default): spawns P=1 and P=2 gloo ranks, one thread each, and compares agai
 
     python scripts/bench_attention.py                 # S=8192, H=8, D=64, fp32
     python scripts/bench_attention.py --quick         # small sizes, seconds
-    python scripts/bench_attention.py --masks         # packed documents and sliding windows (issue 7)
-    python scripts/bench_attention.py --ulysses 1,2,4 # world 4: ring x Ulysses splits (issue 13)
+    python scripts/bench_attention.py --masks         # packed documents and sliding windows
+    python scripts/bench_attention.py --ulysses 1,2,4 # world 4: ring x Ulysses splits
     python scripts/bench_attention.py --balance --world 8 --seq 131072 --doc-lengths 65536,1000,... [--json F]
-                                                      # issue 17: work balance of each layout, no attention run
+                                                      # work balance of each layout, no attention run
 
 CUDA: `torchrun --nproc-per-node N scripts/bench_attention.py --backend nccl` (NCCL, one GPU per rank),
 or on one GPU `python scripts/bench_attention.py --virtual-ring 4 [--profile]`: every virtual rank's blockwise
 compute + merge, run one after another with a loopback communicator, against one SDPA call.
 
-Measured quantities:
-- time: median over --iters of one fwd+bwd per rank (ranks start together after a barrier);
-  step time T_P = the slowest rank's median. Efficiency = T_1 / (P x T_P), T_1 = single-process SDPA.
+Measured quantities (with `ringtrain.bench`):
+- time: min and median over --iters of one fwd+bwd per rank (ranks start together after a barrier, the device
+  synchronised); step time T_P = the slowest rank's. Efficiency = T_1 / (P x T_P), T_1 = single-process SDPA.
 - work: (query, key) pairs each rank's block plan evaluates; imbalance = max / min over ranks.
-- bytes: everything each rank passes to isend in one fwd+bwd (counted by wrapping
+- bytes: everything each rank passes to isend in one fwd+bwd (`SentBytes`, which wraps
   dist.batch_isend_irecv), against the minimum: the other P-1 shards' K/V reach every rank twice
   (forward and backward recompute) and P-1 shards' worth of fp32 dK/dV partials leave it (reduce-scatter).
 - memory (CPU): peak resident set size during the timed iterations minus the RSS just before them,
@@ -29,24 +29,25 @@ Measured quantities:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import sys
-import threading
 import time
-from pathlib import Path
 
-# Pinned before torch (and the spawned ranks, which inherit the environment) start allocating.
-os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from ringtrain.ring import (  # noqa: E402
+from ringtrain.bench import (
+    MIB,
+    SentBytes,
+    add_common_flags,
+    device_name,
+    markdown_table,
+    measure,
+    pin_malloc_mmap_threshold,
+    sync,
+    write_json,
+)
+from ringtrain.ring import (
     RingDocuments,
     SequenceParallel,
     rank_work,
@@ -54,16 +55,16 @@ from ringtrain.ring import (  # noqa: E402
     select_kernel,
     shard_sequence,
 )
-from ringtrain.ring.attention import DEFAULT_TILE_TOKENS, pairs_evaluated, ring_attention_with_comm  # noqa: E402
-from ringtrain.ring.layout import get_layout, rank_positions  # noqa: E402
-from ringtrain.ring.plan import visible_work  # noqa: E402
+from ringtrain.ring.attention import DEFAULT_TILE_TOKENS, pairs_evaluated, ring_attention_with_comm
+from ringtrain.ring.layout import get_layout, rank_positions
+from ringtrain.ring.plan import visible_work
 
 CONFIGS = [  # (name, causal, layout)
     ("causal-zigzag", True, "zigzag"),
     ("causal-contiguous", True, "contiguous"),
     ("non-causal", False, "zigzag"),
 ]
-# Issue 7: documents and windows, against full causal attention on the same tokens (name, layout, docs, window
+# Documents and windows, against full causal attention on the same tokens (name, layout, docs, window
 # as a fraction of S). "packed" = document lengths drawn from `packed_document_ids`, document-masked.
 MASK_CONFIGS = [
     ("causal-zigzag (no mask)", "zigzag", False, None),
@@ -91,71 +92,6 @@ def packed_document_ids(batch: int, seq: int, mean_tokens: int, seed: int = 0) -
     return torch.stack(rows)
 
 
-class PeakRSS:
-    """Peak resident memory of this process while active, sampled by a thread (CPU memory has no counter)."""
-
-    def __init__(self, interval_s: float = 0.002) -> None:
-        self.interval_s = interval_s
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = self.rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def delta(self) -> int:
-        return self.peak - self.base
-
-
-class SentBytes:
-    """Counts the bytes this rank sends while active: what it hands to isend inside dist.batch_isend_irecv (the
-    ring) and the parts of all_to_all_single buffers bound for other ranks (Ulysses)."""
-
-    def __enter__(self) -> SentBytes:
-        self.total = self.ring = self.all_to_all = 0
-        self._p2p, self._a2a = dist.batch_isend_irecv, dist.all_to_all_single
-
-        def counting_p2p(ops):
-            n = sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
-            self.ring += n
-            self.total += n
-            return self._p2p(ops)
-
-        def counting_a2a(output, input, *args, group=None, **kwargs):
-            world = dist.get_world_size(group)
-            n = input.numel() * input.element_size() * (world - 1) // world  # the own part stays home
-            self.all_to_all += n
-            self.total += n
-            return self._a2a(output, input, *args, group=group, **kwargs)
-
-        dist.batch_isend_irecv, dist.all_to_all_single = counting_p2p, counting_a2a
-        return self
-
-    def __exit__(self, *exc) -> None:
-        dist.batch_isend_irecv, dist.all_to_all_single = self._p2p, self._a2a
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _inputs(args, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     shape_q = (args.batch, args.seq, args.heads, args.head_dim)
@@ -167,29 +103,10 @@ def _inputs(args, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ..
 
 
 def _time(fn, args, device: torch.device, group=None, barrier: bool = False) -> dict:
-    """Wall and CPU seconds of one fn() (min and median over args.iters, after args.warmup) and peak memory.
-
-    CPU time is this process's, all threads (the gloo transport's included): on a shared machine it
-    tracks the work done while wall time also counts the time other jobs held the cores.
-    """
-    for _ in range(args.warmup):
-        fn()
-    wall, cpu = [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    with PeakRSS() as rss:
-        for _ in range(args.iters):
-            if barrier:
-                dist.barrier(group=group)
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            _sync(device)
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    mem = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else rss.delta
-    return {"wall": min(wall), "wall_median": statistics.median(wall), "cpu": min(cpu), "mem": mem}
+    """Wall and CPU seconds of one fn() (min and median over --iters, after --warmup) and its peak memory over the
+    level before the timed calls (`ringtrain.bench.measure`); `barrier` lines the ranks of `group` up first."""
+    return measure(fn, repeats=args.repeats, warmup=args.warmup, device=device,
+                   barrier=(lambda: dist.barrier(group=group)) if barrier else None).summary()
 
 
 def _sdpa_step(q, k, v, dout, causal: bool) -> None:
@@ -263,15 +180,7 @@ def bench_masks_rank(group, device: torch.device, args) -> dict:
 def report_masks(by_world: dict[int, list[dict]], args, machine: str) -> str:
     """Markdown table of MASK_CONFIGS; speed-up = the unmasked causal-zigzag time at the same P / this time."""
     n_docs = by_world[min(by_world)][0]["configs"]["packed docs, zigzag"]["n_docs"]
-    lines = [
-        f"documents and windows, fwd+bwd: S={args.seq} B={args.batch} H={args.heads} H_kv={args.kv_heads} "
-        f"D={args.head_dim} {args.dtype}; packed: {n_docs} documents (log-normal lengths, mean {args.doc_tokens} "
-        f"tokens) in row 0; window = S/8 = {args.seq // 8}; min over {args.iters} iterations; {machine}",
-        "",
-        "| config | P | wall s/rank (median) | CPU s/rank | speed-up wall | speed-up CPU | work M pairs/rank (max) "
-        "| work max/min | visible M pairs (max/min) | sent MiB/rank |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for world, ranks in sorted(by_world.items()):
         base = [r["configs"]["causal-zigzag (no mask)"] for r in ranks]
         t0, c0 = max(c["wall"] for c in base), max(c["cpu"] for c in base)
@@ -279,12 +188,19 @@ def report_masks(by_world: dict[int, list[dict]], args, machine: str) -> str:
             cfgs = [r["configs"][name] for r in ranks]
             tp, tpm, cp = (max(c[key] for c in cfgs) for key in ("wall", "wall_median", "cpu"))
             work, vis = cfgs[0]["work"], cfgs[0]["visible"]
-            lines.append(
-                f"| {name} | {world} | {tp:.3f} ({tpm:.3f}) | {cp:.3f} | {t0 / tp:.2f} | {c0 / cp:.2f} "
-                f"| {max(work) / 1e6:.1f} | {max(work) / min(work):.2f} | {sum(vis) / 1e6:.1f} "
-                f"({max(vis) / min(vis):.2f}) | {max(c['sent'] for c in cfgs) / 2**20:.1f} |"
-            )
-    return "\n".join(lines)
+            rows.append([name, world, f"{tp:.3f} ({tpm:.3f})", f"{cp:.3f}", f"{t0 / tp:.2f}", f"{c0 / cp:.2f}",
+                         f"{max(work) / 1e6:.1f}", f"{max(work) / min(work):.2f}",
+                         f"{sum(vis) / 1e6:.1f} ({max(vis) / min(vis):.2f})",
+                         f"{max(c['sent'] for c in cfgs) / MIB:.1f}"])
+    return "\n".join([
+        f"documents and windows, fwd+bwd: S={args.seq} B={args.batch} H={args.heads} H_kv={args.kv_heads} "
+        f"D={args.head_dim} {args.dtype}; packed: {n_docs} documents (log-normal lengths, mean {args.doc_tokens} "
+        f"tokens) in row 0; window = S/8 = {args.seq // 8}; min over {args.repeats} iterations; {machine}",
+        "",
+        markdown_table(["config", "P", "wall s/rank (median)", "CPU s/rank", "speed-up wall", "speed-up CPU",
+                        "work M pairs/rank (max)", "work max/min", "visible M pairs (max/min)", "sent MiB/rank"],
+                       rows),
+    ])
 
 
 def bench_hybrid_rank(mesh, args) -> dict:
@@ -326,30 +242,29 @@ def hybrid_min_bytes(args, world: int, u: int) -> tuple[int, int]:
 def report_hybrid(by_u: dict[int, list[dict]], args, machine: str) -> str:
     world = len(next(iter(by_u.values())))
     base = by_u.get(1)
-    lines = [
-        f"ring x Ulysses, causal zigzag fwd+bwd at world {world}: S={args.seq} B={args.batch} H={args.heads} "
-        f"H_kv={args.kv_heads} D={args.head_dim} {args.dtype}; min over {args.iters} iterations; {machine}",
-        "",
-        "| U x R | wall s/rank (median) | CPU s/rank | wall vs pure ring | CPU vs pure ring | sent MiB/rank "
-        "(all-to-all + ring) | sent / analytic minimum |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for u, ranks in sorted(by_u.items(), reverse=True):
         tp, tpm, cp = (max(r[key] for r in ranks) for key in ("wall", "wall_median", "cpu"))
         a2a, ring = hybrid_min_bytes(args, world, u)
         sent = max(r["sent"] for r in ranks)
-        split = f"{max(r['all_to_all'] for r in ranks) / 2**20:.1f} + {max(r['ring'] for r in ranks) / 2**20:.1f}"
+        split = f"{max(r['all_to_all'] for r in ranks) / MIB:.1f} + {max(r['ring'] for r in ranks) / MIB:.1f}"
         vs = "-" if base is None else f"{max(r['wall'] for r in base) / tp:.2f}"
         vs_cpu = "-" if base is None else f"{max(r['cpu'] for r in base) / cp:.2f}"
-        lines.append(f"| {u} x {world // u} | {tp:.3f} ({tpm:.3f}) | {cp:.3f} | {vs} | {vs_cpu} | "
-                     f"{sent / 2**20:.1f} ({split}) | {sent / (a2a + ring):.3f} |")
-    lines.append("")
-    lines.append("wall/CPU vs pure ring: the pure ring's time / this split's (above 1 = faster).")
-    return "\n".join(lines)
+        rows.append([f"{u} x {world // u}", f"{tp:.3f} ({tpm:.3f})", f"{cp:.3f}", vs, vs_cpu,
+                     f"{sent / MIB:.1f} ({split})", f"{sent / (a2a + ring):.3f}"])
+    return "\n".join([
+        f"ring x Ulysses, causal zigzag fwd+bwd at world {world}: S={args.seq} B={args.batch} H={args.heads} "
+        f"H_kv={args.kv_heads} D={args.head_dim} {args.dtype}; min over {args.repeats} iterations; {machine}",
+        "",
+        markdown_table(["U x R", "wall s/rank (median)", "CPU s/rank", "wall vs pure ring", "CPU vs pure ring",
+                        "sent MiB/rank (all-to-all + ring)", "sent / analytic minimum"], rows),
+        "",
+        "wall/CPU vs pure ring: the pure ring's time / this split's (above 1 = faster).",
+    ])
 
 
 def balance_report(args) -> tuple[str, dict]:
-    """Issue 17: for zigzag, contiguous and balanced, the pairs each rank's kernel calls evaluate (from the plan and
+    """For zigzag, contiguous and balanced, the pairs each rank's kernel calls evaluate (from the plan and
     its pieces), the visible pairs, max/min over ranks, the K/V bytes each rank sends per fwd+bwd (from the number
     of ring steps), and the time to plan one batch on one rank. Nothing is computed on tensors of activations."""
     from ringtrain.ring.attention import pairs_evaluated
@@ -369,10 +284,7 @@ def balance_report(args) -> tuple[str, dict]:
     elem = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
     kv_shard = 2 * (args.seq // world) * args.kv_heads * args.head_dim  # K and V of one rank, batch 1
     out: dict = {}
-    lines = [f"layout balance: P={world}, S={args.seq}, {len(cut)} documents (longest {max(cut)}, shortest "
-             f"{min(cut)}); H_kv={args.kv_heads} D={args.head_dim} {args.dtype}", "",
-             "| layout | pairs evaluated (M, max/rank) | work max/min | visible max/min | ring steps "
-             "| K/V MiB sent/rank | plan s/batch (one rank) |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for name in ("zigzag", "contiguous", "balanced"):
         t0 = time.perf_counter()
         ring_docs = RingDocuments(docs, world, get_layout(name).for_documents(docs, world))
@@ -384,9 +296,14 @@ def balance_report(args) -> tuple[str, dict]:
         out[name] = {"work": work, "visible": visible, "work_max_min": max(work) / max(min(work), 1),
                      "visible_max_min": max(visible) / max(min(visible), 1), "ring_steps": n_steps,
                      "kv_bytes_per_rank": [sent] * world, "plan_s": plan_s}
-        lines.append(f"| {name} | {max(work) / 1e6:.1f} | {out[name]['work_max_min']:.3f} "
-                     f"| {out[name]['visible_max_min']:.3f} | {n_steps} | {sent / 2**20:.1f} | {plan_s:.4f} |")
-    return "\n".join(lines), out
+        rows.append([name, f"{max(work) / 1e6:.1f}", f"{out[name]['work_max_min']:.3f}",
+                     f"{out[name]['visible_max_min']:.3f}", n_steps, f"{sent / MIB:.1f}", f"{plan_s:.4f}"])
+    return "\n".join([
+        f"layout balance: P={world}, S={args.seq}, {len(cut)} documents (longest {max(cut)}, shortest {min(cut)}); "
+        f"H_kv={args.kv_heads} D={args.head_dim} {args.dtype}", "",
+        markdown_table(["layout", "pairs evaluated (M, max/rank)", "work max/min", "visible max/min", "ring steps",
+                        "K/V MiB sent/rank", "plan s/batch (one rank)"], rows),
+    ]), out
 
 
 def _spawned(mesh, args) -> dict:
@@ -405,21 +322,13 @@ def _min_bytes(args, world: int) -> int:
 
 def report(base: dict, by_world: dict[int, list[dict]], args, machine: str) -> str:
     """Markdown table; `base` is a rank result holding the SDPA baseline, `by_world` the ring runs by world."""
-    lines = [
-        f"ring attention fwd+bwd: S={args.seq} B={args.batch} H={args.heads} H_kv={args.kv_heads} "
-        f"D={args.head_dim} {args.dtype}, min over {args.iters} iterations (warmup {args.warmup}); {machine}",
-        "",
-        "| config | P | wall s/rank (median) | eff. wall T1/(P*TP) | CPU s/rank | eff. CPU | work max/min "
-        "| sent MiB/rank | sent/min | peak mem MiB/rank |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for name, causal, _ in CONFIGS:
         sdpa = base[f"sdpa_causal={causal}"]
         t1, c1 = sdpa["wall"], sdpa["cpu"]
-        lines.append(
-            f"| SDPA {'causal' if causal else 'non-causal'}, 1 process | 1 | {t1:.3f} ({sdpa['wall_median']:.3f}) "
-            f"| 1 | {c1:.3f} | 1 | 1 | 0 | - | {sdpa['mem'] / 2**20:.0f} |"
-        )
+        rows.append([f"SDPA {'causal' if causal else 'non-causal'}, 1 process", 1,
+                     f"{t1:.3f} ({sdpa['wall_median']:.3f})", 1, f"{c1:.3f}", 1, 1, 0, "-",
+                     f"{sdpa['mem'] / MIB:.0f}"])
         for world, ranks in sorted(by_world.items()):
             cfgs = [r["configs"][name] for r in ranks]
             tp = max(c["wall"] for c in cfgs)
@@ -428,12 +337,17 @@ def report(base: dict, by_world: dict[int, list[dict]], args, machine: str) -> s
             work = cfgs[0]["work"]
             sent = max(c["sent"] for c in cfgs)
             need = _min_bytes(args, world)
-            lines.append(
-                f"| ring {name} | {world} | {tp:.3f} ({tp_median:.3f}) | {t1 / (world * tp):.3f} "
-                f"| {cp:.3f} | {c1 / (world * cp):.3f} | {max(work) / min(work):.3f} | {sent / 2**20:.1f} "
-                f"| {sent / need if need else 1.0:.3f} | {max(c['mem'] for c in cfgs) / 2**20:.0f} |"
-            )
-    return "\n".join(lines)
+            rows.append([f"ring {name}", world, f"{tp:.3f} ({tp_median:.3f})", f"{t1 / (world * tp):.3f}",
+                         f"{cp:.3f}", f"{c1 / (world * cp):.3f}", f"{max(work) / min(work):.3f}",
+                         f"{sent / MIB:.1f}", f"{sent / need if need else 1.0:.3f}",
+                         f"{max(c['mem'] for c in cfgs) / MIB:.0f}"])
+    return "\n".join([
+        f"ring attention fwd+bwd: S={args.seq} B={args.batch} H={args.heads} H_kv={args.kv_heads} "
+        f"D={args.head_dim} {args.dtype}, min over {args.repeats} iterations (warmup {args.warmup}); {machine}",
+        "",
+        markdown_table(["config", "P", "wall s/rank (median)", "eff. wall T1/(P*TP)", "CPU s/rank", "eff. CPU",
+                        "work max/min", "sent MiB/rank", "sent/min", "peak mem MiB/rank"], rows),
+    ])
 
 
 class LoopbackComm:
@@ -459,7 +373,7 @@ def _profile_table(fn, title: str, rows: int = 12) -> str:
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
     with profile(activities=activities) as prof:
         fn()
-        _sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     return f"\nprofile: {title}\n" + prof.key_averages().table(sort_by=key, row_limit=rows) + "\n"
 
@@ -515,14 +429,9 @@ def virtual_ring(args) -> tuple[str, list[dict]]:
     """One GPU: sum over P virtual ranks of blockwise compute + merge (zigzag), against the same attention over the
     whole sequence in one process: one SDPA call (causal), flash varlen (packed documents), the flash window op."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run of the script
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     q, k, v, dout = _inputs(args, device)
     profiles: list[str] = []  # printed after the table
-    lines = [f"virtual ring P={args.virtual_ring} on {device_name}, torch {torch.__version__}: "
-             f"S={args.seq} H={args.heads} H_kv={args.kv_heads} D={args.head_dim} {args.dtype}, zigzag",
-             "| config | baseline | baseline s | virtual ring s (sum of ranks) | baseline / ring | baseline working "
-             "MiB | ring working MiB/rank (max) |", "|---|---|---|---|---|---|---|"]
-    world, records = args.virtual_ring, []
+    world, records, rows = args.virtual_ring, [], []
     for name, doc_frac, window_frac in VIRTUAL_CONFIGS:
         docs = None if doc_frac is None else packed_document_ids(1, args.seq, int(args.seq * doc_frac))
         window = None if window_frac is None else int(args.seq * window_frac)
@@ -554,15 +463,19 @@ def virtual_ring(args) -> tuple[str, list[dict]]:
                 profiles.append(_profile_table(lambda: _sdpa_step(q, k, v, dout, True), "SDPA causal"))
         records.append({"config": name, "seq": args.seq, "world": world, "baseline": base_name,
                         "baseline_s": base["wall"], "ring_s": total, "baseline_over_ring": base["wall"] / total,
-                        "baseline_mib": base["mem"] / 2**20, "ring_mib_per_rank": mem / 2**20,
+                        "baseline_mib": base["mem"] / MIB, "ring_mib_per_rank": mem / MIB,
                         "n_docs": None if docs is None else int(docs.max()) + 1})
-        lines.append(f"| {name} | {base_name} | {base['wall']:.4f} | {total:.4f} | {base['wall'] / total:.3f} "
-                     f"| {base['mem'] / 2**20:.0f} | {mem / 2**20:.0f} |")
+        rows.append([name, base_name, f"{base['wall']:.4f}", f"{total:.4f}", f"{base['wall'] / total:.3f}",
+                     f"{base['mem'] / MIB:.0f}", f"{mem / MIB:.0f}"])
+    lines = [f"virtual ring P={args.virtual_ring} on {device_name(device)}, torch {torch.__version__}: "
+             f"S={args.seq} H={args.heads} H_kv={args.kv_heads} D={args.head_dim} {args.dtype}, zigzag",
+             markdown_table(["config", "baseline", "baseline s", "virtual ring s (sum of ranks)", "baseline / ring",
+                             "baseline working MiB", "ring working MiB/rank (max)"], rows)]
     return "\n".join(lines + profiles), records
 
 
 def ulysses_local(args) -> tuple[str, dict]:
-    """Issue 13: what a rank of pure Ulysses (R = 1) computes, one local call over the whole sequence for H/U heads
+    """What a rank of pure Ulysses (R = 1) computes, one local call over the whole sequence for H/U heads
     through the ring driver (a world of one), against one SDPA call on the same heads: the same kernel, so ~1."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     u = args.ulysses_local
@@ -591,42 +504,41 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    add_common_flags(p, repeats=3, repeats_flags=("--repeats", "--iters"), warmup=1, threads=1,
+                     json_help="--virtual-ring, --balance: also write the records here (stamped with the machine)",
+                     quick_help="S=1024, 2 iterations: a smoke run")
     p.add_argument("--worlds", default="1,2", help="CPU: comma-separated world sizes to spawn (1 is required)")
-    p.add_argument("--threads", type=int, default=1, help="CPU: torch threads per rank")
-    p.add_argument("--quick", action="store_true", help="S=1024, 2 iterations: a smoke run")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     p.add_argument("--virtual-ring", type=int, default=0, metavar="P", help="one GPU: simulate P ranks")
     p.add_argument("--masks", action="store_true",
-                   help="documents and windows (issue 7): packed document-masked batch and a window of S/8, "
+                   help="documents and windows: packed document-masked batch and a window of S/8, "
                         "against full causal attention on the same tokens")
     p.add_argument("--doc-tokens", type=int, default=1000, help="--masks: mean packed document length")
     p.add_argument("--ulysses", default="", metavar="U,U,...",
-                   help="issue 13: Ulysses degrees to compare at --world (default 4) ranks, e.g. 1,2,4 (1 = pure ring)")
+                   help="Ulysses degrees to compare at --world (default 4) ranks, e.g. 1,2,4 (1 = pure ring)")
     p.add_argument("--world", type=int, default=4, help="--ulysses, --balance: ranks")
     p.add_argument("--balance", action="store_true",
-                   help="issue 17: work balance, ring steps and bytes of each layout for --doc-lengths (no attention)")
+                   help="work balance, ring steps and bytes of each layout for --doc-lengths (no attention)")
     p.add_argument("--doc-lengths", default="", help="--balance: comma-separated document lengths (the rest of "
                                                      "--seq becomes one more document)")
     p.add_argument("--ulysses-local", type=int, default=0, metavar="U",
                    help="--virtual-ring: also time the local attention of pure Ulysses (H/U heads, the whole "
                         "sequence) against one SDPA call")
-    p.add_argument("--json", type=Path, help="--virtual-ring: also write the records here")
     p.add_argument("--profile", action="store_true",
                    help="--virtual-ring: also print the ops taking the most device time (rank 0 and SDPA, causal)")
     p.add_argument("--sdpa-every-rank", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.kv_heads = args.kv_heads or args.heads
     if args.quick:
-        args.seq, args.iters, args.warmup = 1024, 2, 1
+        args.seq, args.repeats, args.warmup = 1024, 2, 1
+    pin_malloc_mmap_threshold()  # for the ranks spawned below
 
     if args.balance:
         torch.set_num_threads(args.threads)  # the plan's small ops: pool threads only add spin time on a busy host
         text, records = balance_report(args)
         print(text)
         if args.json:
-            args.json.write_text(json.dumps(records, indent=1))
+            write_json(args.json, {"layouts": records})
         return
     if args.virtual_ring:
         text, records = virtual_ring(args)
@@ -636,9 +548,7 @@ def main() -> None:
             print(text)
             records.append(rec)
         if args.json:
-            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-            args.json.write_text(json.dumps({"device": device, "torch": torch.__version__, "records": records},
-                                            indent=1))
+            write_json(args.json, {"records": records})
         return
     if args.backend == "nccl":
         local_rank = int(os.environ["LOCAL_RANK"])

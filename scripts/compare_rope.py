@@ -15,6 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from ringtrain.bench import markdown_table, write_json
 from ringtrain.config.data import PASSKEY_TASKS
 from ringtrain.config.eval import RETRIEVAL_EVAL_TASKS
 
@@ -79,7 +80,7 @@ def merge(folder: Path) -> None:
     for p in parts:
         out["perplexity"] += p["perplexity"]
         out["documents"] += p["documents"]
-    (folder / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_json(folder / "results.json", out, stamp=False)  # the evaluations' own format, whole or not at all
     (folder / "table.txt").write_text(format_table(out) + "\n")
 
 
@@ -158,22 +159,19 @@ def report(run: Path, markdown: str | None, figure: str | None) -> str:
         lines += [f"### x{factor}, {kind}" + (f" (mean of {seeds} seeds, ± half the spread)" if seeds > 1 else ""), ""]
         head = ["method"] + [f"acc@{n}" for n in lengths] + [f"nll@{n}" for n in lengths] + [
             f"ppl@{n}" for n in lengths]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         order = [m for m in (*METHODS, "none") if m in by_method]
+        rows = []
         for m in order:
             cells = [m]
             for what in ("acc", "nll", "ppl"):
                 cells += [_fmt(*_cell(by_method[m], n, what), what, len(by_method[m])) for n in lengths]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+            rows.append(cells)
+        lines += [markdown_table(head, rows), ""]
         target = lengths[-1]
-        head = ["method"] + list(RETRIEVAL_EVAL_TASKS)
-        lines += [f"Exact match by task at {target} tokens (%):", "", "| " + " | ".join(head) + " |",
-                  "|" + "---|" * len(head)]
-        for m in order:
-            lines.append("| " + " | ".join([m] + [_fmt(*_cell(by_method[m], target, "acc", t), "acc", 1)
-                                                 for t in RETRIEVAL_EVAL_TASKS]) + " |")
-        lines.append("")
+        by_task = [[m] + [_fmt(*_cell(by_method[m], target, "acc", t), "acc", 1) for t in RETRIEVAL_EVAL_TASKS]
+                   for m in order]
+        lines += [f"Exact match by task at {target} tokens (%):", "",
+                  markdown_table(["method", *RETRIEVAL_EVAL_TASKS], by_task), ""]
     text = "\n".join(lines)
     if markdown:
         Path(markdown).write_text(text + "\n")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU script (issues 13, 14, 16): every check a GPU lease should run, in order of value, each step capped by
+# The one GPU script: every check a GPU lease should run, in order of value, each step capped by
 # what is left of a budget of BUDGET_S seconds (default 480: 8 minutes on one H200, leaving a lease room to rerun):
 #   1. tests: the CUDA kernels (cuDNN, flash, efficient, flash windows) and the multi-rank ring on CUDA, against
 #      float64 references (pytest -m gpu);
@@ -7,11 +7,11 @@
 #      documents, mean length S/16) and the flash window op (window S/8), at 32K (P=4) and 128K (P=8); and the
 #      Ulysses local attention (one call over S for H/U heads) against one SDPA call with H/U heads;
 #   3. trainer: the 1.1B Llama shape at 8K/32K against a plain transformers loop, per recompute policy, and at 128K
-#      with tiled MLP + offloaded layer inputs (issue 16; recompute full alone was measured there: 31.6 GiB, 26.5 s);
+#      with tiled MLP + offloaded layer inputs (docs/benchmarks.md has what recompute full alone needs there);
 #      every ringtrain row carries `ringtrain plan`'s predicted peak next to the measured one;
 #   4. the longest context that trains one step with tiled MLP (doubling from 256K until out of memory or time).
-# Not in the default run (it needs ~200-380 s alone, planner estimate): long_context, one step of the 1.1B model at
-# 512K tokens with tiled MLP and offloaded layer inputs (issue 16's one-GPU target). Run it on its own lease:
+# Not in the default run (it needs most of a lease alone): long_context, one step of the 1.1B model at 512K tokens
+# with tiled MLP and offloaded layer inputs (the one-GPU target). Run it on its own lease:
 #   bash scripts/gpu_check.sh --only tests,long_context
 # Writes OUT/summary.json (every step's status and figures) and OUT/summary.md (the tables for docs/benchmarks.md),
 # and exits non-zero when any step failed or timed out.
@@ -41,6 +41,8 @@ done
 mkdir -p "$out"
 py=${PYTHON:-python3}
 budget=${BUDGET_S:-480}
+# The scripts import the package, installed editable by scripts/env.sh; a lease may run this checkout with a python
+# that never installed it ($PYTHON), so the checkout is put on its path here, once, instead of in every script.
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 status_file="$out/status.tsv"

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from ringtrain.bench import markdown_table, write_json
+
 STEP_FILES = {"attention_small": "attention_small.json", "attention_large": "attention_large.json",
               "trainer": "trainer.json", "max_context": "max_context.json", "long_context": "long_context.json"}
 
@@ -25,40 +27,42 @@ def _steps(out: Path) -> list[dict]:
 
 
 def _attention_md(records: list[dict]) -> list[str]:
-    lines = ["| attention | S | P | baseline | baseline s | ringtrain s | baseline / ringtrain |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for r in records:
         if "baseline_s" in r:
-            lines.append(f"| {r['config']} | {r['seq']:,} | {r['world']} | {r['baseline']} | {r['baseline_s']:.4f} "
-                         f"| {r['ring_s']:.4f} | {r['baseline_over_ring']:.3f} |")
+            rows.append([r["config"], f"{r['seq']:,}", r["world"], r["baseline"], f"{r['baseline_s']:.4f}",
+                         f"{r['ring_s']:.4f}", f"{r['baseline_over_ring']:.3f}"])
         else:
-            lines.append(f"| {r['config']} ({r['heads']} heads) | {r['seq']:,} | 1 | SDPA | {r['sdpa_s']:.4f} "
-                         f"| {r['ringtrain_s']:.4f} | {r['sdpa_over_ringtrain']:.3f} |")
-    return lines
+            rows.append([f"{r['config']} ({r['heads']} heads)", f"{r['seq']:,}", 1, "SDPA", f"{r['sdpa_s']:.4f}",
+                         f"{r['ringtrain_s']:.4f}", f"{r['sdpa_over_ringtrain']:.3f}"])
+    return markdown_table(["attention", "S", "P", "baseline", "baseline s", "ringtrain s", "baseline / ringtrain"],
+                          rows).splitlines()
 
 
 def _trainer_md(records: list[dict]) -> list[str]:
-    """Trainer records; `planner GiB` is `ringtrain plan`'s peak for the same config (issue 16), next to the measured."""
-    lines = ["| loop | recompute | context | step s | tokens/s | peak GiB | planner GiB | planner / measured |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Trainer records; `planner GiB` is `ringtrain plan`'s peak for the same config, next to the measured."""
+    rows = []
     for r in records:
         planned = r.get("predicted_peak_bytes")
         plan = "-" if planned is None else f"{planned / 2**30:.1f}"
         if "step_s" in r:
             ratio = f"{planned / r['peak_bytes']:.2f}" if planned and r["peak_bytes"] else "-"
-            lines.append(f"| {r['kind']} | {r['recompute']} | {r['seq_len']:,} | {r['step_s']:.3f} "
-                         f"| {r['seq_len'] / r['step_s']:,.0f} | {r['peak_bytes'] / 2**30:.1f} | {plan} | {ratio} |")
+            rows.append([r["kind"], r["recompute"], f"{r['seq_len']:,}", f"{r['step_s']:.3f}",
+                         f"{r['seq_len'] / r['step_s']:,.0f}", f"{r['peak_bytes'] / 2**30:.1f}", plan, ratio])
         else:
             why = r.get("oom", r.get("not_tried", "?"))
-            lines.append(f"| {r['kind']} | {r['recompute']} | {r['seq_len']:,} | {why[:60]} | - | - | {plan} | - |")
-    return lines
+            rows.append([r["kind"], r["recompute"], f"{r['seq_len']:,}", why[:60], "-", "-", plan, "-"])
+    return markdown_table(["loop", "recompute", "context", "step s", "tokens/s", "peak GiB", "planner GiB",
+                           "planner / measured"], rows).splitlines()
 
 
 def main(out: Path) -> int:
     steps = _steps(out)
     summary: dict = {"steps": steps, "env": (out / "env.log").read_text() if (out / "env.log").exists() else ""}
     failed = [s["step"] for s in steps if s["status"] != "ok"]
-    md = ["# GPU check", "", "```", summary["env"].strip(), "```", "", "| step | status | seconds |", "|---|---|---|"]
-    md += [f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps]
+    md = ["# GPU check", "", "```", summary["env"].strip(), "```", ""]
+    md += markdown_table(["step", "status", "seconds"], [[s["step"], s["status"], s["seconds"]] for s in steps]
+                         ).splitlines()
     ran = {s["step"] for s in steps if s["status"] == "ok"}
     for step, name in STEP_FILES.items():
         path = out / name
@@ -77,7 +81,7 @@ def main(out: Path) -> int:
             summary[key] = max(trained) if trained else None
             md += ["", f"Longest context that trained one step ({step}): {summary[key]}"]
     summary["failed"] = failed
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary, stamp=False)  # each step's file carries its own stamp
     (out / "summary.md").write_text("\n".join(md) + "\n")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
