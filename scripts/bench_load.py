@@ -43,6 +43,7 @@ from ringtrain.bench import (
     SyncedTimer,
     add_common_flags,
     markdown_table,
+    meta_model,
     model_spec,
     pin_malloc_mmap_threshold,
     write_json,
@@ -60,8 +61,7 @@ def save_model(folder: Path, spec: dict) -> int:
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    with torch.device("meta"):
-        return sum(p.numel() * 4 for p in AutoModelForCausalLM.from_config(config).parameters())
+    return 4 * sum(p.numel() for p in meta_model(spec).parameters())
 
 
 def save_bin_copy(folder: Path) -> Path:
