@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -423,18 +423,6 @@ def plain_step(model: torch.nn.Module, optimizer: Any, ids: torch.Tensor) -> flo
     return loss.item()
 
 
-@dataclass
-class RankRun:
-    """One spawned rank's run of a configuration: memory at its start, once built and at its end (`rss` now, `hwm`
-    the process's high-water mark), per-step wall / CPU seconds and loss, and the CPU seconds of the whole run."""
-
-    start: dict[str, int]
-    built: dict[str, int]
-    end: dict[str, int] = field(default_factory=dict)
-    records: list[dict[str, float]] = field(default_factory=list)
-    cpu_total_s: float = 0.0
-
-
 def _memory_now() -> dict[str, int]:
     from ringtrain.train.trainer import peak_memory_bytes
 
@@ -443,18 +431,21 @@ def _memory_now() -> dict[str, int]:
 
 def run_steps(build: Callable[[], Callable[[], float]], steps: int,
               barrier: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Build a loop (`build()` returns its step function, which returns the loss), then time `steps` steps on CPU;
-    a fresh process per configuration, since a process's CPU peak memory cannot be reset. Returns a `RankRun` as a
-    dict (it crosses the process boundary)."""
+    """Build a loop (`build()` returns its step function, which returns the loss), then time `steps` steps on CPU,
+    in a fresh process per configuration (a process's CPU peak memory cannot be reset).
+
+    Returns start / built / end: memory at the start, once built and at the end ({"rss": resident now, "hwm": the
+    process's high-water mark}); records: per step wall_s, cpu_s and loss; cpu_total_s: CPU seconds of it all.
+    """
     c_start = time.process_time()
-    run = RankRun(start=_memory_now(), built={})
+    start = _memory_now()
     step = build()
-    run.built = _memory_now()
+    built = _memory_now()
     m = measure(step, repeats=steps, barrier=barrier, memory=False)  # CPU seconds are a figure: no sampler thread
-    run.records = [{"wall_s": w, "cpu_s": c, "loss": loss} for w, c, loss in zip(m.wall_s, m.cpu_s, m.results,
-                                                                                 strict=True)]
-    run.end, run.cpu_total_s = _memory_now(), time.process_time() - c_start
-    return vars(run)
+    records = [{"wall_s": w, "cpu_s": c, "loss": loss} for w, c, loss in zip(m.wall_s, m.cpu_s, m.results,
+                                                                            strict=True)]
+    return {"start": start, "built": built, "end": _memory_now(), "records": records,
+            "cpu_total_s": time.process_time() - c_start}
 
 
 def ringtrain_rank(mesh: Any, spec: dict[str, Any]) -> dict[str, Any]:
