@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "rope":
             from ringtrain.hf.rope import describe_rope
+            from ringtrain.model.causal_lm import build_model_config
 
             cfg = _load(args, None)
-            sys.stdout.write(describe_rope(cfg.model, cfg.rope, args.target_length) + "\n")
+            sys.stdout.write(describe_rope(build_model_config(cfg.model), cfg.rope, args.target_length) + "\n")
             return 0
         if args.command == "eval":
             from ringtrain.eval import format_table, run_eval

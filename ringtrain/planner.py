@@ -81,8 +81,7 @@ def model_shape(model_cfg: Any) -> ModelShape:
     """The shapes of `model.*` (a ringtrain ModelConfig), from its transformers config, built on the meta device."""
     import torch
 
-    from ringtrain.model.build import decoder_layers
-    from ringtrain.model.causal_lm import build_meta_model, build_model_config
+    from ringtrain.model.causal_lm import build_meta_model, build_model_config, decoder_layers
 
     try:
         config = build_model_config(model_cfg)

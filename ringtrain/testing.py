@@ -38,7 +38,7 @@ def _worker(
 ) -> None:
     import torch.distributed as dist
 
-    from ringtrain.parallel.distributed import build_mesh
+    from ringtrain.parallel import ParallelDims
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -49,7 +49,7 @@ def _worker(
         dist.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout)
         )
-        mesh = build_mesh(ParallelConfig(sp_size=sp_size, ulysses_size=ulysses_size), torch.device("cpu"))
+        mesh = ParallelDims.build(ParallelConfig(sp_size=sp_size, ulysses_size=ulysses_size), device=torch.device("cpu"))
         out = fn(mesh, *args, **kwargs)
         buf = io.BytesIO()
         torch.save(out, buf)  # bytes, not shared-memory tensors: safe after this process exits
@@ -89,7 +89,7 @@ def run_distributed(
     """Run `fn(mesh, *args, **kwargs)` on `world_size` gloo ranks; return each rank's result, by rank.
 
     `fn` must be importable (a module-level function). `sp_size` defaults to the whole world; `ulysses_size`
-    splits it into ring x Ulysses (the mesh's `sequence_parallel()`).
+    splits it into ring x Ulysses (the dims' `sp`).
     Raises RankFailedError naming the first failing rank, or RankTimeoutError naming the ranks
     still running after `timeout` seconds; surviving processes are killed either way.
     """

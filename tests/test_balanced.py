@@ -87,7 +87,7 @@ def _random_pack(rng: random.Random, seq: int) -> list[int]:
 
 def _exact_worker(mesh) -> list[dict]:
     """Random packs (length-1 documents, documents shorter than P), fp64 reference kernel and fp32 CPU flash."""
-    sp = mesh.sequence_parallel("balanced")
+    sp = mesh.sp.with_layout("balanced")
     rng, g = random.Random(mesh.sp_size), torch.Generator().manual_seed(2)
     seq, out = 48, []
     for trial in range(6):

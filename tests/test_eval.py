@@ -17,7 +17,9 @@ from ringtrain.config.eval import RETRIEVAL_EVAL_TASKS
 from ringtrain.data import build_tokenizer
 from ringtrain.errors import ConfigError
 from ringtrain.eval import answer_token_hits, eval_documents, exact_match, sliding_windows
-from ringtrain.eval.runner import Evaluator, evaluate_retrieval, evaluation_mode, load_model_for_eval
+from ringtrain.eval.entry import Evaluator, load_model_for_eval
+from ringtrain.eval.forward import evaluation_mode
+from ringtrain.eval.retrieval import evaluate_retrieval
 from ringtrain.eval.tasks import TASK_DOCUMENTS
 from ringtrain.testing import run_distributed
 from ringtrain.validate import load_validated_config
@@ -219,9 +221,13 @@ TINY = [
 ]
 
 
-def _evaluate(mesh, cfg):
-    lm, _ = load_model_for_eval(cfg, mesh)
-    return Evaluator(cfg, build_tokenizer("bytes"), mesh).run(lm)
+def _evaluate(dims, cfg):
+    model, _ = load_model_for_eval(cfg, dims)
+    if dims is not None:  # built as training builds it: FSDP2 (train.fsdp defaults to true) over every rank
+        from torch.distributed.fsdp import FSDPModule
+
+        assert isinstance(model, FSDPModule)
+    return Evaluator(cfg, build_tokenizer("bytes"), dims).run(model.lm, fsdp_root=model)
 
 
 def _assert_same_results(ref, got):
@@ -251,7 +257,8 @@ def test_sp_and_dp_evaluation_equal_single_process(tmp_path):
     assert 50 < ref["perplexity"][0]["ppl"] < 1000  # random init over 384 ids
     sp_cfg = load_validated_config(None, [*TINY, f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
                                 "parallel.sp_size=2"])
-    got = run_distributed(_evaluate, 4, sp_cfg, sp_size=2, timeout=240)
+    got = run_distributed(_evaluate, 4, sp_cfg, sp_size=2, timeout=240)  # dp 2 x sp 2, FSDP over all 4
+    got += run_distributed(_evaluate, 2, sp_cfg, sp_size=2, timeout=240)  # world 2, FSDP over the SP ranks
     for rank_result in got:
         _assert_same_results(ref, rank_result)
 
@@ -300,12 +307,12 @@ def test_a_rank_failing_alone_ends_the_evaluation_without_waiting_for_the_timeou
     script.write_text(
         "import os, sys\n"
         "from ringtrain.validate import load_validated_config\n"
-        "from ringtrain.eval import runner\n"
+        "from ringtrain.eval import entry\n"
         "if os.environ['RANK'] == '1':\n"
         "    def broken(self, lm, step=None, fsdp_root=None):\n"
         "        raise RuntimeError('injected failure on rank 1')\n"
-        "    runner.Evaluator.run = broken\n"
-        "runner.run_eval(load_validated_config(None, sys.argv[1:]))\n")
+        "    entry.Evaluator.run = broken\n"
+        "entry.run_eval(load_validated_config(None, sys.argv[1:]))\n")
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,

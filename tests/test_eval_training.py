@@ -24,13 +24,13 @@ TINY = [
 
 def _train_then_eval_checkpoint(mesh, cfg):
     from ringtrain.data import build_tokenizer
-    from ringtrain.eval.runner import Evaluator, flat_metrics, load_model_for_eval
+    from ringtrain.eval.entry import Evaluator, flat_metrics, load_model_for_eval
     from ringtrain.train.trainer import build_trainer
 
     history = build_trainer(cfg, mesh).fit()
     after = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint="latest"))
-    lm, step = load_model_for_eval(after, mesh)
-    return history, step, flat_metrics(Evaluator(after, build_tokenizer("bytes"), mesh).run(lm))
+    model, step = load_model_for_eval(after, mesh)
+    return history, step, flat_metrics(Evaluator(after, build_tokenizer("bytes"), mesh).run(model.lm, fsdp_root=model))
 
 
 def test_in_training_eval_matches_checkpoint_eval(tmp_path):

@@ -83,7 +83,7 @@ def _equivalence_worker(mesh, layouts, models=tuple(MODELS)):
         for layout in layouts:
             model = copy.deepcopy(ref)
             model.zero_grad(set_to_none=True)
-            sp = mesh.sequence_parallel(layout)  # ring x Ulysses as the mesh says
+            sp = mesh.sp.with_layout(layout)  # ring x Ulysses as the mesh says
             apply_ring_attention(model, sp)
             batch = shard_batch({"input_ids": ids, "labels": labels, "attention_mask": mask}, sp)
             logits, loss = _ring_step(model, batch, sp, group)
@@ -132,7 +132,7 @@ def _errors_worker(mesh):
     torch.manual_seed(0)
     model = apply_ring_attention(AutoModelForCausalLM.from_config(LlamaConfig(**COMMON)), group=group)
     ids, mask, _ = _batch(7)
-    batch = shard_batch({"input_ids": ids}, group)
+    batch = shard_batch({"input_ids": ids}, group=group)
     found = {}
 
     def attempt(key, **kwargs):
@@ -165,6 +165,32 @@ def _errors_worker(mesh):
     return found
 
 
+def _bad_positions_on_one_rank(mesh):
+    """The default group (no group, no SequenceParallel passed): rank 1 alone passes wrong positions."""
+    torch.manual_seed(0)
+    model = apply_ring_attention(AutoModelForCausalLM.from_config(LlamaConfig(**COMMON)))
+    ids, _, _ = _batch(7)
+    batch = shard_batch({"input_ids": ids})
+    positions = batch["position_ids"] + (1 if mesh.rank == 1 else 0)
+    try:
+        model(input_ids=batch["input_ids"], position_ids=positions)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_bad_positions_on_one_rank_stop_every_rank_of_the_default_group():
+    """Every rank agrees on the position check over the whole SP group, the default group included: both ranks
+    raise at once (a check over no group left rank 0 waiting in the ring until the collective timeout)."""
+    import time
+
+    t0 = time.monotonic()
+    found = run_distributed(_bad_positions_on_one_rank, 2, timeout=60)
+    assert all(f is not None and "position_ids do not match the zigzag shard of a 32-token sequence" in f
+               for f in found), found
+    assert time.monotonic() - t0 < 60
+
+
 def test_input_mistakes_raise_on_every_rank():
     for found in run_distributed(_errors_worker, 2, timeout=120):
         assert "position_ids were not passed" in found["no_positions"]
@@ -184,14 +210,14 @@ def _train_save_worker(mesh, out_dir):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     ids, mask, labels = _batch(1000)
-    batch = shard_batch({"input_ids": ids, "labels": labels, "attention_mask": mask}, group)
+    batch = shard_batch({"input_ids": ids, "labels": labels, "attention_mask": mask}, group=group)
     for _ in range(4):  # the same batch: the loss must fall
-        _, loss = _ring_step(model, batch, mesh.sequence_parallel(), group)
+        _, loss = _ring_step(model, batch, mesh.sp, group)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
     ids, _, _ = _batch(2000)
-    batch = shard_batch({"input_ids": ids}, group)
+    batch = shard_batch({"input_ids": ids}, group=group)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     logits = unshard_sequence(logits, group=group, dim=1, layout="zigzag")

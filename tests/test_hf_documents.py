@@ -78,7 +78,7 @@ def _worker(mesh):
             model = copy.deepcopy(ref)
             model.zero_grad(set_to_none=True)
             apply_ring_attention(model, group=group, layout=layout)
-            logits, loss = _ring_step(model, shard_batch({"input_ids": ids}, group, layout), group, layout)
+            logits, loss = _ring_step(model, shard_batch({"input_ids": ids}, group=group, layout=layout), group, layout)
             results[(name, layout)] = _compare(model, ref_grads, out.logits.detach(), out.loss.detach(), logits, loss)
 
     # 2. Packed documents against the same documents one by one (positions from 0 in each, no packing).
@@ -104,7 +104,7 @@ def _worker(mesh):
             model.zero_grad(set_to_none=True)
             apply_ring_attention(model, group=group, layout=layout)
             # No labels given: shard_batch ignores each document's last target (the next document's first token).
-            batch = shard_batch({"input_ids": ids, "document_ids": docs}, group, layout)
+            batch = shard_batch({"input_ids": ids, "document_ids": docs}, group=group, layout=layout)
             assert int(batch["num_label_tokens"]) == n_tokens
             assert torch.equal(unshard_sequence(batch["position_ids"], group=group, dim=1, layout=layout),
                                document_position_ids(docs))

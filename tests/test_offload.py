@@ -28,7 +28,7 @@ def _with_and_without_offload(mesh, out_dir):
         micro = [trainer.loader.dataset.batch([0, 1]), trainer.loader.dataset.batch([2, 3])]
         loss = trainer.forward_backward(micro)  # two micro-batches: the offload context is entered twice
         grads = {n: p.grad.full_tensor().detach().clone() for n, p in trainer.model.named_parameters()}
-        off = trainer.activation_offload
+        off = trainer.model.forward_context  # the builder's LayerInputOffload, or None
         results.append((loss, grads, None if off is None else (off.last_offloaded, off.offloaded_bytes)))
     return results
 

@@ -95,7 +95,7 @@ def test_h200_measurements_within_15_percent(tinyllama, seq_len, measured_gib):
 def _saved_in_layer(model, layer_index: int, ids: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd saves while decoder layer `layer_index` runs forward, weights and the
     shared rotary cos/sin excluded."""
-    from ringtrain.model.build import decoder_layers
+    from ringtrain.model.causal_lm import decoder_layers
 
     layer = decoder_layers(model)[layer_index]
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -122,7 +122,7 @@ def test_layer_formula_matches_what_autograd_saves(family, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ringtrain.hf import apply_ring_attention
-    from ringtrain.model.build import decoder_layers
+    from ringtrain.model.causal_lm import decoder_layers
     from ringtrain.model.tiled_mlp import tile_mlp
 
     kwargs = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,

@@ -8,7 +8,7 @@ import torch
 from test_trainer import TINY as TRAINER_TINY
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from ringtrain.model.build import decoder_layers
+from ringtrain.model.causal_lm import decoder_layers
 from ringtrain.model.tiled_mlp import TiledForward, tile_count, tile_mlp, untile_mlp
 from ringtrain.testing import run_distributed
 

@@ -64,7 +64,7 @@ def test_sp_gradients_equal_single_process(tmp_path):
 
 def _recompute_counts(mesh, cfg):
     """(loss, grads, forward calls per decoder layer in one forward/backward)."""
-    from ringtrain.model.build import decoder_layers
+    from ringtrain.model.causal_lm import decoder_layers
     from ringtrain.train.trainer import build_trainer
 
     trainer = build_trainer(cfg, mesh)
@@ -159,8 +159,7 @@ def _export_sp2_run(mesh, cfg, sharded_dir):
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from ringtrain.model.build import parallelize_model
-    from ringtrain.model.causal_lm import build_causal_lm
+    from ringtrain.model.build import build_model
     from ringtrain.train.trainer import build_trainer
 
     trainer = build_trainer(cfg, mesh)
@@ -169,8 +168,7 @@ def _export_sp2_run(mesh, cfg, sharded_dir):
     full = get_model_state_dict(trainer.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     reload = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, arch=None, config={}, path=str(Path(cfg.train.output_dir) / "final_model")))
-    lm = build_causal_lm(reload, mesh.device, parallelize=lambda lm: parallelize_model(
-        lm, reload.train, mesh, trainer.sp)).lm
+    lm = build_model(reload, mesh, "train").lm
     trained, loaded = trainer.lm.state_dict(), lm.state_dict()
     same = trained.keys() == loaded.keys() and all(torch.equal(trained[k].to_local(), loaded[k].to_local())
                                                    for k in trained)

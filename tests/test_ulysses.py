@@ -54,7 +54,7 @@ def _worker(mesh) -> dict:
     g = torch.Generator().manual_seed(3)
     errors = {}
     for kv_heads, causal, layout, docs, window, dtype in _cases():
-        sp = mesh.sequence_parallel(layout)
+        sp = mesh.sp.with_layout(layout)
         q, dout = (torch.randn(B, SEQ, H, D, generator=g, dtype=torch.float64) for _ in "qd")
         k, v = (torch.randn(B, SEQ, kv_heads, D, generator=g, dtype=torch.float64) for _ in "kv")
         q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
@@ -72,12 +72,12 @@ def _worker(mesh) -> dict:
     # R = 1: one kernel call over the whole sequence (no merge); the same through SequenceParallel.attention.
     calls = None
     if mesh.sp_size == mesh.ulysses_size:
-        sp = mesh.sequence_parallel("zigzag")
+        sp = mesh.sp.with_layout("zigzag")
         kernel = CountingKernel(KERNELS["cpu_flash"])
         q, k, v = (torch.randn(B, SEQ // mesh.sp_size, H, D, generator=g) for _ in "qkv")
         sp.attention(q, k, v, kernel=kernel)
         calls = kernel.forward_calls
-    return {"errors": errors, "calls": calls, "sp": (mesh.sequence_parallel().ring_world, mesh.ulysses_size)}
+    return {"errors": errors, "calls": calls, "sp": (mesh.sp.ring_world, mesh.ulysses_size)}
 
 
 @functools.cache
@@ -104,7 +104,7 @@ def _sensitivity_worker(mesh) -> float:
     """Shards cut for (U=2, R=2) but declared as a pure ring must give a wrong answer: the test can fail."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, SEQ, H, D, generator=g) for _ in "qkv")
-    hybrid = mesh.sequence_parallel("zigzag")
+    hybrid = mesh.sp.with_layout("zigzag")
     ring = SequenceParallel(ring_group=mesh.sp_group, layout="zigzag")
     out = ring.attention(hybrid.shard(q), hybrid.shard(k), hybrid.shard(v))
     ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -127,7 +127,7 @@ def test_head_rules():
 
 
 def _errors_worker(mesh) -> list[str]:
-    sp = mesh.sequence_parallel()
+    sp = mesh.sp
     msgs = []
     for heads, kv in ((3, 3), (4, 3)):
         q, k = torch.randn(1, 4, heads, 8), torch.randn(1, 4, kv, 8)

@@ -52,14 +52,12 @@ def _build_all(mesh, cfgs):
     """Each config built as the trainer builds it (FSDP2 over the world): this rank's local shards and buffers."""
     from torch.distributed.tensor import DTensor
 
-    from ringtrain.model.build import parallelize_model
+    from ringtrain.model.build import build_model
     from ringtrain.model.causal_lm import build_causal_lm
 
     out = {}
     for name, cfg in cfgs.items():
-        sp = mesh.sequence_parallel("zigzag")  # no forward here: any layout
-        lm = build_causal_lm(cfg, mesh.device, parallelize=lambda lm, cfg=cfg, sp=sp: parallelize_model(
-            lm, cfg.train, mesh, sp)).lm
+        lm = build_model(cfg, mesh, "train").lm
         shards = {n: (t.to_local() if isinstance(t, DTensor) else t).clone() for n, t in lm.state_dict().items()}
         out[name] = (shards, {n: b.clone() for n, b in lm.named_buffers()},
                      lm.lm_head.weight is lm.model.embed_tokens.weight)

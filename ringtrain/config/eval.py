@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ringtrain.config.data import PASSKEY_TASKS
+from ringtrain.config.rules import at_least
 
 # The passkey sentence in a haystack of seeded random sentences instead of the repeated filler (eval/tasks.py).
 NEEDLE_TASK = "needle"
@@ -97,9 +98,6 @@ class EvalConfig:
         if any(n < 2 for n in self.ppl_lengths):
             problems.append(("ppl_lengths", f"ppl_lengths={self.ppl_lengths} must be window sizes >= 2 tokens "
                                             "(or empty for eval.lengths)"))
-        if self.ppl_stride < 0:
-            problems.append(("ppl_stride", f"ppl_stride={self.ppl_stride} must be >= 1 token, or 0 for half the "
-                                           "window"))
-        if self.ppl_max_tokens < 2:
-            problems.append(("ppl_max_tokens", f"ppl_max_tokens={self.ppl_max_tokens} must be >= 2"))
+        problems += at_least(self, "ppl_stride", 0, ">= 1 token, or 0 for half the window")
+        problems += at_least(self, "ppl_max_tokens", 2, ">= 2")
         return problems

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ringtrain.config.rules import at_least
+
 NONFINITE_ACTIONS = ("skip", "stop")
 
 
@@ -55,14 +57,9 @@ class TrainLoopConfig:
             value = getattr(self, name)
             if value < 1:
                 problems.append((name, f"{name}={value} must be >= 1"))
-        if self.loss_chunk_tokens < 0:
-            problems.append(("loss_chunk_tokens", f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1, "
-                                                  "or 0 for an automatic size"))
-        if self.mlp_tile_tokens < 0:
-            problems.append(("mlp_tile_tokens", f"mlp_tile_tokens={self.mlp_tile_tokens} must be >= 1, or 0 for "
-                                                "hidden_size tokens"))
-        if self.threads < 0:
-            problems.append(("threads", f"threads={self.threads} must be >= 0 (0 = torch's default)"))
+        problems += at_least(self, "loss_chunk_tokens", 0, ">= 1, or 0 for an automatic size")
+        problems += at_least(self, "mlp_tile_tokens", 0, ">= 1, or 0 for hidden_size tokens")
+        problems += at_least(self, "threads", 0, ">= 0 (0 = torch's default)")
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             problems.append(("on_nonfinite", f"on_nonfinite={self.on_nonfinite!r} is not one of skip, stop"))
         policy = recompute_policy(self.activation_checkpointing)

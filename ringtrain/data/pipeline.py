@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -19,9 +20,11 @@ from ringtrain.log import get_logger
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from ringtrain.parallel.distributed import Mesh
+    from ringtrain.parallel.dims import ParallelDims
 
 logger = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 def load_documents(cfg: DataConfig) -> Dataset:
@@ -114,8 +117,20 @@ def _documents_from_tokenized(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
+def rank_zero_first(load: Callable[[], T], dims: ParallelDims | None, *, what: str) -> T:
+    """`load()` on every rank, rank 0 first: it fills the datasets cache while the others wait (and share its error,
+    if any, through `parallel.agree`), then they read the cache. Returns this rank's own result."""
+    if dims is None or dims.world_size == 1:
+        return load()
+    from ringtrain.parallel.agree import agree
+
+    mine: list[T] = []
+    agree(lambda: mine.append(load()), what=what)  # runs on rank 0 only
+    return mine[0] if mine else load()
+
+
 def build_packed_dataset(
-    cfg: DataConfig, seq_len: int, tokenizer: Any | None = None, mesh: Mesh | None = None
+    cfg: DataConfig, seq_len: int, tokenizer: Any | None = None, mesh: ParallelDims | None = None
 ) -> PackedDataset:
     """Load (or generate), tokenize and pack the documents of `cfg` into `seq_len`-token sequences.
 
@@ -139,20 +154,11 @@ def build_packed_dataset(
         return pack_documents(docs, seq_len, eos_id, pad_id, split_documents=split_documents,
                               document_mask=cfg.document_mask, answer_masks=masks,
                               answer_loss_fraction=cfg.answer_loss_fraction)
-    loaded: list[tuple[Dataset, Dataset]] = []
-
-    def load_and_tokenize() -> None:
+    def load_and_tokenize() -> tuple[Dataset, Dataset]:
         documents = load_documents(cfg)
-        loaded.append((documents, tokenize_documents(documents, tokenizer, cfg)))
+        return documents, tokenize_documents(documents, tokenizer, cfg)
 
-    if mesh is not None and mesh.world_size > 1:
-        from ringtrain.parallel.agree import agree
-
-        # Rank 0 fills the datasets cache while the others wait (and share its error, if any); then they read it.
-        agree(load_and_tokenize, what="loading and tokenizing the data")
-    if not loaded:
-        load_and_tokenize()
-    documents, tokenized = loaded[0]
+    documents, tokenized = rank_zero_first(load_and_tokenize, mesh, what="loading and tokenizing the data")
     skipped = records_without_text(documents, text_column(documents, cfg))
     if skipped and (mesh is None or mesh.rank == 0):  # every rank loads the same records: one line for the job
         logger.warning("data: %d of %d records of %s have no text in data.text_field=%r (missing, null or empty): "
@@ -162,7 +168,7 @@ def build_packed_dataset(
 
 
 def build_dataloader(
-    cfg: DataConfig, *, seq_len: int, batch_size: int, mesh: Mesh | None = None, tokenizer: Any | None = None,
+    cfg: DataConfig, *, seq_len: int, batch_size: int, mesh: ParallelDims | None = None, tokenizer: Any | None = None,
     dataset: PackedDataset | None = None,
 ) -> PackedDataLoader:
     """The loader of this rank: `batch_size` sequences per step, DP slice from `mesh` (dp_rank, dp_size)."""

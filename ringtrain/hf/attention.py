@@ -23,11 +23,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ringtrain.data.packing import document_position_ids
 from ringtrain.hf.batch import check_right_padding
 from ringtrain.hf.rope import check_rotary_precision
 from ringtrain.log import get_logger
 from ringtrain.ring import RingDocuments, SequenceParallel, ulysses_head_problems
+from ringtrain.ring.balance import document_position_ids
 
 logger = get_logger(__name__)
 
@@ -132,15 +132,11 @@ class _RingBinding:
                 )
             # Every rank sees the same gathered mask, so every rank raises together instead of leaving peers
             # waiting in the ring.
-            check_right_padding(self._sp_for(docs).unshard(mask.to(torch.int32)))
+            check_right_padding(self.sp.for_documents(docs).unshard(mask.to(torch.int32)))
             kwargs["attention_mask"] = None
         if self.validate_inputs:
             self._check_positions(module, kwargs.get("position_ids"), s_local, world, tokens.device, docs)
         return args, kwargs
-
-    def _sp_for(self, docs: RingDocuments | None) -> SequenceParallel:
-        """The setup of this batch: a per-batch layout comes with the batch's documents."""
-        return self.sp if docs is None else self.sp.with_layout(docs.layout)
 
     def _check_positions(
         self, module: torch.nn.Module, position_ids: torch.Tensor | None, s_local: int, world: int,
@@ -155,7 +151,7 @@ class _RingBinding:
                 "position_ids were not passed: transformers would number this rank's tokens 0..S_local-1 and RoPE "
                 "would be wrong on every rank but the first; pass the position_ids from shard_batch"
             )
-        sp = self._sp_for(docs)
+        sp = self.sp.for_documents(docs)
         expected = sp.positions(s_local * world, device=device)
         ok = bool((position_ids == expected).all())
         if not ok and docs is not None:
@@ -171,10 +167,8 @@ class _RingBinding:
             pick = max(int(position_ids.max()) + 1, module.config.max_position_embeddings)
         elif rope_type == "longrope":
             pick = int(int(position_ids.max()) + 1 > params["original_max_position_embeddings"])
-        flags = torch.tensor([bad, pick, -pick], dtype=torch.int64, device=device)
-        for group in (self.sp.ring_group, self.sp.ulysses_group):
-            if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        # Every rank of the SP group takes part, so every rank raises together instead of leaving peers waiting.
+        flags = self.sp.all_reduce_max(torch.tensor([bad, pick, -pick], dtype=torch.int64, device=device))
         if flags[0]:
             raise ValueError(
                 f"position_ids do not match the {sp.layout.name} shard of a {s_local * world}-token sequence on at "
@@ -224,7 +218,7 @@ def _check_supported(model: torch.nn.Module, sp: SequenceParallel) -> None:
 
 def apply_ring_attention(
     model: torch.nn.Module,
-    sp: SequenceParallel | dist.ProcessGroup | None = None,
+    sp: SequenceParallel | None = None,
     layout: str | None = None,
     *,
     group: dist.ProcessGroup | None = None,
@@ -232,8 +226,9 @@ def apply_ring_attention(
 ) -> torch.nn.Module:
     """Make a transformers causal LM compute attention with sequence parallelism over `sp`; returns `model`.
 
-    `sp`: a `SequenceParallel` (ring x Ulysses groups and the layout), or a process group for a pure ring with
-    `layout` (default zigzag; `group=` is the same). Feed the model the output of `shard_batch(batch, sp)` (the
+    `sp`: a `SequenceParallel` (ring x Ulysses groups and the layout; `ParallelDims.sp` in a run), or none and a pure
+    ring over `group` (None: the default group) with `layout` (default zigzag); `group`/`layout` beside an `sp`
+    that says otherwise are refused. Feed the model the output of `shard_batch(batch, sp)` (the
     same `sp`): `input_ids`, `position_ids` and, for packed documents, `documents` (as `document_ids`); no `labels`
     (the pre-shifted `shift_labels` go to the loss). Sliding-window layers (config `sliding_window`,
     `layer_types`) run windowed. Call before FSDP wrapping and activation checkpointing; neither touches the
@@ -244,7 +239,7 @@ def apply_ring_attention(
     """
     from transformers import AttentionInterface
 
-    sp = SequenceParallel.of(sp if sp is not None else group, layout)
+    sp = SequenceParallel.of(sp, layout, group=group)
     if model in _applied:
         raise ValueError("apply_ring_attention was already applied to this model: call remove_ring_attention first")
     _check_supported(model, sp)

@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ringtrain.data.packing import document_position_ids, ignore_cross_document_labels
+from ringtrain.data.packing import ignore_cross_document_labels
 from ringtrain.model.loss import IGNORE_INDEX
 from ringtrain.ring import SequenceParallel
+from ringtrain.ring.balance import document_position_ids
 from ringtrain.ring.layout import Layout
 
 # Per-token tensors the data pipeline may add (docs/data.md). Label-aligned ones describe the label at t (the
@@ -50,7 +51,7 @@ def check_right_padding(attention_mask: torch.Tensor, what: str = "attention_mas
 
 def shard_batch(
     batch: Mapping[str, torch.Tensor],
-    sp: SequenceParallel | dist.ProcessGroup | None = None,
+    sp: SequenceParallel | None = None,
     layout: str | Layout | None = None,
     *,
     group: dist.ProcessGroup | None = None,
@@ -59,8 +60,8 @@ def shard_batch(
 ) -> dict[str, Any]:
     """This rank's shard of a full-sequence batch, ready for a model prepared with `apply_ring_attention`.
 
-    `sp`: the model's `SequenceParallel`, or a process group for a pure ring with `layout` (default zigzag;
-    `group=` is the same).
+    `sp`: the model's `SequenceParallel` (the same object `apply_ring_attention` got), or none and a pure ring over
+    `group` (None: the default group) with `layout` (default zigzag); conflicting `group`/`layout` are refused.
     `batch`: `input_ids` [B, S] (the full sequence, identical on every rank of `sp`), optional `labels` [B, S]
     (unshifted, `ignore_index` where no loss is wanted; default: the input ids), optional `attention_mask` [B, S]
     (right padding only). Returns
@@ -82,7 +83,7 @@ def shard_batch(
     No attention mask is returned: with right padding the causal ring needs none. Any other key is an error,
     because whether it should shift cannot be guessed.
     """
-    sp = SequenceParallel.of(sp if sp is not None else group, layout)
+    sp = SequenceParallel.of(sp, layout, group=group)
     input_ids = batch["input_ids"]  # [B, S]
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: shard_batch takes [batch, seq]")
@@ -117,7 +118,7 @@ def shard_batch(
         if docs.shape != input_ids.shape:
             raise ValueError(f"document_ids shape {tuple(docs.shape)} != input_ids shape {tuple(input_ids.shape)}")
         documents = sp.documents(docs)  # checks the ids (non-decreasing); a per-batch layout comes from them
-        sp = sp.with_layout(documents.layout)
+        sp = sp.for_documents(documents)
         ignore_cross_document_labels(shift_labels, docs, shifted=True, ignore_index=ignore_index)
     if docs is not None and document_positions == "restart":
         positions = sp.shard(document_position_ids(docs))

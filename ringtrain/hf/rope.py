@@ -283,18 +283,11 @@ def format_rope_report(
     return "\n".join(lines)
 
 
-def describe_rope(model: Any, rope_cfg: RopeConfig, target_length: int | None = None) -> str:
-    """The `ringtrain rope CONFIG` report: apply `rope_cfg` to a copy of the model's config and tabulate it.
-
-    `model` is a transformers config or ringtrain's `ModelConfig` (built with `build_model_config`).
-    `target_length` defaults to the scaled context length.
+def describe_rope(model_config: Any, rope_cfg: RopeConfig, target_length: int | None = None) -> str:
+    """The `ringtrain rope CONFIG` report: apply `rope_cfg` to a copy of the transformers config `model_config` and
+    tabulate it. `target_length` defaults to the scaled context length.
     """
-    if hasattr(model, "rope_parameters"):
-        model_config = copy.deepcopy(model)
-    else:
-        from ringtrain.model.causal_lm import build_model_config
-
-        model_config = build_model_config(model)
+    model_config = copy.deepcopy(model_config)
     pretrained_theta = _current_params(model_config).get("rope_theta")
     original = rope_cfg.original_max_position_embeddings or pretraining_length(model_config)
     apply_rope_scaling(model_config, rope_cfg)

@@ -1,32 +1,27 @@
-"""Parallelism applied to an untouched transformers model, in one documented order: `parallelize_model`.
+"""The one model builder: `build_model(cfg, dims, mode)`, used by `ringtrain train`, `ringtrain eval` and the
+benchmarks.
 
-Each `apply_*` function transforms the model in place and knows nothing of the others; `parallelize_model` calls
-them in the only order that works and says why next to each call (torchtitan's parallelize.py is the model).
+Each `apply_*` function transforms an untouched transformers model in place and knows nothing of the others;
+`parallelize_model` calls them in the only order that works and says why next to each call (torchtitan's
+parallelize.py is the model): ring attention -> tiled MLP -> recompute -> the loss wrapper -> offload -> FSDP2.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
-from ringtrain.model.causal_lm import CausalLMWithChunkedLoss
+from ringtrain.model.causal_lm import CausalLMWithChunkedLoss, build_causal_lm, decoder_layers
 
 if TYPE_CHECKING:
+    from ringtrain.config import TrainConfig
     from ringtrain.config.train import TrainLoopConfig
-    from ringtrain.parallel.distributed import Mesh
-    from ringtrain.ring import SequenceParallel
+    from ringtrain.parallel.dims import ParallelDims
 
-
-def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, found through HF's public `_no_split_modules` (what accelerate wraps too); also after
-    FSDP2, which renames a unit's class to FSDP<Name> (the original class stays in its MRO)."""
-    names = set(getattr(lm, "_no_split_modules", None) or [])
-    layers = [m for m in lm.modules() if any(c.__name__ in names for c in type(m).__mro__)]
-    if not layers:
-        raise ValueError(f"{type(lm).__name__} declares no _no_split_modules: cannot find its decoder layers")
-    return layers
+MODES = ("train", "eval")
 
 
 def apply_activation_checkpointing(lm: nn.Module, cfg: TrainLoopConfig) -> list[int]:
@@ -77,7 +72,7 @@ def apply_tiled_mlp(lm: nn.Module, cfg: TrainLoopConfig, sp_size: int) -> int:
     return n_tiles
 
 
-def apply_fsdp(model: CausalLMWithChunkedLoss, mesh: Mesh) -> None:
+def apply_fsdp(model: CausalLMWithChunkedLoss, dims: ParallelDims) -> None:
     """FSDP2 over every rank of the mesh (dp x sp): each decoder layer is a unit, the rest is the root.
 
     SP ranks hold different tokens of the same sequences, so their gradients are partial sums just
@@ -87,8 +82,8 @@ def apply_fsdp(model: CausalLMWithChunkedLoss, mesh: Mesh) -> None:
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for layer in decoder_layers(model.lm):
-        fully_shard(layer, mesh=mesh.world_mesh)
-    fully_shard(model, mesh=mesh.world_mesh)
+        fully_shard(layer, mesh=dims.fsdp_mesh)
+    fully_shard(model, mesh=dims.fsdp_mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -96,30 +91,53 @@ def apply_fsdp(model: CausalLMWithChunkedLoss, mesh: Mesh) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
-def all_reduce_gradients(model: nn.Module, mesh: Mesh) -> None:
+def all_reduce_gradients(model: nn.Module, dims: ParallelDims) -> None:
     """Without FSDP: sum gradients over the world (the same contract apply_fsdp sets up)."""
-    if mesh.world_size == 1:
+    if dims.world_size == 1:
         return
     for p in model.parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad)
 
 
-def parallelize_model(lm: nn.Module, cfg: TrainLoopConfig, mesh: Mesh, sp: SequenceParallel) -> CausalLMWithChunkedLoss:
-    """The training model: `lm` with sequence-parallel attention, recompute, the chunked loss and FSDP2."""
+def parallelize_model(lm: nn.Module, cfg: TrainLoopConfig, dims: ParallelDims | None, mode: str = "train"
+                      ) -> CausalLMWithChunkedLoss:
+    """`lm` with sequence-parallel attention, tiled MLP, recompute, the chunked loss, offload and FSDP2, as `cfg`
+    asks. `mode='eval'` leaves out what only a backward needs (recompute, offload) and puts the model in eval mode;
+    `dims=None` is one process without torch.distributed: the model's own attention, nothing sharded (the
+    reference that sharded evaluation is tested against)."""
     from ringtrain.hf import apply_ring_attention
+    from ringtrain.model.offload import LayerInputOffload
 
-    # 1. Sequence-parallel attention first: it only swaps the attention function, so it must see plain HF modules.
-    apply_ring_attention(lm, sp)
-    # 1b. Tiled MLP before FSDP, on the plain MLP modules: its tiles then run inside the layer's FSDP unit, whose
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+    training = mode == "train"
+    if dims is not None:
+        # 1. Sequence-parallel attention first: it only swaps the attention function, so it must see plain HF
+        #    modules.
+        apply_ring_attention(lm, dims.sp)
+    # 2. Tiled MLP before FSDP, on the plain MLP modules: its tiles then run inside the layer's FSDP unit, whose
     #    gathered parameters they read, and the tiles' summed gradients reach FSDP once per layer.
-    apply_tiled_mlp(lm, cfg, mesh.sp_size)
-    # 2. Activation checkpointing before FSDP, so FSDP's unit boundaries wrap the checkpointed layers and
-    #    recomputation runs while a layer's parameters are gathered for its backward.
-    apply_activation_checkpointing(lm, cfg)
-    lm.train()
+    apply_tiled_mlp(lm, cfg, 1 if dims is None else dims.sp_size)
+    if training:
+        # 3. Activation checkpointing before FSDP, so FSDP's unit boundaries wrap the checkpointed layers and
+        #    recomputation runs while a layer's parameters are gathered for its backward.
+        apply_activation_checkpointing(lm, cfg)
+    lm.train(training)
     model = CausalLMWithChunkedLoss(lm, cfg.loss_chunk_tokens)
-    # 3. FSDP last: it replaces parameters by sharded DTensors, which the optimizer must then see.
-    if cfg.fsdp:
-        apply_fsdp(model, mesh)
+    if training and cfg.offload_activations:
+        # 4. Offload finds the checkpointed layers' inputs through module hooks on the decoder layers, so it needs
+        #    recompute applied; it only moves tensors saved for backward, so it composes with FSDP either way.
+        model.forward_context = LayerInputOffload(lm, dims.device if dims is not None else torch.device("cpu"))
+    if cfg.fsdp and dims is not None:
+        # 5. FSDP last: it replaces parameters by sharded DTensors, which the optimizer must then see.
+        apply_fsdp(model, dims)
     return model
+
+
+def build_model(cfg: TrainConfig, dims: ParallelDims | None, mode: str = "train") -> CausalLMWithChunkedLoss:
+    """The run's model, in the one apply order (`parallelize_model`) on the meta device, then materialised with each
+    rank's shards loaded from model.path or initialised identically on every world size (`build_causal_lm`).
+    `dims=None`: one process on CPU without torch.distributed."""
+    device = dims.device if dims is not None else torch.device("cpu")
+    return build_causal_lm(cfg, device, parallelize=lambda lm: parallelize_model(lm, cfg.train, dims, mode))

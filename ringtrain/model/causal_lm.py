@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable
@@ -108,6 +109,16 @@ def build_causal_lm(cfg: TrainConfig, device: torch.device,
     return model
 
 
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, found through HF's public `_no_split_modules` (what accelerate wraps too); also after
+    FSDP2, which renames a unit's class to FSDP<Name> (the original class stays in its MRO)."""
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    layers = [m for m in lm.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    if not layers:
+        raise ValueError(f"{type(lm).__name__} declares no _no_split_modules: cannot find its decoder layers")
+    return layers
+
+
 class CausalLMWithChunkedLoss(nn.Module):
     """The HF model, untouched, plus the chunked loss: forward returns the *sum* of token losses.
 
@@ -119,6 +130,8 @@ class CausalLMWithChunkedLoss(nn.Module):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
+        self.forward_context: contextlib.AbstractContextManager | None = None
+        """Entered around each forward when set (the model builder puts the activation offload here)."""
         for attr in ("final_logit_softcapping", "logit_scale"):
             if getattr(lm.config, attr, None) not in (None, 1.0):
                 raise ValueError(
@@ -130,7 +143,9 @@ class CausalLMWithChunkedLoss(nn.Module):
                 token_weights: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # document_ids reach the ring attention function through transformers' public **kwargs path.
         extra = {} if document_ids is None else {"document_ids": document_ids}
-        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)[0]
+        with self.forward_context or contextlib.nullcontext():
+            hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                           **extra)[0]
         weight = self.lm.get_output_embeddings().weight
         return chunked_cross_entropy_sum(hidden, weight, labels, chunk_tokens=self.chunk_tokens,
                                          token_weights=token_weights)

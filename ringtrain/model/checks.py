@@ -1,5 +1,5 @@
 """What transformers would reject later, found before any rank does work: `ringtrain validate`, `rope`, `train` and
-`eval` all load their config through `load_config`, which calls `model_problems` (issue 15).
+`eval` all load their config through `ringtrain.validate.load_validated_config`, which calls `model_problems`.
 
 The checks build what the run will build, on the meta device: the transformers config with the `model.config`
 overrides, RoPE scaling, the causal LM itself. Each problem is one line naming the key, the value and the fix.

@@ -1,4 +1,4 @@
-"""Offload of the checkpointed decoder layers' inputs to host memory (`train.offload_activations`, issue 16).
+"""Offload of the checkpointed decoder layers' inputs to host memory (`train.offload_activations`).
 
 Under activation checkpointing what stays on the device through a forward is each checkpointed layer's input: layers
 x tokens x hidden. `LayerInputOffload` moves exactly those tensors to pinned host memory and nothing else. A
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ringtrain.model.build import decoder_layers
+from ringtrain.model.causal_lm import decoder_layers
 
 
 class _Offloaded:

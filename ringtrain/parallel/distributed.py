@@ -1,119 +1,22 @@
-"""Distributed bootstrap: process group from torchrun/SLURM, device, seed, and the one dp x sp mesh.
+"""Distributed bootstrap: the process group from torchrun or SLURM, the run's `ParallelDims`, seeds, teardown.
 
-Every function takes the mesh (or a process group) explicitly; nothing here is a module-level
-singleton, so two meshes can coexist in one process (tests build several).
+Nothing here is a module-level singleton: everything that needs parallel state receives the ParallelDims.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ringtrain.config import ParallelConfig, resolve_parallel_sizes
+from ringtrain.config import ParallelConfig
 from ringtrain.log import get_logger
-from ringtrain.ring.layout import Layout
-from ringtrain.ring.parallel import SequenceParallel
+from ringtrain.parallel.dims import ParallelDims, default_device
 
 logger = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Mesh:
-    """The one named ('dp', 'sp') device mesh of a run, with the groups code needs."""
-
-    device_mesh: DeviceMesh
-    """2-D, dims ('dp', 'sp'); SP ranks are adjacent."""
-    world_mesh: DeviceMesh
-    """The same ranks as one 1-D 'world' dim: FSDP shards over all of them (dp x sp)."""
-    device: torch.device
-    hybrid_mesh: DeviceMesh | None = None
-    """With parallel.ulysses_size > 1: the same ranks as ('dp', 'ring', 'ulysses'); Ulysses ranks are adjacent."""
-
-    @property
-    def dp_size(self) -> int:
-        return self.device_mesh.size(0)
-
-    @property
-    def sp_size(self) -> int:
-        return self.device_mesh.size(1)
-
-    @property
-    def sp_group(self) -> dist.ProcessGroup:
-        return self.device_mesh.get_group("sp")
-
-    @property
-    def dp_group(self) -> dist.ProcessGroup:
-        return self.device_mesh.get_group("dp")
-
-    @property
-    def sp_rank(self) -> int:
-        return self.device_mesh.get_local_rank("sp")
-
-    @property
-    def ulysses_size(self) -> int:
-        return 1 if self.hybrid_mesh is None else self.hybrid_mesh.size(2)
-
-    @property
-    def ring_group(self) -> dist.ProcessGroup:
-        return self.sp_group if self.hybrid_mesh is None else self.hybrid_mesh.get_group("ring")
-
-    @property
-    def ulysses_group(self) -> dist.ProcessGroup | None:
-        return None if self.hybrid_mesh is None else self.hybrid_mesh.get_group("ulysses")
-
-    def sequence_parallel(self, layout: str | Layout = "zigzag", parallel: ParallelConfig | None = None
-                          ) -> SequenceParallel:
-        """The SequenceParallel of this mesh's SP dimension (ring x Ulysses) with `layout` (and, from `parallel`,
-        the attention kernel and tile size)."""
-        extra = {} if parallel is None else {"kernel": parallel.attention_kernel,
-                                             "tile_tokens": parallel.tile_tokens or None}
-        return SequenceParallel(ring_group=self.ring_group, ulysses_group=self.ulysses_group, layout=layout, **extra)
-
-    @property
-    def dp_rank(self) -> int:
-        return self.device_mesh.get_local_rank("dp")
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank()
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size()
-
-
-def build_mesh(parallel: ParallelConfig, device: torch.device | None = None) -> Mesh:
-    """Build the ('dp', 'sp') mesh over the initialised default group; SP ranks are adjacent.
-
-    SP groups take consecutive ranks so that, on a multi-GPU node, the ring runs over NVLink and
-    only the (rarer) data-parallel reductions cross nodes.
-    """
-    if not dist.is_initialized():
-        raise RuntimeError("build_mesh needs torch.distributed to be initialised: call init_distributed first")
-    world = dist.get_world_size()
-    dp, sp = resolve_parallel_sizes(parallel, world)
-    device = device or default_device()
-    device_mesh = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
-    world_mesh = DeviceMesh(device.type, torch.arange(world), mesh_dim_names=("world",))
-    hybrid = None
-    u = parallel.ulysses_size
-    if u > 1:
-        # Ulysses ranks consecutive (the all-to-all stays inside a node), ring ranks strided by U (USP's choice).
-        hybrid = DeviceMesh(device.type, torch.arange(world).view(dp, sp // u, u),
-                            mesh_dim_names=("dp", "ring", "ulysses"))
-    return Mesh(device_mesh=device_mesh, world_mesh=world_mesh, device=device, hybrid_mesh=hybrid)
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def _env_from_slurm() -> None:
@@ -130,8 +33,10 @@ def _env_from_slurm() -> None:
         )
 
 
-def init_distributed(parallel: ParallelConfig, seed: int | None = None) -> Mesh:
-    """Initialise torch.distributed from the torchrun (or SLURM) environment and build the mesh.
+def init_distributed(parallel: ParallelConfig, *, document_mask: bool = False, seed: int | None = None
+                     ) -> ParallelDims:
+    """Initialise torch.distributed from the torchrun (or SLURM) environment and build the run's `ParallelDims`
+    (`document_mask` resolves parallel.layout=auto).
 
     NCCL on CUDA, gloo on CPU, both with `parallel.timeout_s` so a dead peer turns into an error
     instead of a hang. A plain `python` start (no launcher) becomes a world of one.
@@ -156,7 +61,7 @@ def init_distributed(parallel: ParallelConfig, seed: int | None = None) -> Mesh:
         dist.init_process_group("gloo", timeout=timeout)
     if seed is not None:
         seed_everything(seed)
-    mesh = build_mesh(parallel, device)
+    dims = ParallelDims.build(parallel, document_mask=document_mask, device=device)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     if parallel.ulysses_size > 1 and local % parallel.ulysses_size:
         # Correct either way, but the all-to-all is the bandwidth-hungry part: it belongs inside a node.
@@ -164,11 +69,8 @@ def init_distributed(parallel: ParallelConfig, seed: int | None = None) -> Mesh:
                        "and their all-to-alls go over the network; choose a ulysses_size that divides the GPUs per "
                        "node (the ring, sp_size / ulysses_size, is the part that should span nodes)",
                        parallel.ulysses_size, local)
-    logger.info(
-        "initialised %s world=%d dp=%d sp=%d (ulysses %d) device=%s",
-        dist.get_backend(), dist.get_world_size(), mesh.dp_size, mesh.sp_size, mesh.ulysses_size, device,
-    )
-    return mesh
+    logger.info("initialised %s %s", dist.get_backend(), dims.describe())
+    return dims
 
 
 def teardown_distributed() -> None:
@@ -177,7 +79,7 @@ def teardown_distributed() -> None:
     The barrier is not ceremony: gloo's worker thread frees a finished collective's tensors after the caller has
     returned, and freeing a tensor that Python created (broadcast_object_list's) takes the GIL. If the main thread
     runs on into interpreter exit without releasing the GIL, that worker dies in take_gil and the process aborts
-    ("terminate called without an active exception", exit -6 instead of 0 or 2: seen in 9 of 25 refused resumes).
+    ("terminate called without an active exception", exit -6 instead of 0 or 2).
     Waiting in a barrier releases the GIL, so the worker finishes first.
     """
     if dist.is_initialized():

@@ -3,7 +3,6 @@
 from ringtrain.ring.attention import (
     RingDocuments,
     gather_documents,
-    merge_partial,
     ring_attention,
 )
 from ringtrain.ring.kernels import KERNELS, LocalKernel, mask_fallback, select_kernel
@@ -21,9 +20,10 @@ from ringtrain.ring.layout import (
     shard_sequence,
     unshard_sequence,
 )
-from ringtrain.ring.parallel import SequenceParallel
+from ringtrain.ring.merge import merge_partial
+from ringtrain.ring.parallel import SequenceParallel, sequence_parallel_attention
 from ringtrain.ring.plan import Block, RingClassification, build_plan, build_tiles, plan_step, rank_work
-from ringtrain.ring.ulysses import sequence_parallel_attention, ulysses_head_problems
+from ringtrain.ring.ulysses import ulysses_head_problems
 
 __all__ = [
     "CONTIGUOUS",

@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
@@ -23,6 +26,7 @@ from ringtrain.ring.layout import (
     rank_positions,
     unshard_sequence,
 )
+from ringtrain.ring.merge import merge_partial
 from ringtrain.ring.pieces import Piece, PieceKind, block_pieces, split_causal
 from ringtrain.ring.plan import (
     Block,
@@ -36,23 +40,6 @@ from ringtrain.ring.plan import (
 from ringtrain.ring.varlen import Wave, build_waves, wave_backward, wave_forward
 
 logger = get_logger(__name__)
-
-
-def merge_partial(
-    out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor
-) -> None:
-    """Fold one block's (out, lse) into the running (out_acc, lse_acc), in place, in the merge dtype.
-
-    out_acc [B, s, H, D] and lse_acc [B, H, s] are (views of) fp32 accumulators; out_blk is the kernel's
-    output in the input dtype, lse_blk [B, H, s]. logaddexp is the stable form (no exp of a large lse);
-    rows no block has reached yet hold lse = -inf and out = 0, and keep finite weights below.
-    """
-    new = torch.logaddexp(lse_acc, lse_blk)
-    ref = new.masked_fill(new == float("-inf"), 0.0)  # both -inf: weights exp(-inf) = 0, not nan
-    w_acc = torch.exp(lse_acc - ref).transpose(1, 2).unsqueeze(-1)  # [B, s, H, 1]
-    w_blk = torch.exp(lse_blk - ref).transpose(1, 2).unsqueeze(-1)
-    out_acc.mul_(w_acc).add_(out_blk.to(out_acc.dtype).mul_(w_blk))
-    lse_acc.copy_(new)
 
 
 def _covers(sl: slice, length: int) -> bool:
@@ -87,6 +74,15 @@ class RingDocuments:
 
     def plan(self, rank: int, causal: bool, window: int | None, tile_tokens: int | None) -> RingPlan:
         return self.classification(causal, window, tile_tokens).plan(rank)
+
+
+def batch_layout(layout: Layout, documents: RingDocuments | None) -> Layout:
+    """The layout one batch runs in: for a per-batch layout, the permutation its documents chose; otherwise `layout`
+    itself (documents gathered under another layout are then refused by the driver, not silently followed). The one
+    place that decides a batch's layout."""
+    if documents is not None and layout.per_batch and documents.layout.name == layout.name:
+        return documents.layout
+    return layout
 
 
 def check_document_ids(global_ids: torch.Tensor) -> None:
@@ -435,6 +431,24 @@ def pairs_evaluated(docs: RingDocuments | None, world: int, layout: str | Layout
     return per_rank, plan.n_steps
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What an attention call takes beside q, k, v and the layout: the mask, the scale and how to compute it.
+    The keywords of `ring_attention`, `sequence_parallel_attention` and `SequenceParallel.attention`."""
+
+    causal: bool = True
+    scale: float | None = None
+    """Softmax scale; None: 1 / sqrt(head_dim)."""
+    kernel: str | LocalKernel | None = "auto"
+    """The local kernel's name (`kernels.select_kernel`) or a LocalKernel object."""
+    document_ids: torch.Tensor | RingDocuments | None = None
+    """[B, S_local] ids sharded like q, or a `RingDocuments`: a query attends only to keys of its own document."""
+    window: int | None = None
+    """Causal sliding window: position i sees keys j with i - window < j <= i."""
+    tile_tokens: int | None = None
+    """Plan granularity under masks; None: DEFAULT_TILE_TOKENS."""
+
+
 DEFAULT_TILE_TOKENS = 256
 """Under a window or documents, chunks are cut into tiles of at least this many tokens (at most 16 per chunk), so
 the plan skips at that granularity; smaller tiles skip more but pay more kernel calls."""
@@ -467,34 +481,25 @@ def ring_attention(
     `sliding_window`; 1 = itself only). `tile_tokens`: plan granularity under masks (default DEFAULT_TILE_TOKENS).
     """
     return ring_attention_with_comm(
-        RingComm(group), q, k, v, causal=causal, layout=layout, scale=scale, kernel=kernel,
+        RingComm(group), q, k, v, layout=layout, causal=causal, scale=scale, kernel=kernel,
         document_ids=document_ids, window=window, tile_tokens=tile_tokens,
     )
 
 
 def ring_attention_with_comm(
-    comm: RingComm,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = True,
-    layout: str | Layout = "zigzag",
-    scale: float | None = None,
-    kernel: str | LocalKernel | None = "auto",
-    document_ids: torch.Tensor | RingDocuments | None = None,
-    window: int | None = None,
-    tile_tokens: int | None = None,
+    comm: RingComm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str | Layout = "zigzag",
+    **options: Any,
 ) -> torch.Tensor:
     """`ring_attention` over any communicator with RingComm's interface (world, rank, post, wait).
 
     For simulated rings, e.g. the single-GPU "virtual ring" benchmark, which replays one rank's
     compute and merge with a loopback communicator (document ids must then come as a RingDocuments).
+    `options`: the keywords of `AttentionOptions` (causal, scale, kernel, document_ids, window, tile_tokens).
     """
-    layout = get_layout(layout)
-    docs = document_ids
-    if isinstance(docs, RingDocuments) and layout.per_batch and layout.name == docs.layout.name:
-        layout = docs.layout  # the batch's own permutation, chosen from its documents
+    opts = AttentionOptions(**options)
+    causal, scale, kernel, window, tile_tokens = opts.causal, opts.scale, opts.kernel, opts.window, opts.tile_tokens
+    docs = opts.document_ids
+    layout = batch_layout(get_layout(layout), docs if isinstance(docs, RingDocuments) else None)
     _check_inputs(q, k, v, comm.world, layout)
     world, rank = comm.world, comm.rank
     check_window(window, causal)

@@ -38,7 +38,7 @@ class RingComm:
     def post(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], hops: int = 1) -> list:
         """Start sending `send` to rank + hops and receiving `recv` (same shapes, in order) from rank - hops.
 
-        hops = 1 is the ring; the backward's last dK/dV hop of an early-stopped ring goes straight home (issue 7).
+        hops = 1 is the ring; the backward's last dK/dV hop of an early-stopped ring goes straight home.
         """
         if not send and not recv:
             return []

@@ -10,7 +10,7 @@
 # GQA: kernels that lack it repeat K/V here, locally, and sum dK/dV back over the query-head group;
 # only H_kv heads ever travel around the ring.
 #
-# Masks (issues 7, 14): a block the plan marks MASKED is cut into pieces (pieces.py), plain calls of one document
+# Masks: a block the plan marks MASKED is cut into pieces (pieces.py), plain calls of one document
 # each. Only a window edge (a BAND piece) needs more: kernels with `supports_window = True` take
 # `window=(left, right)` (flash attention's bottom-right aligned window sizes); kernels with `supports_mask = True`
 # take `mask`, bool [B or 1, S_q, S_k], True = may attend; the others' BAND pieces go to `mask_fallback(kernel)`.
@@ -64,16 +64,17 @@ def _expand_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tens
     return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
 
 
+def fold_head_copies(g: torch.Tensor, heads: int) -> torch.Tensor:
+    """The gradient [B, S, heads x c, D] of c consecutive copies of each of `heads` heads, summed back onto the heads
+    [B, S, heads, D] in the merge dtype (fp32 for bf16 inputs). The one owner of the GQA / replica gradient fold."""
+    if g.shape[2] == heads:
+        return g
+    return g.unflatten(2, (heads, g.shape[2] // heads)).sum(3, dtype=merge_dtype(g.dtype))
+
+
 def _reduce_kv(dk: torch.Tensor, dv: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum gradients of repeated K/V heads back onto their H_kv heads, in the merge dtype."""
-    if dk.shape[2] == kv_heads:
-        return dk, dv
-    acc = merge_dtype(dk.dtype)
-
-    def fold(g: torch.Tensor) -> torch.Tensor:
-        return g.unflatten(2, (kv_heads, g.shape[2] // kv_heads)).sum(3, dtype=acc)
-
-    return fold(dk), fold(dv)
+    return fold_head_copies(dk, kv_heads), fold_head_copies(dv, kv_heads)
 
 
 def _bhsd(*ts: torch.Tensor) -> list[torch.Tensor]:

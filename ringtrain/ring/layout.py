@@ -7,7 +7,7 @@
 # restricted to them. Zigzag and contiguous are static instances; a data-dependent layout (a permutation chosen per
 # batch) is a third kind with the same interface.
 #
-# Hybrid sequence parallelism (Ulysses x ring, issue 13) uses USP's token layout: SP rank r = ring_index x U +
+# Hybrid sequence parallelism (Ulysses x ring) uses USP's token layout: SP rank r = ring_index x U +
 # ulysses_index; the sequence is sharded over the R ring ranks by the layout, then each ring shard is cut into U
 # contiguous equal parts and the rank holds part ulysses_index. The all-to-all over heads then gives every rank of a
 # Ulysses group its whole ring shard, in local order, for its share of the heads.
@@ -126,7 +126,7 @@ class ContiguousLayout(ChunkLayout):
 
 
 class PermutedLayout(Layout):
-    """Explicit runs per rank for one sequence length and world: the layout of one batch (issue 17)."""
+    """Explicit runs per rank for one sequence length and world: the layout of one batch."""
 
     static = False
 

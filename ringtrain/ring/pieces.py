@@ -1,4 +1,4 @@
-# Masked blocks as pieces, not dense masks (issue 14): a block cut by document boundaries or a window edge is a
+# Masked blocks as pieces, not dense masks: a block cut by document boundaries or a window edge is a
 # set of (query range, key range) pairs, each of one document, each one plain kernel call.
 #
 # A block's tokens are given by their global positions (increasing along each side) and, per batch row, their

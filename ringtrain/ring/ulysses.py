@@ -1,4 +1,4 @@
-# Hybrid sequence parallelism (issue 13): an all-to-all over heads inside a Ulysses group around the unchanged ring.
+# Hybrid sequence parallelism: an all-to-all over heads inside a Ulysses group around the unchanged ring.
 #
 # Each rank holds S/(R x U) tokens of every head. One all-to-all over the U ranks of its Ulysses group (consecutive
 # ranks: intra-node) gives it the U x S/(R x U) = S/R tokens of its ring shard for H/U heads (USP's layout, see
@@ -13,19 +13,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ringtrain.ring.attention import (
-    RingDocuments,
     check_local_document_ids,
     gather_documents,
     ring_attention_with_comm,
 )
 from ringtrain.ring.comm import AllToAllComm, RingComm
-from ringtrain.ring.kernels import LocalKernel, merge_dtype
-from ringtrain.ring.layout import Layout, get_layout
+from ringtrain.ring.kernels import fold_head_copies
+from ringtrain.ring.layout import Layout
 
 
 def ulysses_head_problems(heads: int, kv_heads: int, ulysses: int) -> list[str]:
@@ -96,11 +96,9 @@ def _seq_parts(parts: list[torch.Tensor], u: int) -> torch.Tensor:
     return buf
 
 
-def _fold_replicas(g: torch.Tensor, copies: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum the gradients of a KV head's replicas, in the merge dtype (fp32 for bf16 inputs)."""
-    if copies == 1:
-        return g
-    return g.unflatten(2, (g.shape[2] // copies, copies)).sum(3, dtype=merge_dtype(dtype)).to(dtype)
+def _fold_replicas(g: torch.Tensor, copies: int) -> torch.Tensor:
+    """Sum the gradients of a KV head's replicas (summed in the merge dtype, returned in g's)."""
+    return g if copies == 1 else fold_head_copies(g, g.shape[2] // copies).to(g.dtype)
 
 
 class _QKVToHeads(torch.autograd.Function):
@@ -121,7 +119,7 @@ class _QKVToHeads(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         comm, u = ctx.comm, ctx.comm.world
         dq, dk, dv = _unpack_heads(comm.exchange(_seq_parts([dq, dk, dv], u)), ctx.sizes)
-        return dq, _fold_replicas(dk, ctx.copies, dk.dtype), _fold_replicas(dv, ctx.copies, dv.dtype), None
+        return dq, _fold_replicas(dk, ctx.copies), _fold_replicas(dv, ctx.copies), None
 
 
 class _HeadsToSequence(torch.autograd.Function):
@@ -140,49 +138,31 @@ class _HeadsToSequence(torch.autograd.Function):
         return _as_sequence(comm.exchange(_pack([dout.contiguous()], comm.world))), None
 
 
-def sequence_parallel_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    ring_group: dist.ProcessGroup | None = None,
-    ulysses_group: dist.ProcessGroup | None = None,
-    causal: bool = True,
-    layout: str | Layout = "zigzag",
-    scale: float | None = None,
-    kernel: str | LocalKernel | None = "auto",
-    document_ids: torch.Tensor | RingDocuments | None = None,
-    window: int | None = None,
-    tile_tokens: int | None = None,
+def hybrid_attention(
+    ring_comm: RingComm, a2a_comm: AllToAllComm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    layout: Layout, **options: Any,
 ) -> torch.Tensor:
-    """Attention over a sequence sharded across ring x Ulysses ranks; returns this rank's output, like q.
+    """Attention over a sequence sharded across ring x Ulysses ranks, over communicators built once by the caller
+    (`SequenceParallel` owns them); returns this rank's output, like q.
 
-    q [B, S_local, H, D], k/v [B, S_local, H_kv, D] and document_ids [B, S_local] sharded alike with
-    `shard_sequence(..., group=ring_group, ulysses_group=ulysses_group, layout=layout)`. `ring_group=None` is the
-    default group (or a world of one); `ulysses_group=None` is no Ulysses (exactly `ring_attention`). With a Ulysses
-    group of U ranks, H must be divisible by U and H_kv % U == 0 or U % H_kv == 0. Every other argument as in
-    `ring_attention`; masks (documents, windows) work for any (U, R).
+    q [B, S_local, H, D], k/v [B, S_local, H_kv, D] and document_ids [B, S_local] sharded alike by the same
+    `SequenceParallel`. A Ulysses group of one is exactly the ring. With U > 1, H must be divisible by U and
+    H_kv % U == 0 or U % H_kv == 0. `options` as in `ring_attention_with_comm`; masks (documents, windows) work for
+    any (U, R).
     """
-    comm = AllToAllComm(ulysses_group)
-    u = comm.world
+    u = a2a_comm.world
     if u == 1:
-        return ring_attention_with_comm(
-            RingComm(ring_group), q, k, v, causal=causal, layout=layout, scale=scale, kernel=kernel,
-            document_ids=document_ids, window=window, tile_tokens=tile_tokens,
-        )
+        return ring_attention_with_comm(ring_comm, q, k, v, layout=layout, **options)
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}: pass [B, S_local, heads, head_dim] tensors")
     problems = ulysses_head_problems(q.shape[2], k.shape[2], u)
     if problems:
         raise ValueError("; ".join(problems))
-    layout = get_layout(layout)
-    docs = document_ids
+    docs = options.get("document_ids")
     if isinstance(docs, torch.Tensor):
         check_local_document_ids(docs, q)
-        docs = gather_documents(docs.to(q.device), group=ring_group, layout=layout, ulysses_group=ulysses_group)
-    qh, kh, vh = _QKVToHeads.apply(q, k, v, comm)  # [B, S_ring_local, H/U, D], [..., H_kv'/U, D]
-    out = ring_attention_with_comm(
-        RingComm(ring_group), qh, kh, vh, causal=causal, layout=layout, scale=scale, kernel=kernel,
-        document_ids=docs, window=window, tile_tokens=tile_tokens,
-    )
-    return _HeadsToSequence.apply(out, comm)
+        options = {**options, "document_ids": gather_documents(
+            docs.to(q.device), group=ring_comm.group, layout=layout, ulysses_group=a2a_comm.group)}
+    qh, kh, vh = _QKVToHeads.apply(q, k, v, a2a_comm)  # [B, S_ring_local, H/U, D], [..., H_kv'/U, D]
+    out = ring_attention_with_comm(ring_comm, qh, kh, vh, layout=layout, **options)
+    return _HeadsToSequence.apply(out, a2a_comm)

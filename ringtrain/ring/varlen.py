@@ -1,4 +1,4 @@
-# Pieces packed into varlen calls (issue 14): a masked block's FULL and CAUSAL pieces as a few calls of a kernel
+# Pieces packed into varlen calls: a masked block's FULL and CAUSAL pieces as a few calls of a kernel
 # that takes cumulative sequence lengths (the CUDA flash varlen op), instead of one launch per piece.
 #
 # Pieces are grouped into waves: one kind (FULL or CAUSAL) and no two pieces of a wave share a query token (the
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ringtrain.ring.merge import merge_partial
 from ringtrain.ring.pieces import Piece, PieceKind
 
 
@@ -76,7 +77,6 @@ def build_waves(pieces: list[Piece], q_offset: int, k_offset: int) -> list[Wave]
 def wave_forward(kernel, wave: Wave, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_acc: torch.Tensor,
                  lse_acc: torch.Tensor, scale: float) -> None:
     """Run one wave and merge it into out_acc [B, S, H, D] and lse_acc [B, H, S] (merge dtype), in place."""
-    from ringtrain.ring.attention import merge_partial
 
     o, lse = kernel.varlen_forward(q[wave.q_rows, wave.q_pos], k[wave.k_rows, wave.k_pos],
                                    v[wave.k_rows, wave.k_pos], wave.cu_q, wave.cu_k, wave.max_q, wave.max_k,

@@ -25,7 +25,8 @@ class MetricsLogger:
     """Rank 0 writes; other ranks construct it with enabled=False and every call is a no-op.
 
     On resume, lines of metrics.jsonl past the resumed step (written after the last checkpoint by
-    the interrupted run) are dropped, so the file reads as one uninterrupted run.
+    the interrupted run) are dropped, so the file reads as one uninterrupted run; `truncate=False` keeps every line
+    (a folder of evaluations, whose earlier lines are history, not a run to continue).
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class MetricsLogger:
         enabled: bool,
         total_steps: int,
         start_step: int = 0,
+        truncate: bool = True,
         run_config: dict[str, Any] | None = None,
         wandb_run_id: str | None = None,
     ):
@@ -48,7 +50,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(start_step)
+        if truncate:
+            self._truncate_after(start_step)
         if cfg.wandb_mode != "disabled":
             self._start_wandb(output_dir, run_config or {})
         if cfg.progress_bar:

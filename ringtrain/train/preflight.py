@@ -18,7 +18,7 @@ from ringtrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
-    from ringtrain.parallel.distributed import Mesh
+    from ringtrain.parallel.dims import ParallelDims
 
 
 def output_dir_problems(output_dir: str, *, write: bool) -> list[str]:
@@ -54,7 +54,7 @@ def path_problems(cfg: TrainConfig) -> list[str]:
     return [*output_dir_problems(cfg.train.output_dir, write=False), *data_file_problems(cfg.data)]
 
 
-def check_before_training(cfg: TrainConfig, mesh: Mesh) -> None:
+def check_before_training(cfg: TrainConfig, mesh: ParallelDims) -> None:
     """Every path problem of the run, before the model and data are built (collective).
 
     Each rank writes into the output folder (on several nodes it must be a filesystem they share); rank 0

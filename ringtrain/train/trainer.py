@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import resource
 import time
@@ -19,14 +17,13 @@ from ringtrain.errors import ConfigError
 from ringtrain.log import describe_exception, get_logger, setup_logging
 from ringtrain.model.build import all_reduce_gradients
 from ringtrain.model.causal_lm import CausalLMWithChunkedLoss
+from ringtrain.model.flops import model_flops_per_token
 from ringtrain.model.loss import count_valid_tokens
 
 if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
-    from ringtrain.model.offload import LayerInputOffload
-    from ringtrain.parallel.distributed import Mesh
+    from ringtrain.parallel.dims import ParallelDims
     from ringtrain.parallel.signals import SignalFlag
-    from ringtrain.ring import SequenceParallel
 
 __all__ = ["NONFINITE_ACTIONS", "CausalLMWithChunkedLoss", "TrainLoopConfig", "Trainer", "build_trainer", "train"]
 
@@ -39,27 +36,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def model_flops_per_token(lm: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x parameters + causal attention (6 x layers x seq_len x hidden)."""
-    cfg = lm.config
-    n_params = sum(p.numel() for p in lm.parameters())
-    layers = getattr(cfg, "num_hidden_layers", 0)
-    hidden = getattr(cfg, "hidden_size", 0)
-    return 6.0 * n_params + 6.0 * layers * seq_len * hidden
-
-
 class Trainer:
     """One training run. Build it with `build_trainer`; `fit()` runs to max_steps or to a stop signal."""
 
-    def __init__(self, cfg: TrainConfig, mesh: Mesh, sp: SequenceParallel, model: CausalLMWithChunkedLoss,
+    def __init__(self, cfg: TrainConfig, dims: ParallelDims, model: CausalLMWithChunkedLoss,
                  lm: nn.Module, tokenizer: Any, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                  checkpoints: Any, flops_per_token: float):
-        self.cfg, self.mesh, self.sp, self.model, self.lm, self.tokenizer = cfg, mesh, sp, model, lm, tokenizer
+        self.cfg, self.dims, self.model, self.lm, self.tokenizer = cfg, dims, model, lm, tokenizer
         self.loader, self.optimizer, self.scheduler, self.checkpoints = loader, optimizer, scheduler, checkpoints
         self.flops_per_token = flops_per_token
         from ringtrain.train.metrics import peak_tflops
 
-        name = torch.cuda.get_device_name(mesh.device) if mesh.device.type == "cuda" else None
+        name = torch.cuda.get_device_name(dims.device) if dims.device.type == "cuda" else None
         self.peak_tflops = peak_tflops(cfg.logging, name)
         self.step = 0
         self.wandb_run_id: str | None = None
@@ -80,7 +68,7 @@ class Trainer:
         shapes = model_shapes(self.model)
         resumed = self.checkpoints.resume(
             self.model, self.optimizer, self.scheduler,
-            check=lambda path, meta: resume_problems(path, meta, self.cfg, self.mesh.dp_size, shapes))
+            check=lambda path, meta: resume_problems(path, meta, self.cfg, self.dims.dp_size, shapes))
         if resumed is None:
             return None
         path, extra, meta = resumed
@@ -101,13 +89,6 @@ class Trainer:
         self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.extra_state(),
                               meta={"config": config_to_dict(self.cfg)})
 
-    @functools.cached_property
-    def activation_offload(self) -> LayerInputOffload | None:
-        """With train.offload_activations: the context that moves checkpointed layer inputs to host memory."""
-        from ringtrain.model.offload import LayerInputOffload
-
-        return LayerInputOffload(self.lm, self.mesh.device) if self.cfg.train.offload_activations else None
-
     # -- one optimizer step --------------------------------------------------------------------------
     def forward_backward(self, micro: list[dict[str, torch.Tensor]]) -> float:
         """Accumulate the gradient of the global mean token loss over `micro` (full-sequence batches).
@@ -117,41 +98,39 @@ class Trainer:
         """
         from ringtrain.hf import shard_batch
 
-        tcfg, mesh = self.cfg.train, self.mesh
+        tcfg, dims = self.cfg.train, self.dims
         dcfg = self.cfg.data
-        local = [shard_batch(b, self.sp,
+        local = [shard_batch(b, self.dims.sp,
                              document_positions=dcfg.document_positions if dcfg.document_mask else "global")
                  for b in micro]
         # Normalise by the valid tokens of the whole step (all micro-batches, SP and DP ranks), so the
         # gradient is that of the mean token loss over the global batch, whatever the mesh or accumulation.
         weights = [b.get("token_weights") for b in local]
         n_local = sum(count_valid_tokens(b["shift_labels"], w) for b, w in zip(local, weights, strict=True))
-        n_global = n_local.detach().clone().to(mesh.device)
+        n_global = n_local.detach().clone().to(dims.device)
         dist.all_reduce(n_global)
         n_global = n_global.clamp(min=1.0)
-        loss_sum = torch.zeros((), device=mesh.device)
-        offload = self.activation_offload or contextlib.nullcontext()
+        loss_sum = torch.zeros((), device=dims.device)
         for i, batch in enumerate(local):
             if tcfg.fsdp:
                 # Reduce-scatter once, after the last micro-batch; earlier ones accumulate locally.
                 self.model.set_requires_gradient_sync(i == len(local) - 1)
-            with offload:
-                # With data.document_mask, attention stays inside each packed document (issue 7).
-                docs = batch.get("documents") if dcfg.document_mask else None
-                part = self.model(
-                    batch["input_ids"].to(mesh.device), batch["position_ids"].to(mesh.device),
-                    batch["shift_labels"].to(mesh.device),
-                    None if weights[i] is None else weights[i].to(mesh.device), docs,
-                )
+            # With data.document_mask, attention stays inside each packed document.
+            docs = batch.get("documents") if dcfg.document_mask else None
+            part = self.model(
+                batch["input_ids"].to(dims.device), batch["position_ids"].to(dims.device),
+                batch["shift_labels"].to(dims.device),
+                None if weights[i] is None else weights[i].to(dims.device), docs,
+            )
             (part / n_global).backward()
             loss_sum += part.detach()
         if not tcfg.fsdp:
-            all_reduce_gradients(self.model, mesh)
+            all_reduce_gradients(self.model, dims)
         dist.all_reduce(loss_sum)
         return (loss_sum / n_global).item()
 
     def train_step(self) -> dict[str, float]:
-        tcfg, mesh = self.cfg.train, self.mesh
+        tcfg, dims = self.cfg.train, self.dims
         t0 = time.perf_counter()
         loss = self.forward_backward([next(self.loader) for _ in range(tcfg.grad_accum_steps)])
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
@@ -172,13 +151,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
-        tokens = tcfg.micro_batch_size * tcfg.seq_len * tcfg.grad_accum_steps * mesh.dp_size
-        tflops = tokens * self.flops_per_token / dt / mesh.world_size / 1e12
+        tokens = tcfg.micro_batch_size * tcfg.seq_len * tcfg.grad_accum_steps * dims.dp_size
+        tflops = tokens * self.flops_per_token / dt / dims.world_size / 1e12
         record = {
             "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": int(skipped),
-            "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tokens / dt / mesh.world_size,
+            "tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tokens / dt / dims.world_size,
             "tflops_per_gpu": tflops, "step_time_s": dt, "seq_len": tcfg.seq_len,
-            "peak_memory_gib": peak_memory_bytes(mesh.device) / 2**30,
+            "peak_memory_gib": peak_memory_bytes(dims.device) / 2**30,
         }
         if self.peak_tflops:
             record["mfu"] = tflops / self.peak_tflops
@@ -205,10 +184,10 @@ class Trainer:
         # From here the run starts: its folder holds it alone, and config.yaml records what it runs (a refused
         # resume above leaves both as they were).
         self.checkpoints.begin(resumed)
-        if self.mesh.rank == 0:
+        if self.dims.rank == 0:
             save_config(self.cfg, Path(tcfg.output_dir) / "config.yaml")
         metrics = MetricsLogger(
-            self.cfg.logging, tcfg.output_dir, enabled=self.mesh.rank == 0, total_steps=tcfg.max_steps,
+            self.cfg.logging, tcfg.output_dir, enabled=self.dims.rank == 0, total_steps=tcfg.max_steps,
             start_step=self.step, run_config=config_to_dict(self.cfg), wandb_run_id=self.wandb_run_id,
         )
         # Only rank 0 talks to W&B, but the id goes into every rank's (identical) checkpoint state.
@@ -217,7 +196,7 @@ class Trainer:
         try:
             while self.step < tcfg.max_steps:
                 # Polled before each step: a signal during the last one lets the run finish (save, export, exit 0).
-                signum = signals.agreed(self.mesh)
+                signum = signals.agreed(self.dims)
                 if signum:
                     self.stopped_by_signal = signum
                     break
@@ -251,28 +230,25 @@ class Trainer:
         export_hf_folder(self.lm, out_dir, self.tokenizer, max_shard_bytes or EXPORT_SHARD_BYTES)
 
 
-def build_trainer(cfg: TrainConfig, mesh: Mesh) -> Trainer:
-    """Assemble a Trainer: the model (the builder eval shares), its parallelism, optimizer, data, checkpoints."""
-    from ringtrain.config import resolve_layout
+def build_trainer(cfg: TrainConfig, dims: ParallelDims) -> Trainer:
+    """Assemble a Trainer: the model (the builder eval shares), optimizer, data, checkpoints."""
     from ringtrain.data import build_dataloader, build_tokenizer
-    from ringtrain.model.build import parallelize_model
-    from ringtrain.model.causal_lm import build_causal_lm
+    from ringtrain.model.build import build_model
     from ringtrain.train.checkpoint import CheckpointManager
     from ringtrain.train.optim import build_optimizer, build_scheduler
 
     tcfg = cfg.train
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    sp = mesh.sequence_parallel(resolve_layout(cfg.parallel, cfg.data.document_mask), cfg.parallel)
     # Parallelised on the meta device, then each rank materialises and loads only its shards.
-    model = build_causal_lm(cfg, mesh.device, parallelize=lambda lm: parallelize_model(lm, tcfg, mesh, sp))
+    model = build_model(cfg, dims, "train")
     lm = model.lm
     flops_per_token = model_flops_per_token(lm, tcfg.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
-    loader = build_dataloader(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size, mesh=mesh,
+    loader = build_dataloader(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size, mesh=dims,
                               tokenizer=tokenizer)
-    checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, mesh)
-    return Trainer(cfg, mesh, sp, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
+    checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, dims)
+    return Trainer(cfg, dims, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
 
 
 def train(cfg: TrainConfig) -> Trainer:
@@ -284,12 +260,12 @@ def train(cfg: TrainConfig) -> Trainer:
     setup_logging()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    mesh = init_distributed(cfg.parallel)
+    dims = init_distributed(cfg.parallel, document_mask=cfg.data.document_mask)
     # Installed before anything slow: a signal while the model and data are built is a stop request too.
     with SignalFlag(enabled=cfg.checkpoint.save_on_signal) as signals:
         try:
-            check_before_training(cfg, mesh)
-            trainer = build_trainer(cfg, mesh)
+            check_before_training(cfg, dims)
+            trainer = build_trainer(cfg, dims)
             trainer.fit(signals)
         except ConfigError as e:
             if e.agreed:  # every rank stops at this same point: a clean exit 2
@@ -300,7 +276,7 @@ def train(cfg: TrainConfig) -> Trainer:
             # are BaseExceptions). On a survivor a collective error (gloo "Connection closed by peer", a timeout
             # after parallel.timeout_s) means another rank died or hung first: torchrun's summary ("Root Cause")
             # names that rank.
-            logger.error("rank %d failed: %s", mesh.rank, describe_exception(e))
+            logger.error("rank %d failed: %s", dims.rank, describe_exception(e))
             # No destroy_process_group here: with a hung peer it blocked ~30 s more (gloo), and NCCL's can
             # block on a failed communicator. The process is exiting; the OS closes its sockets.
             raise
