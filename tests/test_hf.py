@@ -382,3 +382,21 @@ def test_shard_batch_labels_world_of_one():
     torch.testing.assert_close(out["document_ids"], docs)
     with pytest.raises(ValueError, match=r"does not know the batch keys \['segment_ids'\]"):
         shard_batch({"input_ids": ids, "segment_ids": docs})
+
+
+def test_communicators_are_built_once_per_sequence_parallel(monkeypatch):
+    """Every layer and every batch (per-batch layouts included) reuse the SequenceParallel's communicators."""
+    from ringtrain.ring import SequenceParallel, comm
+
+    sp = SequenceParallel(layout="balanced")
+    built = []
+    for cls in (comm.RingComm, comm.AllToAllComm):
+        init = cls.__init__
+        monkeypatch.setattr(cls, "__init__", lambda self, *a, _init=init, **k: (built.append(1), _init(self, *a, **k))[1])
+    model = apply_ring_attention(_tiny(), sp)
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 16))
+    docs = torch.tensor([[0] * 5 + [1] * 11])
+    for _ in range(2):
+        batch = shard_batch({"input_ids": ids, "document_ids": docs}, sp)
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["documents"])
+    assert built == []
