@@ -153,9 +153,9 @@ def bench_masks_rank(group, device: torch.device, args) -> dict:
     for name, layout, use_docs, window_frac in MASK_CONFIGS:
         window = None if window_frac is None else int(args.seq * window_frac)
         docs = docs_full if use_docs else None
-        sp = SequenceParallel(ring_group=group, layout=layout)
+        sp = SequenceParallel.over(group, layout)
         ring_docs = None if docs is None else sp.documents(docs)  # the batch's own layout for 'balanced'
-        sp = sp if ring_docs is None else sp.with_layout(ring_docs.layout)
+        sp = sp.for_documents(ring_docs)
         ql, kl, vl, dl = (sp.shard(t) for t in (q, k, v, dout))
         ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
 
@@ -205,7 +205,7 @@ def report_masks(by_world: dict[int, list[dict]], args, machine: str) -> str:
 
 def bench_hybrid_rank(mesh, args) -> dict:
     """Causal zigzag fwd+bwd on this rank of a ring x Ulysses split (the mesh's): time and bytes sent."""
-    sp = mesh.sequence_parallel("zigzag")
+    sp = mesh.sp  # the zigzag layout (parallel.layout=auto, no documents)
     q, k, v, dout = _inputs(args, torch.device("cpu"))
     ql, kl, vl, dl = (sp.shard(t) for t in (q, k, v, dout))
     ql, kl, vl = (t.requires_grad_() for t in (ql, kl, vl))
@@ -385,16 +385,16 @@ def _packed_baseline_step(q, k, v, dout, docs: torch.Tensor) -> None:
     ids = docs[0]
     bounds = torch.cat([torch.tensor([0]), torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1, torch.tensor([s])])
     if q.device.type == "cuda":
-        from ringtrain.ring.kernels import _expand_kv, _placeholders
+        from ringtrain.ring.kernels import default_scale, select_kernel
 
+        # The flash varlen op through the kernel the ring itself uses: one call over every document.
+        flash = select_kernel(q, "cuda_flash")
         cu = bounds.to(q.device, torch.int32)
         longest = int((bounds[1:] - bounds[:-1]).max())
-        kk, vv = _expand_kv(k, v, h)
-        flat = [t[0] for t in (q, kk, vv)]  # [T, H, D]
-        out, lse, *_ = torch.ops.aten._flash_attention_forward(*flat, cu, cu, longest, longest, 0.0, True, False)
-        rng, unused = _placeholders("flash_window", q.device)
-        torch.ops.aten._flash_attention_backward(dout[0], *flat, out, lse, cu, cu, longest, longest, 0.0, True,
-                                                 rng, unused)
+        flat = [t[0] for t in (q, k, v)]  # [T, H, D], [T, H_kv, D]
+        scale = default_scale(d)
+        out, lse = flash.varlen_forward(*flat, cu, cu, longest, longest, True, scale)
+        flash.varlen_backward(dout[0], *flat, out, lse, cu, cu, longest, longest, True, scale)
         return
     for a, c in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
         _sdpa_step(q[:, a:c], k[:, a:c], v[:, a:c], dout[:, a:c], True)
