@@ -33,6 +33,35 @@ def _env_from_slurm() -> None:
         )
 
 
+def exit_with_launcher(poll_s: float = 0.5) -> bool:
+    """Under torchrun, end this rank when torchrun dies; returns whether a watch was started.
+
+    A SIGKILLed torchrun cannot stop its ranks: they would train on, reparented, while the launcher reports the run
+    as failed, and a relaunch would then share the folder with them. A daemon thread watches the parent pid (which
+    changes when the parent dies, whichever of the launcher's threads started the rank, unlike PR_SET_PDEATHSIG)
+    and ends the process at once. Only under torchrun (TORCHELASTIC_RUN_ID): a plain `python` start may outlive
+    its shell on purpose (nohup).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        try:
+            logger.error("rank %s: its launcher (pid %d) has exited: stopping at once, without saving",
+                         os.environ.get("RANK", "?"), parent)
+        finally:
+            os._exit(1)
+
+    threading.Thread(target=watch, name="ringtrain-launcher-watch", daemon=True).start()
+    return True
+
+
 def init_distributed(parallel: ParallelConfig, *, document_mask: bool = False, seed: int | None = None
                      ) -> ParallelDims:
     """Initialise torch.distributed from the torchrun (or SLURM) environment and build the run's `ParallelDims`
@@ -42,6 +71,7 @@ def init_distributed(parallel: ParallelConfig, *, document_mask: bool = False, s
     instead of a hang. A plain `python` start (no launcher) becomes a world of one.
     """
     _env_from_slurm()
+    exit_with_launcher()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")

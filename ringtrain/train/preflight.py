@@ -54,24 +54,35 @@ def path_problems(cfg: TrainConfig) -> list[str]:
     return [*output_dir_problems(cfg.train.output_dir, write=False), *data_file_problems(cfg.data)]
 
 
-def check_before_training(cfg: TrainConfig, mesh: ParallelDims) -> None:
-    """Every path problem of the run, before the model and data are built (collective).
+def check_before_training(cfg: TrainConfig, mesh: ParallelDims) -> str:
+    """Every path problem of the run, before the model and data are built, and the run folder's lock (collective).
 
-    Each rank writes into the output folder (on several nodes it must be a filesystem they share); rank 0
+    Each rank writes into the output folder (on several nodes it must be a filesystem they share); rank 0 then
+    takes the folder's lock (train/runlock.py: refused, one line naming the holder, while another run holds it),
     checks the data files and whether the run folder holds another run. Raises one ConfigError on every rank.
+    Returns the run id the lock names (release it with `RunLock(output_dir, run_id).release()` on rank 0).
     """
     from ringtrain.data.checks import data_file_problems
     from ringtrain.parallel.agree import agree
     from ringtrain.train.checkpoint import CheckpointManager
+    from ringtrain.train.runlock import acquire, new_run_id
 
     found: list[list[str] | None] = [None] * mesh.world_size
     dist.all_gather_object(found, output_dir_problems(cfg.train.output_dir, write=True))
 
-    def decide() -> None:
+    def decide() -> str:
         problems = list(dict.fromkeys(p for rank_problems in found for p in rank_problems or []))
-        problems += [*data_file_problems(cfg.data),
-                     *CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh).run_folder_problems()]
         if problems:
             raise ConfigError(problems)
+        lock = acquire(cfg.train.output_dir, new_run_id())
+        try:
+            problems += [*data_file_problems(cfg.data),
+                         *CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh).run_folder_problems()]
+            if problems:
+                raise ConfigError(problems)
+        except BaseException:
+            lock.release()
+            raise
+        return lock.run_id
 
-    agree(decide, what="checking the run's paths")
+    return agree(decide, what="checking the run's paths")

@@ -230,8 +230,9 @@ class Trainer:
         export_hf_folder(self.lm, out_dir, self.tokenizer, max_shard_bytes or EXPORT_SHARD_BYTES)
 
 
-def build_trainer(cfg: TrainConfig, dims: ParallelDims) -> Trainer:
-    """Assemble a Trainer: the model (the builder eval shares), optimizer, data, checkpoints."""
+def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = None) -> Trainer:
+    """Assemble a Trainer: the model (the builder eval shares), optimizer, data, checkpoints (`run_id`: the run
+    holding the folder's lock, see check_before_training)."""
     from ringtrain.data import build_dataloader, build_tokenizer
     from ringtrain.model.build import build_model
     from ringtrain.train.checkpoint import CheckpointManager
@@ -247,7 +248,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims) -> Trainer:
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
     loader = build_dataloader(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size, mesh=dims,
                               tokenizer=tokenizer)
-    checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, dims)
+    checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, dims, run_id=run_id)
     return Trainer(cfg, dims, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
 
 
@@ -256,16 +257,18 @@ def train(cfg: TrainConfig) -> Trainer:
     from ringtrain.parallel.distributed import init_distributed, teardown_distributed
     from ringtrain.parallel.signals import SignalFlag
     from ringtrain.train.preflight import check_before_training
+    from ringtrain.train.runlock import RunLock
 
     setup_logging()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dims = init_distributed(cfg.parallel, document_mask=cfg.data.document_mask)
     # Installed before anything slow: a signal while the model and data are built is a stop request too.
+    run_id = None
     with SignalFlag(enabled=cfg.checkpoint.save_on_signal) as signals:
         try:
-            check_before_training(cfg, dims)
-            trainer = build_trainer(cfg, dims)
+            run_id = check_before_training(cfg, dims)  # the run folder is this run's from here on
+            trainer = build_trainer(cfg, dims, run_id)
             trainer.fit(signals)
         except ConfigError as e:
             if e.agreed:  # every rank stops at this same point: a clean exit 2
@@ -280,5 +283,8 @@ def train(cfg: TrainConfig) -> Trainer:
             # No destroy_process_group here: with a hung peer it blocked ~30 s more (gloo), and NCCL's can
             # block on a failed communicator. The process is exiting; the OS closes its sockets.
             raise
+        finally:
+            if run_id is not None and dims.rank == 0:
+                RunLock(Path(cfg.train.output_dir), run_id).release()
     teardown_distributed()
     return trainer

@@ -46,14 +46,23 @@ def step_of(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def temporary_folder(final: Path, nonce: str) -> Path:
-    """The folder a save writes into before publishing it as `final`: outside the step_* namespace."""
-    return final.with_name(f"{final.name}{_TMP_INFIX}{nonce}")
+def temporary_folder(final: Path, nonce: str, run_id: str | None = None) -> Path:
+    """The folder a save writes into before publishing it as `final`: outside the step_* namespace, named after
+    the run writing it (`step_N.tmp-<run id>-<nonce>`), so that a run's cleanup can tell its own from a live one's."""
+    owner = f"{run_id}-" if run_id else ""
+    return final.with_name(f"{final.name}{_TMP_INFIX}{owner}{nonce}")
 
 
 def is_temporary(path: Path) -> bool:
     """A folder being written, or left by a save or delete that did not finish."""
     return _TMP_INFIX in path.name
+
+
+def temporary_owner(path: Path) -> str | None:
+    """The run id in a temporary folder's name; None for a folder being deleted or named without one."""
+    tail = path.name.split(_TMP_INFIX, 1)[1] if is_temporary(path) else ""
+    owner, sep, _ = tail.partition("-")
+    return owner if sep and owner != "deleting" else None
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

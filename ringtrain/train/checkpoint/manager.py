@@ -47,9 +47,11 @@ from ringtrain.train.checkpoint.files import (
     step_folder,
     step_of,
     temporary_folder,
+    temporary_owner,
     unpublish_and_delete,
     write_durably,
 )
+from ringtrain.train.runlock import new_run_id, read_lock
 
 if TYPE_CHECKING:
     from ringtrain.parallel.dims import ParallelDims
@@ -90,13 +92,19 @@ class CheckpointManager:
     `complete_checkpoints` and `should_save`, which only read the filesystem or the config.
     """
 
-    def __init__(self, cfg: CheckpointConfig, output_dir: str | os.PathLike, mesh: ParallelDims) -> None:
+    def __init__(self, cfg: CheckpointConfig, output_dir: str | os.PathLike, mesh: ParallelDims,
+                 run_id: str | None = None) -> None:
+        """`run_id`: the run holding the folder's lock (train/runlock.py); a save then first checks that it still
+        does. Temporary folders carry the run id (rank 0's: a random one without it), so cleanup can tell a live
+        run's saves in progress from debris."""
         problems = cfg._validate()
         if problems:
             raise ValueError("invalid checkpoint config: " + "; ".join(f"checkpoint.{m}" for _, m in problems))
         self.cfg = cfg
         self.root = Path(output_dir) / "checkpoints"
         self.mesh = mesh
+        self.locked = run_id is not None
+        self.run_id = run_id or new_run_id()
         self._skipped: set[Path] = set()  # folders resume found unusable (reported when it skipped them)
 
     # ---- finding checkpoints -------------------------------------------------------------
@@ -286,11 +294,11 @@ class CheckpointManager:
         """
         final = step_folder(self.root, step)
         # One agreed temporary name: ranks must write their shards into the same folder.
-        nonce, exists = agree(lambda: (uuid.uuid4().hex[:8], is_complete(final)), what="naming the checkpoint")
+        owner, nonce, exists = agree(lambda: self._before_save(final), what="naming the checkpoint")
         if exists:
             logger.info("checkpoint %s already exists; not saving it again", final)
             return final
-        tmp = temporary_folder(final, nonce)
+        tmp = temporary_folder(final, nonce, owner)
         start = time.monotonic()
         extra = self._agree_on_extra(extra or {})
 
@@ -310,6 +318,28 @@ class CheckpointManager:
         dist.barrier()
         logger.info("saved checkpoint %s in %.1fs", final, time.monotonic() - start)
         return final
+
+    def _before_save(self, final: Path) -> tuple[str, str, bool]:
+        """Rank 0, before a save: the folder is still this run's, debris of dead runs is cleared; the names to use."""
+        if self.locked:
+            holder = read_lock(self.root.parent)
+            if not holder or holder.get("run_id") != self.run_id:
+                raise RuntimeError(
+                    f"this run (id {self.run_id}) no longer holds {self.root.parent}: another run took it over; "
+                    "stopping without saving, so as not to mix two runs' checkpoints")
+        self._sweep()
+        return self.run_id, uuid.uuid4().hex[:8], is_complete(final)
+
+    def _sweep(self) -> None:
+        """Delete temporary folders left by this run or by runs that are gone (rank 0); a live holder's stay."""
+        if not self.root.is_dir():
+            return
+        holder = read_lock(self.root.parent) or {}
+        live = holder.get("run_id") if holder.get("run_id") != self.run_id else None
+        for path in self.root.iterdir():
+            if is_temporary(path) and (live is None or temporary_owner(path) != live):
+                shutil.rmtree(path, ignore_errors=True)
+                logger.info("deleted incomplete checkpoint folder %s", path.name)
 
     def _agree_on_extra(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Rank 0's `extra`, after checking that every rank passed the same one.
@@ -346,6 +376,7 @@ class CheckpointManager:
         meta = {
             **more,
             "step": step,
+            "run_id": self.run_id,
             "world_size": self.mesh.world_size,
             "dp_size": self.mesh.dp_size,
             "sp_size": self.mesh.sp_size,
@@ -370,13 +401,10 @@ class CheckpointManager:
         done = self.complete_checkpoints()
         # Ordered by step; the one just written is never pruned, even if newer steps sort after it.
         old = [p for p in done[: max(0, len(done) - self.cfg.keep_last)] if p != keep]
-        stale = [p for p in self.root.iterdir() if is_temporary(p)]
         for path in old:
             unpublish_and_delete(path)
             logger.info("deleted old checkpoint %s (keep_last=%d)", path.name, self.cfg.keep_last)
-        for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
-            logger.info("deleted incomplete checkpoint folder %s", path.name)
+        self._sweep()
 
     # ---- loading ---------------------------------------------------------------------------
 
