@@ -60,6 +60,7 @@ class ModelShape:
     heads: int
     kv_heads: int
     head_dim: int
+    """q and k's head dim (MLA: nope + rope)."""
     vocab: int
     params: int
     """All parameters (tied embeddings once)."""
@@ -70,6 +71,12 @@ class ModelShape:
     """gate/up/down (Llama family): four [tokens, intermediate] activations; otherwise two."""
     qk_norm: bool = False
     """RMSNorm over q and k per head (Qwen3)."""
+    v_head_dim: int | None = None
+    """v's (and the attention output's) head dim when it differs from q/k's (MLA); None: head_dim."""
+
+    @property
+    def value_dim(self) -> int:
+        return self.head_dim if self.v_head_dim is None else self.v_head_dim
 
     @property
     def root_params(self) -> int:
@@ -96,11 +103,13 @@ def model_shape(model_cfg: Any) -> ModelShape:
     mlp = getattr(layer, "mlp", None)
     attn = getattr(layer, "self_attn", None)
     heads = config.num_attention_heads
+    head_dim = getattr(config, "qk_head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
+    v_head_dim = getattr(config, "v_head_dim", None)
     return ModelShape(
         name=model_cfg.path or model_cfg.arch,
         layers=len(layers), hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 0) or 0,
         heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size,
+        head_dim=head_dim, v_head_dim=None if v_head_dim in (None, head_dim) else v_head_dim, vocab=config.vocab_size,
         params=sum(p.numel() for p in lm.parameters()), layer_params=sum(p.numel() for p in layer.parameters()),
         mlp_params=0 if mlp is None else sum(p.numel() for p in mlp.parameters()),
         gated_mlp=mlp is not None and hasattr(mlp, "gate_proj"), qk_norm=attn is not None and hasattr(attn, "q_norm"),
@@ -197,9 +206,9 @@ def kv_replicas(shape: ModelShape, ulysses: int) -> int:
 def attention_saved(shape: ModelShape, a: int, ulysses: int) -> int:
     """Bytes per token attention keeps for backward: q, k, v (after the all-to-all, KV replicas included), the output
     (twice with Ulysses: the ring's and o_proj's input after the all-to-all back) and the fp32 log-sum-exp per head."""
-    hd, kv = shape.head_dim, shape.kv_heads * kv_replicas(shape, ulysses)
-    qkv = a * hd * (shape.heads + 2 * kv)
-    out = a * hd * shape.heads * (2 if ulysses > 1 else 1)
+    hd, vd, kv = shape.head_dim, shape.value_dim, shape.kv_heads * kv_replicas(shape, ulysses)
+    qkv = a * (hd * (shape.heads + kv) + vd * kv)
+    out = a * vd * shape.heads * (2 if ulysses > 1 else 1)
     return qkv + out + 4 * shape.heads
 
 
@@ -223,24 +232,25 @@ def layer_saved(shape: ModelShape, a: int, ulysses: int, tiled: bool, checkpoint
 def attention_transients(shape: ModelShape, setup: Setup) -> dict[str, int]:
     """Bytes per token of the ring / all-to-all / kernel buffers alive during one layer's attention forward and
     backward (ringtrain/ring/attention.py, ulysses.py), on top of what attention saves."""
-    a, hd, u = setup.dtype_bytes, shape.head_dim, setup.ulysses
+    a, u = setup.dtype_bytes, setup.ulysses
     ring = setup.sp // u
-    q = hd * shape.heads
-    kv = hd * shape.kv_heads * kv_replicas(shape, u)  # per K or per V
+    kv_heads = shape.kv_heads * kv_replicas(shape, u)
+    q, o = shape.head_dim * shape.heads, shape.value_dim * shape.heads  # per token: q, and the output (MLA: Dv)
+    kv = (shape.head_dim + shape.value_dim) * kv_heads  # K and V together
     if ring == 1:  # one kernel call: its output and gradients are returned as made, no fp32 copies
         fwd = 0
-        bwd = a * (q + 2 * kv)  # the kernel's gradients
+        bwd = a * (q + kv)  # the kernel's gradients
     else:
-        # K/V stacked and their receive buffer; the fp32 accumulator (step 0's output adopted) and a later block's
+        # K/V in one buffer and its receive buffer; the fp32 accumulator (step 0's output adopted) and a later block's
         # output. Backward: the same K/V buffers, a block's kernel gradients, the fp32 dq / own dK, dV accumulators,
         # and the fp32 dK/dV buffers that travel (mine and send; recv too from 3 ring steps on).
-        fwd = 4 * a * kv + 4 * q + a * q
-        bwd = 4 * a * kv + (a + 4) * (q + 2 * kv) + 8 * kv * min(3, ring)
+        fwd = 2 * a * kv + 4 * o + a * o
+        bwd = 2 * a * kv + (a + 4) * (q + kv) + 4 * kv * min(3, ring)
     if setup.device == "cuda":
         bwd += 4 * q  # FlashAttention's fp32 dq accumulator
     if u > 1:
-        fwd += a * (q + 2 * kv) + a * q  # all-to-all send buffers (q/k/v, then the output)
-        bwd += 2 * a * (q + 2 * kv) + 2 * a * q  # dout and dq/dk/dv send buffers and their unpacked copies
+        fwd += a * (q + kv) + a * o  # all-to-all send buffers (q/k/v, then the output)
+        bwd += 2 * a * (q + kv) + 2 * a * o  # dout and dq/dk/dv send buffers and their unpacked copies
     return {"forward": fwd, "backward": bwd}
 
 

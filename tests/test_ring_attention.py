@@ -170,7 +170,7 @@ def test_layout_mismatch_is_detected(world: int):
 def test_wire_traffic_is_minimal_and_carries_only_kv_heads(world: int):
     case = CASES[0]
     s_local = SEQ // world
-    kv_shape = (2, case.batch, s_local, case.kv_heads, case.head_dim)
+    kv_shape = (2 * case.batch * s_local * case.kv_heads * case.head_dim,)  # K and V in one flat buffer
     kv_bytes = 2 * case.batch * s_local * case.kv_heads * case.head_dim * 4
     for rank, result in enumerate(ring_results(world)):
         for (layout, causal), log in result["wire"].items():

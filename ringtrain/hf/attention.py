@@ -5,7 +5,8 @@ process group and layout, and selected with `model.set_attn_implementation(name)
 two models on two groups can coexist. No attention mask is ever built: transformers 5.x returns no mask for an
 implementation that the AttentionMaskInterface does not know (`_preprocess_mask_arguments` early exit), and the
 causal mask is the ring's job, and so are the masks transformers describes by kwargs: each layer's
-`sliding_window` (Mistral; Qwen2/Qwen3 `layer_types` pass it for sliding layers only) becomes the ring's `window`.
+`sliding_window` (Mistral; Qwen2/Qwen3 `layer_types` pass it for sliding layers only) becomes the ring's `window`,
+gpt-oss's `s_aux` its `sink`, Gemma 2's `softcap` its `softcap`; a value head dim unlike the query's (MLA) passes as is.
 Packed documents: pass `document_ids` (from `shard_batch`) to the model's forward; transformers forwards extra
 kwargs down to the attention function (public `**kwargs: TransformersKwargs` path), and the input hook gathers
 them once per forward into a `RingDocuments` shared by every layer. What the ring cannot compute (attention
@@ -66,8 +67,6 @@ class _RingBinding:
                 f"{layer}: attention dropout={dropout} in training mode is not supported by ring attention: "
                 "set config.attention_dropout=0.0 (the usual value for LLM fine-tuning)"
             )
-        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-            raise ValueError(f"{layer}: attention logit soft-capping / sinks are not supported by ring attention")
         if attention_mask is not None:
             # The input hook drops 2-D masks and transformers builds none for us; a mask here is a 4-D or custom
             # mask the caller prepared, which the ring would silently ignore.
@@ -82,10 +81,13 @@ class _RingBinding:
             )
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         window = kwargs.get("sliding_window")  # transformers' convention: i - window < j <= i, like the ring's
-        out = self.sp.attention(  # q [B, S_local, H, D], k/v [B, S_local, H_kv, D]: GQA heads are not repeated
+        softcap = kwargs.get("softcap")  # Gemma 2's attn_logit_softcapping
+        out = self.sp.attention(  # q [B, S_local, H, D], k/v [B, S_local, H_kv, D or Dv]: GQA heads are not repeated
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             causal=bool(causal), scale=scaling, document_ids=kwargs.get("document_ids"),
             window=None if window is None else int(window),
+            sink=kwargs.get("s_aux"),  # gpt-oss: one learned sink logit per query head
+            softcap=None if softcap is None else float(softcap),
         )
         return out, None
 

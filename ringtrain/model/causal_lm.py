@@ -132,12 +132,10 @@ class CausalLMWithChunkedLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.forward_context: contextlib.AbstractContextManager | None = None
         """Entered around each forward when set (the model builder puts the activation offload here)."""
-        for attr in ("final_logit_softcapping", "logit_scale"):
-            if getattr(lm.config, attr, None) not in (None, 1.0):
-                raise ValueError(
-                    f"{type(lm).__name__} uses {attr}={getattr(lm.config, attr)}, which the chunked loss does not "
-                    "apply: this model is not supported by the trainer yet"
-                )
+        # The model's own logit transforms, as its ForCausalLM.forward applies them: Cohere's logit_scale (on the
+        # hidden states: (s h) W^T = s (h W^T)), then Gemma 2's c * tanh(logits / c) inside the chunked loss.
+        self.logit_scale = getattr(lm.config, "logit_scale", None)
+        self.logit_softcap = getattr(lm.config, "final_logit_softcapping", None)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 token_weights: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,6 +144,8 @@ class CausalLMWithChunkedLoss(nn.Module):
         with self.forward_context or contextlib.nullcontext():
             hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                            **extra)[0]
+        if self.logit_scale not in (None, 1.0):
+            hidden = hidden * self.logit_scale
         weight = self.lm.get_output_embeddings().weight
         return chunked_cross_entropy_sum(hidden, weight, labels, chunk_tokens=self.chunk_tokens,
-                                         token_weights=token_weights)
+                                         token_weights=token_weights, softcap=self.logit_softcap)

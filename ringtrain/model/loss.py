@@ -3,7 +3,8 @@
 A 128K-token shard with a 128K vocabulary would need 31 GiB of bf16 logits. The loss is computed chunk by
 chunk and, when gradients are needed, so are the gradients with respect to the hidden states and the
 output embedding (the softmax minus the one-hot target is all backward needs): backward only scales the
-stored gradients, so no chunk is recomputed and only one [chunk, vocab] fp32 buffer is alive at a time.
+stored gradients, so no chunk is recomputed and only one [chunk, vocab] fp32 buffer is alive at a time (two with
+final-logit soft-capping, Gemma 2's c * tanh(logits / c), whose derivative 1 - tanh^2 scales that gradient).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum_t w_t * CE(hidden_t @ weight.T, label_t), with d/dhidden and d/dweight computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, chunk_tokens):  # noqa: D401 - autograd signature
+    def forward(ctx, hidden, weight, labels, token_weights, chunk_tokens, softcap):  # noqa: D401 - autograd signature
         # At least fp32 (fp64 stays fp64): log-softmax over a large vocabulary in bf16 is lossy, and the
         # weight gradient sums many small per-chunk products.
         acc = torch.promote_types(weight.dtype, torch.float32)
@@ -47,6 +48,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             h, y = hidden[sl], safe_labels[sl]
             w = _chunk_weights(labels[sl], None if token_weights is None else token_weights[sl]).to(acc)  # [n]
             logits = F.linear(h, weight).to(acc)  # [n, V]
+            slope = None
+            if softcap is not None:  # in place: c * tanh(logits / c), and d/dlogits = 1 - tanh^2 kept for below
+                tanh = logits.div_(softcap).tanh_()
+                slope = 1.0 - tanh * tanh
+                logits = tanh.mul_(softcap)
             target = logits.gather(1, y[:, None]).squeeze(1)  # [n]
             # log-sum-exp and softmax in the logits buffer itself: torch.logsumexp would allocate a second [n, V]
             # temporary (x - max), doubling the loss's peak.
@@ -58,10 +64,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             probs.div_(norm)
             probs[torch.arange(len(y), device=y.device), y] -= 1.0
             probs.mul_(w[:, None])
+            if slope is not None:
+                probs.mul_(slope)
             grad_hidden[sl] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             grad_weight.addmm_(probs.t(), h.to(acc))
             # Free this chunk's logits before the next chunk allocates its own: one buffer alive, not two.
-            del logits, probs
+            del logits, probs, slope
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total.float()
@@ -69,7 +77,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_out, (grad_weight * grad_out).to(ctx.weight_dtype), None, None, None
+        return grad_hidden * grad_out, (grad_weight * grad_out).to(ctx.weight_dtype), None, None, None, None
 
 
 def chunked_cross_entropy_sum(
@@ -79,23 +87,29 @@ def chunked_cross_entropy_sum(
     *,
     chunk_tokens: int = 0,
     token_weights: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Sum over tokens of w_t * CE(hidden @ weight.T, labels), never holding more than one chunk of logits.
 
     hidden: [..., d] final hidden states; weight: [V, d] output embedding; labels: [...] already shifted
     (IGNORE_INDEX where no target); token_weights: optional [...] per-token weights; chunk_tokens: 0 picks
-    `auto_chunk_tokens(V)`. The caller divides by the global number of valid tokens (`count_valid_tokens`).
+    `auto_chunk_tokens(V)`; softcap: logits become softcap * tanh(logits / softcap) first (Gemma 2's
+    final_logit_softcapping). The caller divides by the global number of valid tokens (`count_valid_tokens`).
     """
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap={softcap!r}: pass a positive number or None")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     weights = token_weights.reshape(-1) if token_weights is not None else None
     chunk = chunk_tokens or auto_chunk_tokens(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, labels, weights, chunk)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, labels, weights, chunk, softcap)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         sl = slice(start, start + chunk)
         logits = F.linear(hidden[sl], weight).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
         losses = F.cross_entropy(logits, labels[sl], ignore_index=IGNORE_INDEX, reduction="none")
         if weights is not None:
             losses = losses * weights[sl].to(torch.float32)

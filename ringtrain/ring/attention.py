@@ -5,6 +5,11 @@
 # kernel. Which blocks a rank computes at a step, and how many steps the ring runs, come from plan.py; this file
 # never decides from the layout or the mask itself, it only builds the explicit mask of a block the plan marks
 # MASKED. Design notes: docs/ring_attention.md.
+#
+# Attention sinks (gpt-oss): one learned logit per head joins each query's softmax with a zero value. It is applied
+# ONCE, after the ring merge: lse' = logaddexp(lse, sink), out' = out * exp(lse - lse'). Backward hands the kernels
+# (out', lse'), the statistics of the softmax that includes the sink, so their block gradients stay exact, and the
+# sink's own gradient is -sum_q exp(sink - lse') * rowsum(dout * out').
 
 from __future__ import annotations
 
@@ -44,6 +49,33 @@ logger = get_logger(__name__)
 
 def _covers(sl: slice, length: int) -> bool:
     return sl.start == 0 and sl.stop == length
+
+
+class _Pair:
+    """Two tensors (K and V, or their gradients) in one flat buffer, so that they travel as one message whatever their
+    head dims (MLA: V's differs from K's). `pair[0]`, `pair[1]` are contiguous views; `flat` is what is sent."""
+
+    def __init__(self, flat: torch.Tensor, shapes: tuple[torch.Size, torch.Size]) -> None:
+        self.flat, self.shapes = flat, shapes
+        n = shapes[0].numel()
+        self.parts = (flat[:n].view(shapes[0]), flat[n:].view(shapes[1]))
+
+    @classmethod
+    def empty(cls, shapes: tuple[torch.Size, torch.Size], dtype: torch.dtype, device: torch.device) -> _Pair:
+        return cls(torch.empty(shapes[0].numel() + shapes[1].numel(), dtype=dtype, device=device), shapes)
+
+    @classmethod
+    def of(cls, a: torch.Tensor, b: torch.Tensor) -> _Pair:
+        pair = cls.empty((a.shape, b.shape), a.dtype, a.device)
+        pair.parts[0].copy_(a)
+        pair.parts[1].copy_(b)
+        return pair
+
+    def empty_like(self) -> _Pair:
+        return _Pair(torch.empty_like(self.flat), self.shapes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.parts[i]
 
 
 class RingDocuments:
@@ -240,11 +272,11 @@ def _ring_forward(
     acc = merge_dtype(q.dtype)
     n = plan.n_steps  # every rank runs the same number of steps: K/V nobody needs any more stops travelling
     out_acc = lse_acc = None
-    # [2, B, S, H_kv, D]: K and V travel as one message (a ring of one step sends nothing, copies nothing).
-    kv = torch.stack((k, v)) if n > 1 else (k, v)
-    kv_next = torch.empty_like(kv) if n > 1 else kv
+    # K and V travel as one message (a ring of one step sends nothing, copies nothing).
+    kv = _Pair.of(k, v) if n > 1 else (k, v)
+    kv_next = kv.empty_like() if n > 1 else kv
     for step in range(n):
-        works = comm.post([kv], [kv_next]) if step < n - 1 else []
+        works = comm.post([kv.flat], [kv_next.flat]) if step < n - 1 else []
         for blk in plan.steps[step]:
             if _varlen(blk, kernel):
                 if out_acc is None:
@@ -288,23 +320,24 @@ def _ring_backward(
     acc = merge_dtype(q.dtype)
     n = plan.n_steps
     dq_acc = dk_own = dv_own = None
-    kv = torch.stack((k, v)) if n > 1 else (k, v)
-    kv_next = torch.empty_like(kv) if n > 1 else kv
-    dkv_shape = (2, *k.shape)
-    dkv_mine = dkv_send = dkv_recv = None  # [2, B, S, H_kv, D] fp32, allocated when first needed
+    kv = _Pair.of(k, v) if n > 1 else (k, v)
+    kv_next = kv.empty_like() if n > 1 else kv
+    dkv_mine = dkv_send = dkv_recv = None  # _Pair of dK, dV in fp32, allocated when first needed
     for step in range(n):
         send, recv = [], []
         if step < n - 1:
-            send.append(kv)
-            recv.append(kv_next)
+            send.append(kv.flat)
+            recv.append(kv_next.flat)
         if step >= 2:
-            dkv_recv = torch.empty_like(dkv_send) if dkv_recv is None else dkv_recv
-            send.append(dkv_send)
-            recv.append(dkv_recv)
+            dkv_recv = dkv_send.empty_like() if dkv_recv is None else dkv_recv
+            send.append(dkv_send.flat)
+            recv.append(dkv_recv.flat)
         works = comm.post(send, recv)
         if step >= 1:
             # This rank's part for the K/V held now (from rank - step).
-            dkv_mine = torch.zeros(dkv_shape, dtype=acc, device=q.device) if dkv_mine is None else dkv_mine.zero_()
+            if dkv_mine is None:
+                dkv_mine = _Pair.empty((k.shape, v.shape), acc, q.device)
+            dkv_mine.flat.zero_()
         for blk in plan.steps[step]:
             if _varlen(blk, kernel):
                 dq_acc = _widened(dq_acc, q, acc)
@@ -324,20 +357,20 @@ def _ring_backward(
                     dk_own = _accumulate(dk_own, dk, rows, ks, k.shape, acc)
                     dv_own = _accumulate(dv_own, dv, rows, ks, v.shape, acc)
                 else:
-                    dkv_mine[0, rows, ks] += dk
-                    dkv_mine[1, rows, ks] += dv
+                    dkv_mine[0][rows, ks] += dk
+                    dkv_mine[1][rows, ks] += dv
         comm.wait(works)
         if step == 1:
             # Nobody before this rank has touched this K/V's accumulator: this rank's part is all of it.
             dkv_send, dkv_mine = dkv_mine, dkv_send
         elif step >= 2:
-            dkv_recv += dkv_mine
+            dkv_recv.flat += dkv_mine.flat
             dkv_send, dkv_recv = dkv_recv, dkv_send
         kv, kv_next = kv_next, kv
     if n > 1:
-        dkv_recv = torch.empty_like(dkv_send) if dkv_recv is None else dkv_recv
+        dkv_recv = dkv_send.empty_like() if dkv_recv is None else dkv_recv
         # Last hop, home to the owner rank - (n-1): nothing left to overlap with.
-        comm.wait(comm.post([dkv_send], [dkv_recv], hops=(1 - n) % world))
+        comm.wait(comm.post([dkv_send.flat], [dkv_recv.flat], hops=(1 - n) % world))
         dk_own = _accumulate(dk_own, dkv_recv[0], _ALL_ROWS, slice(0, k.shape[1]), k.shape, acc)
         dv_own = _accumulate(dv_own, dkv_recv[1], _ALL_ROWS, slice(0, k.shape[1]), v.shape, acc)
     # A rank whose queries see nothing (possible under documents at step 0 only with nothing local) still owes
@@ -348,23 +381,39 @@ def _ring_backward(
     return dq_acc.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
 
 
+def _add_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged (out [B, S, H, Dv], lse [B, H, S]) of the softmax that also holds one sink logit per head [H] with
+    a zero value: lse' = logaddexp(lse, sink), out' = out * exp(lse - lse'). Rows nothing reached keep out = 0."""
+    lse_sink = torch.logaddexp(lse, sink.to(lse.dtype)[None, :, None])
+    weight = torch.exp(lse - lse_sink).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+    return (out.to(lse.dtype) * weight).to(out.dtype), lse_sink
+
+
 class _RingAttentionFunction(torch.autograd.Function):
     """Saves only the local q, k, v, out and lse: O(S/P) activation memory; backward recomputes blocks (pieces are
-    kept from forward)."""
+    kept from forward). With `sink` [H], out and lse are those of the softmax that includes it (see the top)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, comm, plan, scale, kernel, pieces):
+    def forward(ctx, q, k, v, sink, comm, plan, scale, kernel, pieces):
         out, lse = _ring_forward(q, k, v, comm, plan, scale, kernel, pieces)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sink is not None:
+            out, lse = _add_sink(out, lse, sink)
+        ctx.save_for_backward(q, k, v, out, lse, sink)
         ctx.args = (comm, plan, scale, kernel, pieces)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, out, lse, sink = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, *ctx.args)
+        dsink = None
+        if sink is not None and ctx.needs_input_grad[3]:
+            acc = lse.dtype
+            delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, S]
+            dsink = -(torch.exp(sink.to(acc)[None, :, None] - lse) * delta).sum((0, 2)).to(sink.dtype)
+        return dq, dk, dv, dsink, None, None, None, None, None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int, layout: Layout) -> None:
@@ -375,8 +424,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int,
             problems.append(f"{name} has shape {tuple(t.shape)}: pass [B, S_local, heads, head_dim]")
     if problems:
         raise ValueError("; ".join(problems))
-    if k.shape != v.shape:
-        problems.append(f"k shape {tuple(k.shape)} != v shape {tuple(v.shape)}: k and v must match")
+    if k.shape[:3] != v.shape[:3]:
+        problems.append(f"k shape {tuple(k.shape)} and v shape {tuple(v.shape)} differ in [B, S_local, H_kv]: only "
+                        "their head dims may differ (MLA)")
     for what, dim in (("batch size", 0), ("local sequence length", 1), ("head_dim", 3)):
         if q.shape[dim] != k.shape[dim]:
             problems.append(f"{what} of q ({q.shape[dim]}) != {what} of k ({k.shape[dim]}): they must be equal")
@@ -431,6 +481,12 @@ def pairs_evaluated(docs: RingDocuments | None, world: int, layout: str | Layout
     return per_rank, plan.n_steps
 
 
+def check_sink(sink: torch.Tensor | None, q: torch.Tensor) -> None:
+    if sink is not None and (sink.dim() != 1 or sink.shape[0] != q.shape[2] or not sink.dtype.is_floating_point):
+        raise ValueError(f"sink has shape {tuple(sink.shape)} and dtype {sink.dtype}; q has {q.shape[2]} heads: pass "
+                         "one floating-point sink logit per query head [H]")
+
+
 @dataclass(frozen=True)
 class AttentionOptions:
     """What an attention call takes beside q, k, v and the layout: the mask, the scale and how to compute it.
@@ -447,6 +503,11 @@ class AttentionOptions:
     """Causal sliding window: position i sees keys j with i - window < j <= i."""
     tile_tokens: int | None = None
     """Plan granularity under masks; None: DEFAULT_TILE_TOKENS."""
+    sink: torch.Tensor | None = None
+    """[H] attention-sink logits (gpt-oss `sinks`), one per query head: each joins its head's softmax with a zero
+    value, once, after the ring merge; differentiable."""
+    softcap: float | None = None
+    """Scores c * tanh(s / c) before the softmax (Gemma 2's attn_logit_softcapping), inside the local kernel."""
 
 
 DEFAULT_TILE_TOKENS = 256
@@ -467,6 +528,7 @@ def ring_attention(
     document_ids: torch.Tensor | RingDocuments | None = None,
     window: int | None = None,
     tile_tokens: int | None = None,
+    **options: Any,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across `group`; returns this rank's output, shaped and typed like q.
 
@@ -479,10 +541,12 @@ def ring_attention(
     from `gather_documents`, to gather once for many layers): a query attends only to keys of its own document.
     `window` (needs causal): a query at global position i sees keys j with i - window < j <= i (transformers'
     `sliding_window`; 1 = itself only). `tile_tokens`: plan granularity under masks (default DEFAULT_TILE_TOKENS).
+    `options`: `sink` and `softcap` (see `AttentionOptions`). v's head dim may differ from q's and k's (MLA); the
+    output then has v's.
     """
     return ring_attention_with_comm(
         RingComm(group), q, k, v, layout=layout, causal=causal, scale=scale, kernel=kernel,
-        document_ids=document_ids, window=window, tile_tokens=tile_tokens,
+        document_ids=document_ids, window=window, tile_tokens=tile_tokens, **options,
     )
 
 
@@ -494,7 +558,8 @@ def ring_attention_with_comm(
 
     For simulated rings, e.g. the single-GPU "virtual ring" benchmark, which replays one rank's
     compute and merge with a loopback communicator (document ids must then come as a RingDocuments).
-    `options`: the keywords of `AttentionOptions` (causal, scale, kernel, document_ids, window, tile_tokens).
+    `options`: the keywords of `AttentionOptions` (causal, scale, kernel, document_ids, window, tile_tokens, sink,
+    softcap).
     """
     opts = AttentionOptions(**options)
     causal, scale, kernel, window, tile_tokens = opts.causal, opts.scale, opts.kernel, opts.window, opts.tile_tokens
@@ -503,6 +568,7 @@ def ring_attention_with_comm(
     _check_inputs(q, k, v, comm.world, layout)
     world, rank = comm.world, comm.rank
     check_window(window, causal)
+    check_sink(opts.sink, q)
     if isinstance(docs, torch.Tensor):
         check_local_document_ids(docs, q)
         docs = gather_documents(docs.to(q.device), group=comm.group, layout=layout)
@@ -514,7 +580,7 @@ def ring_attention_with_comm(
             f"{tuple(docs.global_ids.shape)}; this call has world {world}, layout {layout.name!r}, "
             f"[B, S] = {(q.shape[0], q.shape[1] * world)}"
         )
-    local_kernel = select_kernel(q, kernel)
+    local_kernel = select_kernel(q, kernel, softcap=opts.softcap)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     seq_len = q.shape[1] * world
     pieces = None
@@ -527,4 +593,4 @@ def ring_attention_with_comm(
         else:
             plan = docs.plan(rank, causal, window, tiles)
         pieces = _BlockPieces(world, rank, layout, seq_len, causal, window, docs, q.shape[0], q.device)
-    return _RingAttentionFunction.apply(q, k, v, comm, plan, scale, local_kernel, pieces)
+    return _RingAttentionFunction.apply(q, k, v, opts.sink, comm, plan, scale, local_kernel, pieces)

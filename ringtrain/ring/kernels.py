@@ -16,6 +16,11 @@
 # take `mask`, bool [B or 1, S_q, S_k], True = may attend; the others' BAND pieces go to `mask_fallback(kernel)`.
 # A query row the mask hides entirely must come back with lse = -inf and a finite out (the merge then gives it
 # weight 0); backward always gets the final, finite lse.
+#
+# MLA (DeepSeek V2/V3, Kimi K2): v's head dim Dv may differ from q/k's; out and dout are [B, S_q, H, Dv].
+# Soft-capping (Gemma 2): scores become c * tanh(s / c) before the softmax. A kernel that can compute it has
+# `capped(c)`, returning the kernel bound to that cap (its `softcap`); `select_kernel(..., softcap=c)` never hands
+# out one that cannot.
 
 from __future__ import annotations
 
@@ -83,18 +88,31 @@ def _bhsd(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 
 class ReferenceKernel:
-    """Plain torch math in the merge dtype: any device, any dtype, any head_dim, native GQA. Slow, exact."""
+    """Plain torch math in the merge dtype: any device, any dtype, any head dims (Dv may differ), native GQA, and
+    soft-capping (`capped`). Slow, exact."""
 
     name = "reference"
     supports_mask = True
 
-    @staticmethod
-    def _probs_inputs(q, k, scale, causal, lse=None, mask=None):
+    def __init__(self, softcap: float | None = None) -> None:
+        self.softcap = softcap
+        """Scores are c * tanh(s / c) (Gemma 2's attn_logit_softcapping); None: no cap."""
+
+    def capped(self, softcap: float | None) -> ReferenceKernel:
+        return self if softcap == self.softcap else ReferenceKernel(softcap)
+
+    def _probs_inputs(self, q, k, scale, causal, lse=None, mask=None):
+        """(q grouped [B, S_q, H_kv, G, D], probabilities [B, H_kv, G, S_q, S_k], lse, tanh of the capped scores or
+        None): with `lse` given, the probabilities it normalises."""
         acc = merge_dtype(q.dtype)
         b, sq, h, d = q.shape
         hkv = k.shape[2]
         qg = q.to(acc).unflatten(2, (hkv, h // hkv))  # [B, S_q, H_kv, G, D]
         s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(acc)) * scale
+        tanh = None
+        if self.softcap is not None:
+            tanh = torch.tanh(s / self.softcap)
+            s = tanh * self.softcap
         if causal:
             above = torch.ones(sq, k.shape[1], dtype=torch.bool, device=q.device).triu(1)
             s = s.masked_fill(above, float("-inf"))
@@ -105,22 +123,24 @@ class ReferenceKernel:
         else:
             lse = lse.to(acc).unflatten(1, (hkv, h // hkv))
         finite = lse.masked_fill(lse == float("-inf"), 0.0)  # hidden rows: exp(-inf - 0) = 0, not nan
-        return qg, torch.exp(s - finite.unsqueeze(-1)), lse
+        return qg, torch.exp(s - finite.unsqueeze(-1)), lse, tanh
 
     def forward(self, q, k, v, causal, scale, mask=None):
         b, sq, h, d = q.shape
-        _, p, lse = self._probs_inputs(q, k, scale, causal, mask=mask)
+        _, p, lse, _ = self._probs_inputs(q, k, scale, causal, mask=mask)
         out = torch.einsum("bhgqk,bkhd->bqhgd", p, v.to(p.dtype)).reshape(b, sq, h, v.shape[-1])
         return out.to(q.dtype), lse.flatten(1, 2)
 
     def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
-        qg, p, _ = self._probs_inputs(q, k, scale, causal, lse, mask)
+        qg, p, _, tanh = self._probs_inputs(q, k, scale, causal, lse, mask)
         acc = p.dtype
         do = dout.to(acc).unflatten(2, qg.shape[2:4])
         delta = (do * out.to(acc).unflatten(2, qg.shape[2:4])).sum(-1).permute(0, 2, 3, 1)  # [B, H_kv, G, S_q]
         dv = torch.einsum("bhgqk,bqhgd->bkhd", p, do)
         dp = torch.einsum("bqhgd,bkhd->bhgqk", do, v.to(acc))
         ds = p * (dp - delta.unsqueeze(-1)) * scale
+        if tanh is not None:
+            ds = ds * (1 - tanh * tanh)  # d(c tanh(x / c)) / dx
         dq = torch.einsum("bhgqk,bkhd->bqhgd", ds, k.to(acc)).flatten(2, 3)
         dk = torch.einsum("bhgqk,bqhgd->bkhd", ds, qg)
         return dq, dk, dv
@@ -144,7 +164,9 @@ class CpuFlashKernel:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None]
 
     def forward(self, q, k, v, causal, scale, mask=None):
+        dv = v.shape[-1]
         k, v = _expand_kv(k, v, q.shape[2])
+        q, k, v = _same_head_dim(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             *_bhsd(q, k, v), 0.0, causal, attn_mask=self._bias(mask, q.dtype), scale=scale
         )
@@ -152,17 +174,29 @@ class CpuFlashKernel:
             # The op returns out = 0 but lse = 0 (not -inf) for a row whose every key is masked (torch 2.13):
             # that row must weigh nothing in the merge.
             lse = lse.masked_fill(~mask.any(-1)[:, None, :], float("-inf"))
-        return out.transpose(1, 2), lse
+        return out.transpose(1, 2)[..., :dv], lse
 
     def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
-        kv_heads = k.shape[2]
+        kv_heads, dqk, dv = k.shape[2], q.shape[-1], v.shape[-1]
         k, v = _expand_kv(k, v, q.shape[2])
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        q, k, v, dout, out = _same_head_dim(q, k, v, dout, out)
+        dq, dk, dv_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *_bhsd(dout, q, k, v, out), lse.contiguous(), 0.0, causal, attn_mask=self._bias(mask, q.dtype),
             scale=scale,
         )
-        dk, dv = _reduce_kv(dk.transpose(1, 2), dv.transpose(1, 2), kv_heads)
-        return dq.transpose(1, 2), dk, dv
+        dk, dv_ = _reduce_kv(dk.transpose(1, 2)[..., :dqk], dv_.transpose(1, 2)[..., :dv], kv_heads)
+        return dq.transpose(1, 2)[..., :dqk], dk, dv_
+
+
+def _same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *vlike: torch.Tensor) -> list[torch.Tensor]:
+    """q, k, v (and v-shaped dout/out) zero-padded to one head dim, for ops that want Dv == Dqk (the CPU flash op)
+    under MLA. Exact: zero q/k columns add nothing to the scores, zero v columns give zero output columns (sliced off
+    by the caller) and nothing to rowsum(dout * out)."""
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dqk == dv:
+        return [q, k, v, *vlike]
+    d = max(dqk, dv)
+    return [F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v, *vlike)]
 
 
 @cache
@@ -457,8 +491,14 @@ def cudnn_probe(device: torch.device, dtype: torch.dtype, head_dim: int) -> str 
     return None if worst < 5e-2 else f"disagrees with the reference by {worst:.2e} in its probe"
 
 
-def select_kernel(q: torch.Tensor, kernel: str | LocalKernel | None = "auto") -> LocalKernel:
-    """The local kernel for inputs like `q` [B, S, H, D]: by name, as given, or chosen from device/dtype/head_dim."""
+def select_kernel(q: torch.Tensor, kernel: str | LocalKernel | None = "auto", *,
+                  softcap: float | None = None) -> LocalKernel:
+    """The local kernel for inputs like `q` [B, S, H, D]: by name, as given, or chosen from device/dtype/head_dim.
+
+    With `softcap`, one that computes the cap, bound to it (`capped`): `auto` takes the first such kernel of the
+    device; a named kernel (or object) that cannot is refused, never run without the cap."""
+    if softcap is not None:
+        return _capped_kernel(q, kernel, softcap)
     if kernel is not None and not isinstance(kernel, str):
         return kernel
     head_dim = q.shape[-1]
@@ -489,12 +529,31 @@ def select_kernel(q: torch.Tensor, kernel: str | LocalKernel | None = "auto") ->
     return KERNELS[kernel]
 
 
+def _capped_kernel(q: torch.Tensor, kernel: str | LocalKernel | None, softcap: float) -> LocalKernel:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+        raise ValueError(f"softcap={softcap!r}: pass a positive number (scores become c * tanh(s / c)) or None")
+    if kernel in (None, "auto"):
+        chosen = KERNELS["reference"]  # the one kernel that computes the cap on every device
+        if q.device.type not in _warned_softcap:
+            _warned_softcap.add(q.device.type)
+            logger.info("attention soft-capping on %s: kernel 'reference' (the only one here that computes it)",
+                        q.device.type)
+    else:
+        chosen = select_kernel(q, kernel)
+    if not hasattr(chosen, "capped"):
+        raise ValueError(f"kernel={chosen.name!r} cannot compute attention soft-capping (softcap={softcap}): pass "
+                         "kernel='auto' or 'reference'")
+    return chosen.capped(float(softcap))
+
+
 def mask_fallback(kernel: LocalKernel) -> LocalKernel:
     """The kernel for a piece that needs a mask (a window edge, pieces.PieceKind.BAND): `kernel` itself if it takes
     masks, else the reference kernel (exact, any device; it materialises the piece's scores, which are at most a
     tile by a tile). Chosen per call, stated in the log once."""
     if getattr(kernel, "supports_mask", False):
         return kernel
+    if getattr(kernel, "softcap", None) is not None:
+        return KERNELS["reference"].capped(kernel.softcap)
     if kernel.name not in _warned_fallback:
         _warned_fallback.add(kernel.name)
         logger.info("kernel %r takes neither masks nor windows: window edges use 'reference'", kernel.name)
@@ -503,6 +562,7 @@ def mask_fallback(kernel: LocalKernel) -> LocalKernel:
 
 _warned_fallback: set[str] = set()
 _warned_probe: set[tuple] = set()
+_warned_softcap: set[str] = set()
 
 
 def default_scale(head_dim: int) -> float:

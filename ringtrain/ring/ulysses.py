@@ -10,6 +10,8 @@
 # K/V heads: with H_kv % U == 0 each rank gets H_kv/U of them, matching its H/U query heads. With U > H_kv (few KV
 # heads, the peers' most common complaint) each KV head is replicated only U/H_kv times (not H/H_kv) before the
 # all-to-all, and the replicas' gradients are summed back in fp32. The driver never sees the difference.
+# Buffers flatten (heads, head dim), so v may have its own head dim (MLA); per-head sink logits are sliced to the
+# rank's heads (their gradient, zero elsewhere, adds up over the group like every other parameter's).
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from ringtrain.ring.attention import (
     check_local_document_ids,
+    check_sink,
     gather_documents,
     ring_attention_with_comm,
 )
@@ -49,50 +52,58 @@ def kv_replicas(kv_heads: int, ulysses: int) -> int:
 
 
 def _pack(parts: list[torch.Tensor], u: int, copies: list[int] | None = None) -> torch.Tensor:
-    """[B, S_l, H_i, D] tensors -> the send buffer [U, B, S_l, Hc, D], Hc = sum(H_i x copies_i) / U: destination j
-    gets head group j of each part. One copy per part, straight into the buffer (replicas included)."""
+    """[B, S_l, H_i, D_i] tensors -> the send buffer [U, B, S_l, sum(Hc_i x D_i)], Hc_i = H_i x copies_i / U:
+    destination j gets head group j of each part, (heads, head dim) flattened so that parts of different head dims
+    (MLA: v's differs from q's and k's) share one buffer. One copy per part, straight into the buffer (replicas
+    included)."""
     copies = copies or [1] * len(parts)
-    b, s, _, d = parts[0].shape
+    b, s = parts[0].shape[:2]
     widths = [p.shape[2] * c // u for p, c in zip(parts, copies, strict=True)]
-    buf = parts[0].new_empty(u, b, s, sum(widths), d)
+    buf = parts[0].new_empty(u, b, s, sum(w * p.shape[3] for p, w in zip(parts, widths, strict=True)))
     start = 0
     for p, c, w in zip(parts, copies, widths, strict=True):
-        dst = buf[:, :, :, start:start + w]
+        d = p.shape[3]
+        dst = buf[..., start:start + w * d].unflatten(-1, (w, d))  # [U, B, S_l, w, D_i]
         if c == 1:  # destination j takes heads [j w, (j + 1) w)
             dst.copy_(p.view(b, s, u, w, d).permute(2, 0, 1, 3, 4))
         else:  # U > H_kv: destination j takes KV head j // c (w == 1)
-            dst.view(p.shape[2], c, b, s, 1, d).copy_(p.permute(2, 0, 1, 3)[:, None, :, :, None, :])
-        start += w
+            dst.unflatten(0, (p.shape[2], c)).copy_(p.permute(2, 0, 1, 3)[:, None, :, :, None, :])
+        start += w * d
     return buf
 
 
-def _as_sequence(recv: torch.Tensor) -> torch.Tensor:
-    """The receive buffer [U, B, S_l, Hc, D] (part i = tokens of Ulysses rank i) as [B, U x S_l, Hc, D]: a view when
-    B == 1, else one copy."""
-    u, b, s, hc, d = recv.shape
-    return recv.permute(1, 0, 2, 3, 4).reshape(b, u * s, hc, d)
-
-
-def _unpack_heads(recv: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """The receive buffer [U, B, S_l, Hc, D] (part i = head group i) as [B, S_l, U x H_i/U, D] tensors, one per size."""
-    u, b, s, _, d = recv.shape
+def _split_heads(x: torch.Tensor, widths: list[int], dims: list[int]) -> list[torch.Tensor]:
+    """[..., sum(w_i x D_i)] -> views [..., w_i, D_i], one per part."""
     out, start = [], 0
-    for n in sizes:
-        out.append(recv[..., start:start + n // u, :].permute(1, 2, 0, 3, 4).reshape(b, s, n, d))
-        start += n // u
+    for w, d in zip(widths, dims, strict=True):
+        out.append(x[..., start:start + w * d].unflatten(-1, (w, d)))
+        start += w * d
     return out
 
 
+def _as_sequence(recv: torch.Tensor) -> torch.Tensor:
+    """The receive buffer [U, B, S_l, T] (part i = tokens of Ulysses rank i) as [B, U x S_l, T]: a view when B == 1,
+    else one copy."""
+    u, b, s, t = recv.shape
+    return recv.permute(1, 0, 2, 3).reshape(b, u * s, t)
+
+
+def _unpack_heads(recv: torch.Tensor, sizes: list[int], dims: list[int]) -> list[torch.Tensor]:
+    """The receive buffer [U, B, S_l, T] (part i = head group i) as [B, S_l, H_i, D_i] tensors (H_i = U x its group
+    of heads), one per (size, dim)."""
+    u, b, s, _ = recv.shape
+    parts = _split_heads(recv, [n // u for n in sizes], dims)  # [U, B, S_l, H_i / U, D_i]
+    return [p.permute(1, 2, 0, 3, 4).reshape(b, s, n, d) for p, n, d in zip(parts, sizes, dims, strict=True)]
+
+
 def _seq_parts(parts: list[torch.Tensor], u: int) -> torch.Tensor:
-    """[B, U x S_l, H_i, D] tensors -> the send buffer [U, B, S_l, sum(H_i), D] (part j = the tokens of Ulysses
+    """[B, U x S_l, H_i, D_i] tensors -> the send buffer [U, B, S_l, sum(H_i x D_i)] (part j = the tokens of Ulysses
     rank j), one copy per part."""
-    b, s, _, d = parts[0].shape
-    buf = parts[0].new_empty(u, b, s // u, sum(p.shape[2] for p in parts), d)
-    start = 0
-    for p in parts:
-        h = p.shape[2]
-        buf[:, :, :, start:start + h].copy_(p.unflatten(1, (u, s // u)).transpose(0, 1))
-        start += h
+    b, s = parts[0].shape[:2]
+    buf = parts[0].new_empty(u, b, s // u, sum(p.shape[2] * p.shape[3] for p in parts))
+    dsts = _split_heads(buf, [p.shape[2] for p in parts], [p.shape[3] for p in parts])
+    for p, dst in zip(parts, dsts, strict=True):
+        dst.copy_(p.unflatten(1, (u, s // u)).transpose(0, 1))
     return buf
 
 
@@ -109,16 +120,17 @@ class _QKVToHeads(torch.autograd.Function):
         u = comm.world
         copies = kv_replicas(k.shape[2], u)
         sizes = [q.shape[2], k.shape[2] * copies, v.shape[2] * copies]
-        x = _as_sequence(comm.exchange(_pack([q, k, v], u, [1, copies, copies])))  # [B, S_ring, Hc, D]
-        ctx.comm, ctx.sizes, ctx.copies = comm, sizes, copies
-        hq, hk = sizes[0] // u, sizes[1] // u
-        return x[:, :, :hq], x[:, :, hq:hq + hk], x[:, :, hq + hk:]
+        dims = [q.shape[3], k.shape[3], v.shape[3]]
+        x = _as_sequence(comm.exchange(_pack([q, k, v], u, [1, copies, copies])))  # [B, S_ring, T]
+        ctx.comm, ctx.sizes, ctx.dims, ctx.copies = comm, sizes, dims, copies
+        qh, kh, vh = _split_heads(x, [n // u for n in sizes], dims)  # [B, S_ring, H_i / U, D_i]
+        return qh, kh, vh
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dq, dk, dv):
         comm, u = ctx.comm, ctx.comm.world
-        dq, dk, dv = _unpack_heads(comm.exchange(_seq_parts([dq, dk, dv], u)), ctx.sizes)
+        dq, dk, dv = _unpack_heads(comm.exchange(_seq_parts([dq, dk, dv], u)), ctx.sizes, ctx.dims)
         return dq, _fold_replicas(dk, ctx.copies), _fold_replicas(dv, ctx.copies), None
 
 
@@ -127,15 +139,16 @@ class _HeadsToSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, comm: AllToAllComm):
-        ctx.comm = comm
-        (full,) = _unpack_heads(comm.exchange(_seq_parts([out], comm.world)), [out.shape[2] * comm.world])
+        ctx.comm, ctx.heads = comm, out.shape[2:]
+        (full,) = _unpack_heads(comm.exchange(_seq_parts([out], comm.world)), [out.shape[2] * comm.world],
+                                [out.shape[3]])
         return full
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         comm = ctx.comm
-        return _as_sequence(comm.exchange(_pack([dout.contiguous()], comm.world))), None
+        return _as_sequence(comm.exchange(_pack([dout.contiguous()], comm.world))).unflatten(-1, ctx.heads), None
 
 
 def hybrid_attention(
@@ -158,6 +171,11 @@ def hybrid_attention(
     problems = ulysses_head_problems(q.shape[2], k.shape[2], u)
     if problems:
         raise ValueError("; ".join(problems))
+    sink = options.get("sink")
+    if sink is not None:
+        check_sink(sink, q)
+        h = q.shape[2] // u  # this rank's heads are [rank x h, (rank + 1) x h): the order _pack sends them in
+        options = {**options, "sink": sink[a2a_comm.rank * h:(a2a_comm.rank + 1) * h]}
     docs = options.get("document_ids")
     if isinstance(docs, torch.Tensor):
         check_local_document_ids(docs, q)

@@ -1,0 +1,139 @@
+"""The model families people extend, at SP=2 as a ring and as Ulysses, against one process (fp32, the model's own
+eager attention): logits, loss and every parameter gradient, on a plain batch and on packed documents (the
+reference runs each document on its own), with each family's windows on. Sinks (gpt_oss), MLA (deepseek_v3) and
+soft-capping (gemma2) included. One spawned world loops over every family.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ringtrain.hf import apply_ring_attention, shard_batch, token_loss_sum
+from ringtrain.ring import SequenceParallel
+from ringtrain.testing import run_distributed
+
+VOCAB = 128
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, vocab_size=VOCAB, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2)
+WINDOWED = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 6}
+MOE = dict(num_experts_per_tok=2)
+FAMILIES = {
+    "llama": {},
+    "gpt_oss": {**WINDOWED, **MOE, "num_local_experts": 4, "head_dim": 16},
+    "deepseek_v3": {**MOE, "num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 16, "v_head_dim": 12, "n_routed_experts": 4, "n_shared_experts": 1,
+                    "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
+    # Caps low enough to bite on a random init (measured below: the loss moves when they are removed).
+    "gemma2": {**WINDOWED, "head_dim": 16, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 0.5,
+               "final_logit_softcapping": 2.0, "initializer_range": 0.2},
+    "gemma3_text": {**WINDOWED, "head_dim": 16, "query_pre_attn_scalar": 16},
+    "olmo3": dict(WINDOWED),
+    "qwen3_moe": {**MOE, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16},
+    "mixtral": {**MOE, "num_local_experts": 4},
+    "phi3": {},
+}
+B, S = 2, 32
+DOCS = [[5, 14, 13], [1, 19, 12]]  # lengths per row; documents longer than the window cross shards
+RTOL = 1e-5  # relative to the reference max |value|, fp32
+
+
+def tiny_config(family: str):
+    return AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family]})
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _reference(model, ids, docs):
+    """Loss (token mean) and gradients of each document run on its own, positions from 0 (docs None: each row)."""
+    model.zero_grad(set_to_none=True)
+    loss_sum, n, logits_full = 0.0, 0, torch.empty(B, S, VOCAB)
+    for row in range(B):
+        spans = [torch.arange(S)] if docs is None else [(docs[row] == d).nonzero().flatten()
+                                                        for d in docs[row].unique()]
+        for span in spans:
+            doc = ids[row, span][None]
+            logits = model(input_ids=doc).logits
+            logits_full[row, span] = logits[0].detach()
+            loss_sum = loss_sum + F.cross_entropy(logits[0, :-1].float(), doc[0, 1:], reduction="sum")
+            n += doc.shape[1] - 1
+    loss = loss_sum / n
+    loss.backward()
+    return logits_full, loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _sp_run(ref_model, sp: SequenceParallel, ids, docs, group):
+    model = copy.deepcopy(ref_model)
+    model.zero_grad(set_to_none=True)
+    apply_ring_attention(model, sp)
+    full = {"input_ids": ids} if docs is None else {"input_ids": ids, "document_ids": docs}
+    batch = shard_batch(full, sp)
+    extra = {} if docs is None else {"document_ids": batch["documents"]}
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **extra).logits
+    loss = token_loss_sum(logits, batch["shift_labels"]) / batch["num_label_tokens"]
+    loss.backward()
+    dist.all_reduce(total := loss.detach().clone(), group=group)
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=group)  # each rank saw its tokens (or heads): the parts add up
+    return sp.for_documents(batch.get("documents")).unshard(logits.detach()), total, model
+
+
+def _worker(mesh, families):
+    group = mesh.sp_group
+    setups = {"ring": SequenceParallel(ring_group=group, layout="zigzag"), "ulysses": mesh.sp.with_layout("zigzag")}
+    assert setups["ulysses"].ulysses_world == 2
+    g = torch.Generator().manual_seed(1234)
+    docs = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in DOCS])
+    results = {}
+    for seed, family in enumerate(families):
+        torch.manual_seed(seed)  # identical weights on every rank
+        ref = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager").float()
+        ids = torch.randint(3, VOCAB, (B, S), generator=g)
+        for packed in (False, True):
+            ref_logits, ref_loss, ref_grads = _reference(ref, ids, docs if packed else None)
+            for name, sp in setups.items():
+                logits, loss, model = _sp_run(ref, sp, ids, docs if packed else None, group)
+                grads = {k: _rel(p.grad, ref_grads[k]) for k, p in model.named_parameters() if p.grad is not None}
+                worst = max(grads, key=grads.get)
+                results[(family, packed, name)] = {
+                    "logits": _rel(logits, ref_logits), "loss": abs(float(loss - ref_loss)) / float(ref_loss),
+                    "grad": grads[worst], "worst": worst, "n_grads": len(grads),
+                    "n_ref_grads": sum(g is not None for g in ref_grads.values()),
+                }
+        if family == "gemma2":  # the caps matter on these weights: a test that ignored them would fail
+            uncapped = copy.deepcopy(ref)
+            uncapped.config.attn_logit_softcapping = uncapped.config.final_logit_softcapping = None
+            for layer in uncapped.model.layers:
+                layer.self_attn.attn_logit_softcapping = None
+            results["gemma2_uncapped_loss_change"] = abs(float(_reference(uncapped, ids, None)[1] - ref_loss))
+    return results
+
+
+@functools.cache
+def _results() -> list[dict]:
+    return run_distributed(_worker, 2, tuple(FAMILIES), ulysses_size=2, timeout=600)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_one_process(family: str):
+    per_rank = _results()
+    for rank, results in enumerate(per_rank):
+        for packed in (False, True):
+            for name in ("ring", "ulysses"):
+                r = results[(family, packed, name)]
+                where = f"{family} {'packed documents' if packed else 'plain'} {name} rank={rank}"
+                assert r["n_grads"] == r["n_ref_grads"] > 0, where
+                assert r["logits"] <= RTOL, f"{where}: logits rel err {r['logits']:.2e}"
+                assert r["loss"] <= RTOL, f"{where}: loss rel err {r['loss']:.2e}"
+                assert r["grad"] <= RTOL, f"{where}: grad rel err {r['grad']:.2e} in {r['worst']}"
+    if family == "gemma2":
+        assert per_rank[0]["gemma2_uncapped_loss_change"] > 1e-3
