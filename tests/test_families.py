@@ -1,7 +1,9 @@
 """The model families people extend, at SP=2 as a ring and as Ulysses, against one process (fp32, the model's own
 eager attention): logits, loss and every parameter gradient, on a plain batch and on packed documents (the
 reference runs each document on its own), with each family's windows on. Sinks (gpt_oss), MLA (deepseek_v3) and
-soft-capping (gemma2) included. One spawned world loops over every family.
+soft-capping (gemma2) included. The MoE families' balancing loss (the trainer's wrapper, reduced over the SP group)
+equals the model's own `aux_loss` on the whole batch, value and gradients, with routing made non-uniform. One spawned
+world loops over every family.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ringtrain.hf import apply_ring_attention, shard_batch, token_loss_sum
+from ringtrain.model.causal_lm import CausalLMWithChunkedLoss
 from ringtrain.ring import SequenceParallel
 from ringtrain.testing import run_distributed
 
@@ -43,6 +46,8 @@ FAMILIES = {
 B, S = 2, 32
 DOCS = [[5, 14, 13], [1, 19, 12]]  # lengths per row; documents longer than the window cross shards
 RTOL = 1e-5  # relative to the reference max |value|, fp32
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+AUX_RTOL = 1e-6
 
 
 def tiny_config(family: str):
@@ -115,7 +120,46 @@ def _worker(mesh, families):
             for layer in uncapped.model.layers:
                 layer.self_attn.attn_logit_softcapping = None
             results["gemma2_uncapped_loss_change"] = abs(float(_reference(uncapped, ids, None)[1] - ref_loss))
+        if family in MOE_FAMILIES:
+            results[("aux", family)] = _balancing_loss(ref, setups["ring"], ids, group)
     return results
+
+
+def _balancing_loss(ref_model, sp: SequenceParallel, ids, group) -> dict:
+    """The trainer's balancing loss at SP=2 against the model's own aux_loss on the whole batch (one process)."""
+    ref = copy.deepcopy(ref_model)
+    with torch.no_grad():  # skew the routing: a random init routes almost uniformly
+        for name, p in ref.named_parameters():
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                p.mul_(40.0)
+    ref.zero_grad(set_to_none=True)
+    ref_aux = ref(input_ids=ids, output_router_logits=True).aux_loss
+    ref_aux.backward()
+    ref_aux = ref_aux.detach()
+    ref_grads = {k: p.grad.clone() for k, p in ref.named_parameters() if p.grad is not None}
+    model = copy.deepcopy(ref)
+    model.zero_grad(set_to_none=True)
+    apply_ring_attention(model, sp)
+    wrapper = CausalLMWithChunkedLoss(model, 0)
+    batch = shard_batch({"input_ids": ids}, sp)
+    wrapper(batch["input_ids"], batch["position_ids"], batch["shift_labels"])
+    stats = wrapper.router_stats
+    part = wrapper.balancing.local_part(stats, group=group)
+    part.backward()
+    aux = part.detach().clone()
+    dist.all_reduce(aux, group=group)
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+    grads = {k: _rel(p.grad, ref_grads[k]) for k, p in model.named_parameters() if k in ref_grads}
+    # What a per-shard loss would give: the model's formula on this rank's tokens alone, averaged over the ranks.
+    shard = (wrapper.balancing.experts * (stats.counts / stats.rows * stats.probs.detach() / stats.rows).sum())
+    dist.all_reduce(shard, group=group)
+    counts = stats.counts.clone()
+    dist.all_reduce(counts, group=group)
+    return {"aux": abs(float(aux - ref_aux)) / float(ref_aux), "grad": max(grads.values()), "n_grads": len(grads),
+            "n_ref_grads": len(ref_grads), "per_shard": abs(float(shard / sp.world - ref_aux)) / float(ref_aux),
+            "skew": float(counts.max() / counts.sum())}
 
 
 @functools.cache
@@ -137,3 +181,16 @@ def test_family_matches_one_process(family: str):
                 assert r["grad"] <= RTOL, f"{where}: grad rel err {r['grad']:.2e} in {r['worst']}"
     if family == "gemma2":
         assert per_rank[0]["gemma2_uncapped_loss_change"] > 1e-3
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_balancing_loss_under_sp_matches_one_process(family: str):
+    for rank, results in enumerate(_results()):
+        r = results[("aux", family)]
+        where = f"{family} rank={rank}"
+        # Uniform routing puts 1/4 of the assignments on each of the 4 experts.
+        assert r["skew"] > 0.28, f"{where}: routing is not skewed ({r['skew']:.2f} of assignments on one expert)"
+        assert r["aux"] <= AUX_RTOL, f"{where}: aux loss rel err {r['aux']:.2e}"
+        assert r["n_grads"] == r["n_ref_grads"] > 0, where
+        assert r["grad"] <= RTOL, f"{where}: aux grad rel err {r['grad']:.2e}"
+        assert r["per_shard"] > 10 * AUX_RTOL, f"{where}: a per-shard loss would pass too ({r['per_shard']:.2e})"

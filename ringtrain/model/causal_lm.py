@@ -14,6 +14,7 @@ from torch import nn
 from ringtrain.config import ModelConfig
 from ringtrain.log import get_logger
 from ringtrain.model.loss import chunked_cross_entropy_sum
+from ringtrain.model.moe import BalancingLoss, RouterStats, balancing_loss
 
 if TYPE_CHECKING:
     from ringtrain.config import TrainConfig
@@ -136,14 +137,22 @@ class CausalLMWithChunkedLoss(nn.Module):
         # hidden states: (s h) W^T = s (h W^T)), then Gemma 2's c * tanh(logits / c) inside the chunked loss.
         self.logit_scale = getattr(lm.config, "logit_scale", None)
         self.logit_softcap = getattr(lm.config, "final_logit_softcapping", None)
+        self.balancing: BalancingLoss | None = balancing_loss(lm.config)
+        """The router's load-balancing loss of an MoE model (`ringtrain.model.moe`); the trainer adds it."""
+        self.router_stats: RouterStats | None = None
+        """This rank's router statistics from the last forward (with `balancing`)."""
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 token_weights: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # document_ids reach the ring attention function through transformers' public **kwargs path.
         extra = {} if document_ids is None else {"document_ids": document_ids}
+        if self.balancing is not None:
+            extra["output_router_logits"] = True  # transformers' public switch: the decoder returns them
         with self.forward_context or contextlib.nullcontext():
-            hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                           **extra)[0]
+            out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
+        hidden = out[0]
+        if self.balancing is not None:
+            self.router_stats = self.balancing.stats(out.router_logits)
         if self.logit_scale not in (None, 1.0):
             hidden = hidden * self.logit_scale
         weight = self.lm.get_output_embeddings().weight

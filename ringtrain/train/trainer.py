@@ -51,6 +51,8 @@ class Trainer:
         self.peak_tflops = peak_tflops(cfg.logging, name)
         self.step = 0
         self.wandb_run_id: str | None = None
+        self.aux_loss: float | None = None
+        """The last step's MoE balancing loss (unweighted, mean over micro-batches); None for a dense model."""
         self.stopped_by_signal: int | None = None
 
     # -- state ---------------------------------------------------------------------------------------
@@ -94,7 +96,8 @@ class Trainer:
         """Accumulate the gradient of the global mean token loss over `micro` (full-sequence batches).
 
         Returns that loss. Gradients end up summed over the whole mesh (FSDP reduce-scatter, or an
-        all-reduce without FSDP), so they equal the single-process gradient of the same global batch.
+        all-reduce without FSDP), so they equal the single-process gradient of the same global batch. An MoE model's
+        balancing loss joins the objective (not the returned loss); its value is left in `aux_loss`.
         """
         from ringtrain.hf import shard_batch
 
@@ -111,6 +114,7 @@ class Trainer:
         dist.all_reduce(n_global)
         n_global = n_global.clamp(min=1.0)
         loss_sum = torch.zeros((), device=dims.device)
+        aux_sum = torch.zeros((), device=dims.device)
         for i, batch in enumerate(local):
             if tcfg.fsdp:
                 # Reduce-scatter once, after the last micro-batch; earlier ones accumulate locally.
@@ -122,11 +126,23 @@ class Trainer:
                 batch["shift_labels"].to(dims.device),
                 None if weights[i] is None else weights[i].to(dims.device), docs,
             )
-            (part / n_global).backward()
+            objective = part / n_global
+            balancing = self.model.balancing
+            if balancing is not None:
+                # The router's balancing loss of this micro-batch: its formula is a mean over the batch's tokens, so
+                # counts are summed over the whole mesh first (ringtrain.model.moe); the model's own weight, averaged
+                # over the micro-batches.
+                aux = balancing.local_part(self.model.router_stats)
+                objective = objective + balancing.coef / len(local) * aux
+                aux_sum += aux.detach()
+            objective.backward()
             loss_sum += part.detach()
         if not tcfg.fsdp:
             all_reduce_gradients(self.model, dims)
         dist.all_reduce(loss_sum)
+        if self.model.balancing is not None:
+            dist.all_reduce(aux_sum)
+            self.aux_loss = aux_sum.item() / len(local)
         return (loss_sum / n_global).item()
 
     def train_step(self) -> dict[str, float]:
@@ -161,6 +177,8 @@ class Trainer:
         }
         if self.peak_tflops:
             record["mfu"] = tflops / self.peak_tflops
+        if self.aux_loss is not None:
+            record["aux_loss"] = self.aux_loss
         return record
 
     # -- the loop ------------------------------------------------------------------------------------
