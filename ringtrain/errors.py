@@ -14,3 +14,8 @@ class ConfigError(ValueError):
         self.problems = list(problems)
         self.agreed = agreed
         super().__init__("\n".join(self.problems))
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on, for a reason every rank reached together at the same point (a diverged run, parameters
+    that are not finite): the CLI prints its one line (rank 0) and exits 1, without a traceback."""

@@ -120,6 +120,8 @@ def test_a_held_folder_is_refused_and_ranks_die_with_their_launcher(tmp_path: Pa
     assert len(takeover) == 1 and f"pid {holder['pid']} has exited" in takeover[0], log
     assert f"resumed from {out / 'checkpoints' / f'step_{last:08d}'} at step {last}" in log, log
     assert _steps(out) == list(range(1, last + 3))
+    assert re.search(rf"done: step {last + 2}/{last + 2}, loss [\d.]+ -> [\d.]+, 0 step\(s\) skipped as non-finite;",
+                     log), log
     assert not (out / ".ringtrain.lock").exists()  # released at the end
 
 

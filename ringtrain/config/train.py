@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ringtrain.config.rules import at_least
 
 NONFINITE_ACTIONS = ("skip", "stop")
+NONFINITE_FRACTION_FROM_STEP = 20  # max_nonfinite_fraction is judged from this step on: earlier, one step is 5%+
 
 
 @dataclass
@@ -46,6 +47,12 @@ class TrainLoopConfig:
     128 MiB of fp32 logits per chunk (1K tokens at a 32K vocabulary)."""
     on_nonfinite: str = "skip"
     """A non-finite loss or gradient norm: skip the optimizer step, or stop the run with an error."""
+    max_nonfinite_steps: int = 10
+    """With on_nonfinite=skip: stop the run (exit 1, one line) after this many consecutive skipped steps, a run that
+    has diverged rather than hit one bad batch; 0 = never."""
+    max_nonfinite_fraction: float = 0.1
+    """With on_nonfinite=skip: stop the run (exit 1, one line) when more than this fraction of its steps (from step 1,
+    across resumes) were skipped, checked from step 20 on; 1 = never."""
     fsdp: bool = True
     """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (fully_shard)."""
     threads: int = 0
@@ -60,6 +67,10 @@ class TrainLoopConfig:
         problems += at_least(self, "loss_chunk_tokens", 0, ">= 1, or 0 for an automatic size")
         problems += at_least(self, "mlp_tile_tokens", 0, ">= 1, or 0 for hidden_size tokens")
         problems += at_least(self, "threads", 0, ">= 0 (0 = torch's default)")
+        problems += at_least(self, "max_nonfinite_steps", 0, ">= 1, or 0 to never stop on consecutive skipped steps")
+        if not 0 < self.max_nonfinite_fraction <= 1:
+            problems.append(("max_nonfinite_fraction", f"max_nonfinite_fraction={self.max_nonfinite_fraction} must be "
+                                                       "in (0, 1] (1 = never stop on the fraction of skipped steps)"))
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             problems.append(("on_nonfinite", f"on_nonfinite={self.on_nonfinite!r} is not one of skip, stop"))
         policy = recompute_policy(self.activation_checkpointing)

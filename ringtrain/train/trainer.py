@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ringtrain.config.train import NONFINITE_ACTIONS, TrainLoopConfig
-from ringtrain.errors import ConfigError
+from ringtrain.config.train import NONFINITE_ACTIONS, NONFINITE_FRACTION_FROM_STEP, TrainLoopConfig
+from ringtrain.errors import ConfigError, RunStopped
 from ringtrain.log import describe_exception, get_logger, setup_logging
 from ringtrain.model.build import all_reduce_gradients
 from ringtrain.model.causal_lm import CausalLMWithChunkedLoss
@@ -54,10 +54,13 @@ class Trainer:
         self.aux_loss: float | None = None
         """The last step's MoE balancing loss (unweighted, mean over micro-batches); None for a dense model."""
         self.stopped_by_signal: int | None = None
+        self.skipped_steps = 0  # steps whose update a non-finite loss or gradient norm skipped, across resumes
+        self.skipped_in_a_row = 0
 
     # -- state ---------------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {"step": self.step, "data": self.loader.state_dict(), "wandb_run_id": self.wandb_run_id}
+        return {"step": self.step, "data": self.loader.state_dict(), "wandb_run_id": self.wandb_run_id,
+                "skipped_steps": self.skipped_steps, "skipped_in_a_row": self.skipped_in_a_row}
 
     def resume(self) -> Path | None:
         """Continue the checkpoint checkpoint.resume names under this config's settings (collective).
@@ -80,13 +83,28 @@ class Trainer:
             raise ConfigError([f"checkpoint {path}: {err}"], agreed=True) from None
         self.step = extra["step"]
         self.wandb_run_id = extra.get("wandb_run_id")
+        self.skipped_steps = extra.get("skipped_steps", 0)
+        self.skipped_in_a_row = extra.get("skipped_in_a_row", 0)
         self.scheduler = apply_resumed_settings(meta, self.cfg, self.optimizer, self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return path
 
+    def check_parameters_finite(self, doing: str) -> None:
+        """Raise RunStopped on every rank if any parameter holds a NaN or inf: such weights are never saved or
+        exported (collective: each rank checks its shards)."""
+        bad = first_nonfinite_parameter(self.model)
+        names: list[str | None] = [None] * self.dims.world_size
+        dist.all_gather_object(names, bad)
+        bad = next((n for n in names if n), None)
+        if bad is not None:
+            last = self.checkpoints.latest()
+            raise RunStopped(f"the parameters are not finite at step {self.step} ({bad} first): not {doing}; resume "
+                             f"from {f'the last checkpoint {last}' if last else 'the start'} with a lower optim.lr")
+
     def save(self) -> None:
         from ringtrain.config import config_to_dict
 
+        self.check_parameters_finite("saving a checkpoint")
         # The config goes into meta.json: a resume compares it with the config it is given (checkpoint/resume.py).
         self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.extra_state(),
                               meta={"config": config_to_dict(self.cfg)})
@@ -152,15 +170,19 @@ class Trainer:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        # Loss and gradient norm are reduced over the world: every rank skips (and gives up) at the same step.
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
+            what = describe_nonfinite(loss, grad_norm)
             if tcfg.on_nonfinite == "stop":
-                raise FloatingPointError(
-                    f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {self.step + 1}: "
-                    "lower optim.lr, or set train.on_nonfinite=skip to skip such steps"
-                )
-            logger.warning("step %d: non-finite loss %s / grad norm %s, update skipped", self.step + 1, loss, grad_norm)
+                raise RunStopped(f"step {self.step + 1}: {what} (train.on_nonfinite=stop): lower optim.lr, or set "
+                                 "train.on_nonfinite=skip to skip such steps")
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            logger.warning("step %d: %s: update skipped (%d in a row, %d of %d steps so far)", self.step + 1, what,
+                           self.skipped_in_a_row, self.skipped_steps, self.step + 1)
         else:
+            self.skipped_in_a_row = 0
             self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
@@ -222,6 +244,12 @@ class Trainer:
                 record.update(evaluate_in_training(self))  # {} unless eval.every_steps divides the step
                 history.append(record)
                 metrics.log(self.step, record)
+                verdict = nonfinite_verdict(tcfg, self.step, self.skipped_steps, self.skipped_in_a_row)
+                if verdict:
+                    last = self.checkpoints.latest()
+                    raise RunStopped(f"{verdict}: the run has diverged; stopping without saving. Lower optim.lr (or "
+                                     "raise optim.warmup_steps, set optim.grad_clip) and resume from "
+                                     f"{f'the last checkpoint {last}' if last else 'the start'}")
                 # The last step's checkpoint is the final one, saved below.
                 if self.checkpoints.should_save(self.step) and self.step < tcfg.max_steps:
                     self.save()
@@ -230,14 +258,16 @@ class Trainer:
         if self.stopped_by_signal is not None:
             if self.step > 0:  # step 0 of a fresh run: nothing to save
                 self.save()
-            logger.warning("stopped at step %d after a signal; resume with checkpoint.resume=auto", self.step)
+            logger.warning("stopped at step %d after a signal (%d step(s) skipped as non-finite); resume with "
+                           "checkpoint.resume=auto", self.step, self.skipped_steps)
         else:
             self.save()
             if self.cfg.checkpoint.export_final:
                 self.export(Path(tcfg.output_dir) / "final_model")
         if history:
-            logger.info("done: step %d/%d, loss %.4f -> %.4f; run folder %s", self.step, tcfg.max_steps,
-                        history[0]["loss"], history[-1]["loss"], tcfg.output_dir)
+            logger.info("done: step %d/%d, loss %.4f -> %.4f, %d step(s) skipped as non-finite; run folder %s",
+                        self.step, tcfg.max_steps, history[0]["loss"], history[-1]["loss"], self.skipped_steps,
+                        tcfg.output_dir)
         return history
 
     def export(self, out_dir: Path, max_shard_bytes: int | None = None) -> None:
@@ -245,7 +275,43 @@ class Trainer:
         `from_pretrained` loads; collective, and no rank gathers the model (`ringtrain.model.weights.export_hf_folder`)."""
         from ringtrain.model.weights import EXPORT_SHARD_BYTES, export_hf_folder
 
+        self.check_parameters_finite("exporting the model")
         export_hf_folder(self.lm, out_dir, self.tokenizer, max_shard_bytes or EXPORT_SHARD_BYTES)
+
+
+def describe_nonfinite(loss: float, grad_norm: float) -> str:
+    """What was not finite in a step: 'non-finite gradient norm (inf); the loss 5.95 is finite', ..."""
+    if not math.isfinite(loss) and not math.isfinite(grad_norm):
+        return f"non-finite loss ({loss}) and gradient norm ({grad_norm})"
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss}); the gradient norm {grad_norm:.4g} is finite"
+    return f"non-finite gradient norm ({grad_norm}); the loss {loss:.4g} is finite"
+
+
+def nonfinite_verdict(cfg: TrainLoopConfig, step: int, skipped: int, in_a_row: int) -> str | None:
+    """Why a run that skipped `skipped` of its `step` steps (the last `in_a_row` in a row) must give up; None to go on.
+
+    train.max_nonfinite_steps consecutive skipped steps, or more than train.max_nonfinite_fraction of the steps
+    (judged from NONFINITE_FRACTION_FROM_STEP on: earlier one bad batch is already a large fraction).
+    """
+    if cfg.on_nonfinite != "skip" or not skipped:
+        return None
+    if cfg.max_nonfinite_steps and in_a_row >= cfg.max_nonfinite_steps:
+        return (f"steps {step - in_a_row + 1}-{step} were all skipped for a non-finite loss or gradient norm "
+                f"(train.max_nonfinite_steps={cfg.max_nonfinite_steps})")
+    if step >= NONFINITE_FRACTION_FROM_STEP and skipped > cfg.max_nonfinite_fraction * step:
+        return (f"{skipped} of {step} steps were skipped for a non-finite loss or gradient norm, more than "
+                f"train.max_nonfinite_fraction={cfg.max_nonfinite_fraction}")
+    return None
+
+
+def first_nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter of `model` whose local values (this rank's shard) hold a NaN or inf."""
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if not torch.isfinite(local.detach()).all():
+            return name
+    return None
 
 
 def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = None) -> Trainer:
@@ -282,7 +348,7 @@ def train(cfg: TrainConfig) -> Trainer:
         torch.set_num_threads(cfg.train.threads)
     dims = init_distributed(cfg.parallel, document_mask=cfg.data.document_mask)
     # Installed before anything slow: a signal while the model and data are built is a stop request too.
-    run_id = None
+    run_id, rank = None, dims.rank
     with SignalFlag(enabled=cfg.checkpoint.save_on_signal) as signals:
         try:
             run_id = check_before_training(cfg, dims)  # the run folder is this run's from here on
@@ -291,6 +357,9 @@ def train(cfg: TrainConfig) -> Trainer:
         except ConfigError as e:
             if e.agreed:  # every rank stops at this same point: a clean exit 2
                 teardown_distributed()
+            raise
+        except RunStopped:  # every rank stops at this same step (its reason is agreed): one line, exit 1
+            teardown_distributed()
             raise
         except BaseException as e:
             # One line naming this rank, whatever was raised (torch's CheckpointException and KeyboardInterrupt
@@ -302,7 +371,7 @@ def train(cfg: TrainConfig) -> Trainer:
             # block on a failed communicator. The process is exiting; the OS closes its sockets.
             raise
         finally:
-            if run_id is not None and dims.rank == 0:
+            if run_id is not None and rank == 0:  # dims.rank needs the process group, perhaps torn down by now
                 RunLock(Path(cfg.train.output_dir), run_id).release()
     teardown_distributed()
     return trainer
