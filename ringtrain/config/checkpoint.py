@@ -22,6 +22,10 @@ class CheckpointConfig:
     torchrun shutdown); a second signal stops at once, without saving."""
     export_final: bool = True
     """Export the final weights as a Hugging Face safetensors folder (done by the trainer)."""
+    checksums: bool = True
+    """Write a sha256 of every checkpoint file (SHA256SUMS) when a save completes, and verify them before resuming: a
+    damaged checkpoint is skipped for the previous one. Each rank hashes the files it wrote, and a share of them on
+    resume, so this costs one more read of the checkpoint at each."""
     overwrite: bool = False
     """With resume='none' (or a checkpoint of another folder): delete the checkpoints an earlier run left in
     <output_dir>/checkpoints once the run starts. Without it such a start is refused: a run folder holds one run.

@@ -23,6 +23,7 @@ from ringtrain.log import describe_exception
 
 COMPLETE_MARKER = "COMPLETE"
 META_FILE = "meta.json"
+CHECKSUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` checks a checkpoint by hand
 RNG_DIR = "rng"
 DCP_INDEX = ".metadata"
 MODEL_PREFIX = "train.model."  # DCP key prefix of the model tensors (the manager saves them under "train")
@@ -125,6 +126,47 @@ def model_mismatches(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]]
             out.append(f"{name} is {list(saved[name])} in the checkpoint and {list(shape)} in the model")
     out += [f"{name} is in the checkpoint, not in the model" for name in saved if name not in shapes]
     return out
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def written_by(folder: Path, rank: int) -> list[str]:
+    """The files of a checkpoint being written that `rank` wrote (relative paths): DCP's `__<rank>_*.distcp`, its RNG
+    file and, on rank 0, DCP's index. Whatever DCP may name otherwise is hashed by rank 0 (`unhashed`)."""
+    names = [p.name for p in folder.glob(f"__{rank}_*.distcp")] + [f"{RNG_DIR}/rank_{rank}.pt"]
+    return sorted(names + ([DCP_INDEX] if rank == 0 else []))
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder that its checksums cover (relative paths): all but the marker and the sums."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.name not in (COMPLETE_MARKER, CHECKSUMS))
+
+
+def read_checksums(path: Path) -> dict[str, str] | None:
+    """relative path -> sha256 from a checkpoint's SHA256SUMS; None when it has none (saved without checksums)."""
+    try:
+        text = (path / CHECKSUMS).read_text()
+    except FileNotFoundError:
+        return None
+    sums = {}
+    for line in text.splitlines():
+        digest_, _, name = line.partition("  ")
+        if name:
+            sums[name] = digest_
+    return sums
+
+
+def checksum_text(sums: dict[str, str]) -> str:
+    """SHA256SUMS in sha256sum's format: '<hex>  <relative path>' per line, sorted."""
+    return "".join(f"{sums[name]}  {name}\n" for name in sorted(sums))
 
 
 def unpublish_and_delete(path: Path) -> None:

@@ -34,15 +34,20 @@ from ringtrain.errors import ConfigError
 from ringtrain.log import describe_exception, get_logger
 from ringtrain.parallel.agree import agree
 from ringtrain.train.checkpoint.files import (
+    CHECKSUMS,
     COMPLETE_MARKER,
     META_FILE,
     RNG_DIR,
+    checkpoint_files,
     checkpoint_problem,
+    checksum_text,
     digest,
+    file_sha256,
     fsync_dir,
     is_complete,
     is_step_folder,
     is_temporary,
+    read_checksums,
     read_meta,
     step_folder,
     step_of,
@@ -50,6 +55,7 @@ from ringtrain.train.checkpoint.files import (
     temporary_owner,
     unpublish_and_delete,
     write_durably,
+    written_by,
 )
 from ringtrain.train.runlock import new_run_id, read_lock
 
@@ -176,6 +182,12 @@ class CheckpointManager:
         """
         explicit = self.cfg.resume not in RESUME_MODES
         for path in self._resumable():
+            damaged = self._checksum_problem(path)
+            if damaged is not None:
+                if explicit:
+                    raise ConfigError([self._resume_error(path, damaged)], agreed=True)
+                self._warn_skipped(path, damaged)
+                continue
             meta = agree(lambda path=path: self._checked_meta(path, check), what="choosing the checkpoint")
             try:
                 extra = self.load(path, model, optimizer, scheduler)
@@ -186,6 +198,28 @@ class CheckpointManager:
                 continue
             return path, extra, meta
         return None
+
+    def _checksum_problem(self, path: Path) -> str | None:
+        """Whether checkpoint `path`'s files still match their SHA256SUMS (collective: each rank hashes a share of
+        them); the problem, completing "checkpoint X ...", or None. A checkpoint saved without sums passes."""
+        if not self.cfg.checksums:
+            return None
+        sums = agree(lambda: read_checksums(path), what="reading the checkpoint's checksums")
+        if sums is None:
+            logger.info("checkpoint %s has no %s: its files cannot be verified", path, CHECKSUMS)
+            return None
+        mine = None
+        for name in sorted(sums)[self.mesh.rank::self.mesh.world_size]:
+            file = path / name
+            if not file.is_file():
+                mine = f"is missing its file {name}"
+            elif file_sha256(file) != sums[name]:
+                mine = f"has a file {name} that does not match its checksum in {CHECKSUMS} (damaged since it was saved)"
+            if mine:
+                break
+        found: list[str | None] = [None] * self.mesh.world_size
+        dist.all_gather_object(found, mine)
+        return next((p for p in found if p), None)
 
     def _resumable(self) -> Iterator[Path]:
         """The checkpoints a resume tries, in its order (collective: rank 0 plans, so every rank walks the same).
@@ -309,11 +343,16 @@ class CheckpointManager:
         # RNG state is per rank (dropout masks, sampling) and cannot be resharded, so each rank keeps its own file.
         (tmp / RNG_DIR).mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{self.mesh.rank}.pt")
+        # Each rank hashes what it wrote (a share of the reading, and from its own writes, not a copy seen later).
+        mine = {name: file_sha256(tmp / name) for name in written_by(tmp, self.mesh.rank) if (tmp / name).is_file()} \
+            if self.cfg.checksums else {}
 
-        # Every rank's files are on disk before rank 0 declares the checkpoint complete.
-        dist.barrier()
+        # Every rank's files are on disk (and hashed) before rank 0 declares the checkpoint complete.
+        sums: list[dict[str, str]] = [{}] * self.mesh.world_size
+        dist.all_gather_object(sums, mine)
         if self.mesh.rank == 0:
-            self._finalize(tmp, final, step, meta or {})
+            merged = {name: h for part in sums for name, h in part.items()} if self.cfg.checksums else None
+            self._finalize(tmp, final, step, meta or {}, merged)
         # Nobody returns (and possibly exits on a signal) before the checkpoint is visible and pruned.
         dist.barrier()
         logger.info("saved checkpoint %s in %.1fs", final, time.monotonic() - start)
@@ -372,7 +411,8 @@ class CheckpointManager:
         dist.broadcast_object_list(ref, src=0)  # rank 0's copy is the one every rank saves
         return ref[0]
 
-    def _finalize(self, tmp: Path, final: Path, step: int, more: dict[str, Any]) -> None:
+    def _finalize(self, tmp: Path, final: Path, step: int, more: dict[str, Any],
+                  sums: dict[str, str] | None) -> None:
         meta = {
             **more,
             "step": step,
@@ -384,6 +424,9 @@ class CheckpointManager:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_durably(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
+        if sums is not None:  # the ranks' own files, then whatever else is there (meta.json)
+            sums.update({name: file_sha256(tmp / name) for name in checkpoint_files(tmp) if name not in sums})
+            write_durably(tmp / CHECKSUMS, checksum_text(sums))
         # The marker is written last inside the temporary folder and the rename publishes it, so a
         # step_* folder is complete even on filesystems where directory rename is not atomic.
         write_durably(tmp / COMPLETE_MARKER, "")
