@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +18,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ringtrain.errors import ConfigError
 from ringtrain.hf import apply_ring_attention, shard_batch, token_loss_sum
 from ringtrain.model.causal_lm import CausalLMWithChunkedLoss
 from ringtrain.ring import SequenceParallel
 from ringtrain.testing import run_distributed
+from ringtrain.validate import load_validated_config
 
 VOCAB = 128
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -194,3 +197,58 @@ def test_balancing_loss_under_sp_matches_one_process(family: str):
         assert r["n_grads"] == r["n_ref_grads"] > 0, where
         assert r["grad"] <= RTOL, f"{where}: aux grad rel err {r['grad']:.2e}"
         assert r["per_shard"] > 10 * AUX_RTOL, f"{where}: a per-shard loss would pass too ({r['per_shard']:.2e})"
+
+
+# --- the command line: `ringtrain validate` on these families ---------------------------------------------------------
+
+TINY_CPU = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
+
+
+def _problems(*overrides: str) -> list[str]:
+    try:
+        load_validated_config(TINY_CPU, list(overrides))
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+@pytest.mark.parametrize("arch,kind,mixer", [("nemotron_h", "Mamba state-space", "NemotronHMamba2Mixer"),
+                                             ("qwen3_next", "gated DeltaNet linear-attention",
+                                              "Qwen3NextGatedDeltaNet")])
+def test_hybrid_models_are_refused_by_validate_naming_the_layer_kind(arch, kind, mixer):
+    problems = _problems(f"model.arch={arch}")
+    assert len(problems) == 1, problems
+    assert f"has {kind} layers ({mixer})" in problems[0] and "not supported by sequence parallelism" in problems[0]
+
+
+def test_families_validate_from_the_command_line():
+    """rope.method=none keeps per-layer-type RoPE (Gemma 3, OLMo 3) untouched; gemma3 trains its text model; keys the
+    modeling code reads are accepted; default special-token ids outside a small vocabulary are unset (Phi-3)."""
+    from ringtrain.model.causal_lm import build_model_config
+
+    for arch in ("gpt_oss", "deepseek_v3", "gemma2", "gemma3", "gemma3_text", "olmo3", "phi3", "mixtral"):
+        assert _problems(f"model.arch={arch}") == [], arch
+    assert _problems("model.arch=qwen3_moe", "model.config.head_dim=16", "model.config.num_local_experts=4") == []
+    assert _problems("model.arch=deepseek_v3", "model.config.head_dim=16") == []
+    assert "unknown key 'model.config.head_dimm'" in _problems("model.arch=qwen3_moe", "model.config.head_dimm=16")[0]
+    cfg = load_validated_config(TINY_CPU, ["model.arch=qwen3_moe", "model.config.head_dim=16",
+                                           "model.config.num_local_experts=4"])
+    config = build_model_config(cfg.model)
+    assert (config.head_dim, config.num_experts) == (16, 4)
+    cfg = load_validated_config(TINY_CPU, ["model.arch=gemma3"])
+    assert type(build_model_config(cfg.model)).__name__ == "Gemma3TextConfig"
+    phi3 = build_model_config(load_validated_config(TINY_CPU, ["model.arch=phi3"]).model)
+    assert phi3.pad_token_id is None and phi3.bos_token_id == 1  # 32000 > vocab 384 unset; 1 kept
+
+
+def test_rope_none_keeps_per_layer_type_parameters():
+    from ringtrain.config import RopeConfig
+    from ringtrain.hf import apply_rope_scaling
+
+    for arch in ("gemma3_text", "olmo3", "nemotron_h"):
+        config = AutoConfig.for_model(arch)
+        before = copy.deepcopy(getattr(config, "rope_parameters", None))
+        apply_rope_scaling(config, RopeConfig(method="none"))
+        assert getattr(config, "rope_parameters", None) == before, arch
+    with pytest.raises(ValueError, match="per-layer-type"):  # rewriting them is still refused, in one line
+        apply_rope_scaling(AutoConfig.for_model("gemma3_text"), RopeConfig(method="yarn", factor=2.0))

@@ -17,6 +17,7 @@ instead of silently computing something else.
 from __future__ import annotations
 
 import itertools
+import re
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,20 +196,52 @@ class _RingBinding:
         self.hooks.pop("check_called").remove()  # verified once; no per-step cost afterwards
 
 
+# Token mixers that run outside AttentionInterface (their class names in transformers), and what they are: under
+# sequence parallelism each rank would mix its own shard only. Exact SP forms exist (head-parallel all-to-all, or
+# state passing: LASP), not built yet.
+_FOREIGN_MIXERS = (
+    (re.compile(r"Mamba|Mixer$"), "Mamba state-space"),
+    (re.compile(r"DeltaNet"), "gated DeltaNet linear-attention"),
+    (re.compile(r"LightningAttention|LinearAttention"), "linear-attention"),
+    (re.compile(r"ShortConv"), "short-convolution"),
+    (re.compile(r"Rwkv"), "RWKV"),
+)
+_RING_LAYER_TYPES = ("full_attention", "sliding_attention", "attention", "mlp", "moe")
+
+
+def sequence_parallel_problems(model: torch.nn.Module) -> list[str]:
+    """Why `model` (a transformers causal LM, on any device, meta included) cannot run under sequence parallelism,
+    one line each naming the layer kind; empty when it can. `ringtrain validate` and `apply_ring_attention` ask."""
+    name, config = type(model).__name__, model.config
+    found: dict[str, str] = {}
+    for module in model.modules():
+        cls = type(module).__name__
+        for pattern, kind in _FOREIGN_MIXERS:
+            if pattern.search(cls):
+                found.setdefault(kind, cls)
+                break
+    if found:
+        kinds = ", ".join(f"{kind} layers ({cls})" for kind, cls in found.items())
+        return [f"{name} has {kinds}, which run outside transformers' AttentionInterface: each rank would mix only its "
+                "own shard; hybrid linear-attention and state-space models are not supported by sequence parallelism "
+                "yet"]
+    problems = []
+    layer_types = getattr(config, "layer_types", None) or []
+    unknown = sorted({t for t in layer_types if t not in _RING_LAYER_TYPES})
+    if unknown:
+        problems.append(f"{name} has {', '.join(unknown)} layers (config.layer_types): ring attention computes "
+                        "full_attention and sliding_attention layers only")
+    if getattr(config, "attention_chunk_size", None):
+        problems.append(f"config.attention_chunk_size={config.attention_chunk_size}: chunked attention is not "
+                        "supported by ring attention")
+    return problems
+
+
 def _check_supported(model: torch.nn.Module, sp: SequenceParallel) -> None:
     config = model.config
-    layer_types = getattr(config, "layer_types", None) or []
-    unknown = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
-    if unknown:
-        raise ValueError(
-            f"{type(model).__name__} has {', '.join(unknown)} layers (config.layer_types): ring attention computes "
-            "full_attention and sliding_attention layers only"
-        )
-    if getattr(config, "attention_chunk_size", None):
-        raise ValueError(
-            f"config.attention_chunk_size={config.attention_chunk_size}: chunked attention is not supported by "
-            "ring attention"
-        )
+    problems = sequence_parallel_problems(model)
+    if problems:
+        raise ValueError("; ".join(problems))
     check_rotary_precision(model)
     if sp.ulysses_world > 1:
         heads = config.num_attention_heads

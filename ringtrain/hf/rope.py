@@ -66,9 +66,18 @@ def pretraining_length(model_config: Any) -> int:
     return int(model_config.max_position_embeddings)
 
 
+def _keeps_model_rope(rope_cfg: RopeConfig) -> bool:
+    return rope_cfg.method == "none" and rope_cfg.rope_theta is None
+
+
 def resolve_rope_parameters(model_config: Any, rope_cfg: RopeConfig) -> tuple[dict, int]:
     """(`rope_parameters`, `max_position_embeddings`) that `apply_rope_scaling` would write; nothing is modified."""
     _raise_problems(rope_cfg._validate())
+    if _keeps_model_rope(rope_cfg):
+        # Checked before the model's parameters are read: they may be per layer type (Gemma 3, OLMo 3) or absent
+        # (Mamba hybrids), which is fine when nothing is rewritten.
+        return (dict(getattr(model_config, "rope_parameters", None) or {}),
+                int(getattr(model_config, "max_position_embeddings", 0) or 0))
     current = _current_params(model_config)
     keep = {k: current[k] for k in ("partial_rotary_factor",) if k in current}
     theta = float(rope_cfg.rope_theta or current.get("rope_theta") or getattr(model_config, "default_theta", 1e4))
@@ -141,6 +150,8 @@ def apply_rope_scaling(model_config: Any, rope_cfg: RopeConfig) -> None:
     transformers configuration, so `save_pretrained` / `from_pretrained` round-trip it without ringtrain.
     """
     params, max_positions = resolve_rope_parameters(model_config, rope_cfg)
+    if _keeps_model_rope(rope_cfg):
+        return  # rope.method=none: the model's RoPE (or its absence) exactly as it is
     model_config.rope_parameters = params
     model_config.max_position_embeddings = max_positions
     # transformers' own checks (missing keys raise; odd values warn) on exactly what was written.
