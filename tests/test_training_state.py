@@ -136,7 +136,12 @@ DAMAGE = {
                          r"has a truncated data file __0_0\.distcp \(1000 of \d+ bytes\)"),
     "truncated-index": (lambda c: _truncate(c / ".metadata", 100),
                         r"has an unreadable \.metadata \(UnpicklingError: pickle data was truncated\)"),
-    "garbled-distcp": (lambda c: _garble(c / "__0_0.distcp"), r"cannot be read \(CheckpointException: rank 0: \w+"),
+    "garbled-distcp": (lambda c: _garble(c / "__0_0.distcp"),
+                       r"has a file __0_0\.distcp that does not match its checksum in SHA256SUMS \(damaged since it was "
+                       r"saved\)"),
+    # Saved without checksums (an older checkpoint): the load itself fails, on every rank.
+    "garbled-unverified": (lambda c: ((c / "SHA256SUMS").unlink(), _garble(c / "__0_0.distcp")),
+                           r"cannot be read \(CheckpointException: rank 0: \w+"),
 }
 
 
@@ -201,8 +206,10 @@ REFUSED = [
      "with, or start a new run in another train.output_dir"),
     ("train.max_steps=8", "train.max_steps=8 is below step 10 of checkpoint {ckpt}: raise train.max_steps, or resume "
      "from an earlier checkpoint with checkpoint.resume=<step_* folder>"),
-    ("data.seed=1", "checkpoint {ckpt}: cannot resume the data position: seed=0 in the checkpoint but 1 now (resume "
-     "with the data config the checkpoint was written with)"),
+    ("data.seed=1", "the data or tokenizer differ from checkpoint {ckpt}: the tokens of the first 16 sequences differ "
+     "(records edited, reordered or shuffled) (changed: data.seed 0 -> 1): resume on the data and data.tokenizer it "
+     "was trained on, or set checkpoint.data_change_intended=true to continue on these (the data order then restarts "
+     "from its beginning)"),
 ]
 
 
