@@ -51,7 +51,8 @@ def test_every_shipped_config_validates(path, capsys, model_dir):
     rc, out, err = _validate(capsys, path, *extra)
     assert rc == 0, err
     resolved = yaml.safe_load(out)
-    assert set(resolved) == {"model", "rope", "parallel", "data", "optim", "train", "checkpoint", "logging", "eval"}
+    assert set(resolved) == {"model", "rope", "parallel", "data", "optim", "peft", "train", "checkpoint", "logging",
+                             "eval"}
     assert resolved == yaml.safe_load(yaml.safe_dump(resolved))  # printable and reloadable
 
 

@@ -22,12 +22,14 @@ from ringtrain.config.logging import WANDB_MODES, LoggingConfig
 from ringtrain.config.model import DTYPE_NAMES, ModelConfig
 from ringtrain.config.optim import SCHEDULES, OptimConfig
 from ringtrain.config.parallel import ParallelConfig, resolve_layout, resolve_parallel_sizes
+from ringtrain.config.peft import ADAPTER_METHODS, AdapterConfig
 from ringtrain.config.rope import METHODS as ROPE_METHODS
 from ringtrain.config.rope import RopeConfig
 from ringtrain.config.train import NONFINITE_ACTIONS, TrainLoopConfig, recompute_policy
 
 __all__ = [
-    "DTYPE_NAMES", "EVAL_MODES", "EVAL_TASKS", "NONFINITE_ACTIONS", "RESUME_MODES", "RETRIEVAL_EVAL_TASKS",
+    "ADAPTER_METHODS", "AdapterConfig", "DTYPE_NAMES", "EVAL_MODES", "EVAL_TASKS", "NONFINITE_ACTIONS",
+    "RESUME_MODES", "RETRIEVAL_EVAL_TASKS",
     "ROPE_METHODS", "SCHEDULES", "WANDB_MODES", "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig",
     "ModelConfig", "OptimConfig", "ParallelConfig", "RopeConfig", "TrainConfig", "TrainLoopConfig",
     "check_data_config", "config_to_dict", "dump_config", "load_config", "parse_config", "parse_overrides",

@@ -24,6 +24,7 @@ from ringtrain.config.logging import LoggingConfig
 from ringtrain.config.model import ModelConfig
 from ringtrain.config.optim import OptimConfig
 from ringtrain.config.parallel import ParallelConfig
+from ringtrain.config.peft import AdapterConfig
 from ringtrain.config.rope import RopeConfig
 from ringtrain.config.train import TrainLoopConfig
 from ringtrain.errors import ConfigError
@@ -38,6 +39,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    peft: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -21,6 +21,9 @@ class ModelConfig:
     """Overrides for the transformers config (hidden_size, num_hidden_layers, vocab_size, ...)."""
     dtype: str = "auto"
     """Parameter dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
+    adapter: str | None = None
+    """A peft adapter folder (what a run with peft.method=lora exports to final_model/) applied on top of model.path
+    by `ringtrain eval`; it must have been trained on that same base model."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Such models must still route attention through AttentionInterface."""
 

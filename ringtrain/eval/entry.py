@@ -138,10 +138,17 @@ def load_model_for_eval(cfg: TrainConfig, dims: ParallelDims | None) -> tuple[Ca
     Returns (model, the checkpoint's step or None); score `model.lm` with `fsdp_root=model`. DCP reshards a
     checkpoint's FSDP shards to this world, so any world size can evaluate it. `dims=None`: one process on CPU
     with the model's own (sdpa) attention, the reference the sharded evaluation is tested against.
+    With model.adapter, the model is built with that folder's LoRA layout and its tensors loaded over model.path.
     """
     from ringtrain.model.build import build_model
 
+    if cfg.model.adapter is not None:
+        from ringtrain.model.adapters import load_adapter_weights, with_adapter
+
+        cfg = with_adapter(cfg)
     model = build_model(cfg, dims, "eval")
+    if cfg.model.adapter is not None:
+        load_adapter_weights(model.lm, cfg.model.adapter)
     step = None
     if cfg.eval.checkpoint:
         from ringtrain.train.checkpoint import CheckpointManager, is_complete

@@ -3,7 +3,8 @@ benchmarks.
 
 Each `apply_*` function transforms an untouched transformers model in place and knows nothing of the others;
 `parallelize_model` calls them in the only order that works and says why next to each call (torchtitan's
-parallelize.py is the model): ring attention -> tiled MLP -> recompute -> the loss wrapper -> offload -> FSDP2.
+parallelize.py is the model): LoRA adapters -> ring attention -> tiled MLP -> recompute -> the loss wrapper ->
+offload -> FSDP2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from ringtrain.model.causal_lm import CausalLMWithChunkedLoss, build_causal_lm, decoder_layers
 
 if TYPE_CHECKING:
-    from ringtrain.config import TrainConfig
+    from ringtrain.config import AdapterConfig, TrainConfig
     from ringtrain.config.train import TrainLoopConfig
     from ringtrain.parallel.dims import ParallelDims
 
@@ -100,10 +101,10 @@ def all_reduce_gradients(model: nn.Module, dims: ParallelDims) -> None:
             dist.all_reduce(p.grad)
 
 
-def parallelize_model(lm: nn.Module, cfg: TrainLoopConfig, dims: ParallelDims | None, mode: str = "train"
-                      ) -> CausalLMWithChunkedLoss:
-    """`lm` with sequence-parallel attention, tiled MLP, recompute, the chunked loss, offload and FSDP2, as `cfg`
-    asks. `mode='eval'` leaves out what only a backward needs (recompute, offload) and puts the model in eval mode;
+def parallelize_model(lm: nn.Module, cfg: TrainLoopConfig, dims: ParallelDims | None, mode: str = "train",
+                      adapters: AdapterConfig | None = None) -> CausalLMWithChunkedLoss:
+    """`lm` with LoRA adapters (when `adapters` enables them), sequence-parallel attention, tiled MLP, recompute, the
+    chunked loss, offload and FSDP2, as `cfg` asks. `mode='eval'` leaves out what only a backward needs (recompute, offload) and puts the model in eval mode;
     `dims=None` is one process without torch.distributed: the model's own attention, nothing sharded (the
     reference that sharded evaluation is tested against)."""
     from ringtrain.hf import apply_ring_attention
@@ -112,6 +113,13 @@ def parallelize_model(lm: nn.Module, cfg: TrainLoopConfig, dims: ParallelDims | 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
     training = mode == "train"
+    if adapters is not None and adapters.enabled:
+        from ringtrain.model.adapters import apply_adapters
+
+        # 0. Adapters before everything: peft wraps the plain linear layers in place (every later step sees the
+        #    wrapped ones inside unchanged layers) and freezes the base weights, so FSDP2 shards frozen weights
+        #    like any other but reduces gradients and the optimizer holds state only for what trains.
+        apply_adapters(lm, adapters)
     if dims is not None:
         # 1. Sequence-parallel attention first: it only swaps the attention function, so it must see plain HF
         #    modules.
@@ -140,4 +148,4 @@ def build_model(cfg: TrainConfig, dims: ParallelDims | None, mode: str = "train"
     rank's shards loaded from model.path or initialised identically on every world size (`build_causal_lm`).
     `dims=None`: one process on CPU without torch.distributed."""
     device = dims.device if dims is not None else torch.device("cpu")
-    return build_causal_lm(cfg, device, parallelize=lambda lm: parallelize_model(lm, cfg.train, dims, mode))
+    return build_causal_lm(cfg, device, parallelize=lambda lm: parallelize_model(lm, cfg.train, dims, mode, cfg.peft))

@@ -5,10 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
-import importlib
-import inspect
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -48,56 +44,12 @@ def model_config_and_ignored(cfg: ModelConfig) -> tuple[Any, list[str]]:
         config, unused = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code,
                                                     return_unused_kwargs=True, **cfg.config)
         return config, sorted(unused)
-    config = AutoConfig.for_model(causal_lm_arch(cfg.arch), **cfg.config)
+    config = AutoConfig.for_model(cfg.arch, **cfg.config)
     fields, aliases = config_class_keys(type(config))
     # Legacy keys transformers converts (rope_theta, rope_scaling, torch_dtype) are consumed, not stored as extras.
-    # An alias's target (Qwen3-MoE stores num_experts as num_local_experts) and a key the modeling code reads with
-    # getattr (head_dim in Qwen3-MoE and DeepSeek V3) are used even though the config class does not declare them.
     ignored = [k for k in cfg.config if fields and k in vars(config) and k not in fields and k not in aliases
-               and k not in aliases.values() and not isinstance(getattr(type(config), k, None), property)
-               and not _read_by_modeling_code(type(config), k)]
-    _drop_special_tokens_outside_vocab(config, cfg.config)
+               and not isinstance(getattr(type(config), k, None), property)]
     return config, ignored
-
-
-def causal_lm_arch(arch: str) -> str:
-    """The model type a causal LM of `arch` is built from: a multimodal type whose text model is a causal LM of its own
-    (gemma3 -> gemma3_text) trains that text model; anything else is itself."""
-    from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if arch not in CONFIG_MAPPING:
-        return arch
-    text = (getattr(CONFIG_MAPPING[arch], "sub_configs", None) or {}).get("text_config")
-    text_type = getattr(text, "model_type", None)
-    if text_type and text_type != arch and text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        logger.info("model.arch=%r is multimodal: building its text model %r", arch, text_type)
-        return text_type
-    return arch
-
-
-@functools.cache
-def _read_by_modeling_code(config_cls: type, key: str) -> bool:
-    """Whether the modeling module next to `config_cls` reads `config.<key>` (directly or with getattr)."""
-    name = config_cls.__module__.replace(".configuration_", ".modeling_")
-    try:
-        source = inspect.getsource(importlib.import_module(name))
-    except (ImportError, OSError, TypeError):
-        return False
-    return re.search(rf"config\.{re.escape(key)}\b|getattr\(\s*(?:self\.)?config\s*,\s*[\"']{re.escape(key)}[\"']",
-                     source) is not None
-
-
-def _drop_special_tokens_outside_vocab(config: Any, overrides: dict) -> None:
-    """A random init with a small vocabulary keeps its type's default special-token ids (Phi-3: 32000, OLMo 3: 50279),
-    which the embedding rejects as padding_idx; ids the user did not set that fall outside the vocabulary are unset."""
-    vocab = getattr(config, "vocab_size", None)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        value = getattr(config, key, None)
-        ids = value if isinstance(value, list) else [value]
-        if key not in overrides and isinstance(vocab, int) and any(isinstance(i, int) and i >= vocab for i in ids):
-            logger.info("model.config.%s=%s is outside the vocabulary (%d): unset", key, value, vocab)
-            setattr(config, key, None)
 
 
 def config_class_keys(cls: type) -> tuple[dict[str, Any], dict[str, str]]:
@@ -130,7 +82,8 @@ def build_causal_lm(cfg: TrainConfig, device: torch.device,
     except rank 0 when model.path cannot be read shard by shard (see `ringtrain.model.weights`).
     """
     from ringtrain.hf.rope import apply_rope_scaling
-    from ringtrain.model.weights import load_weights
+    from ringtrain.model.adapters import apply_adapters, init_adapters
+    from ringtrain.model.weights import is_adapted, load_weights
     from ringtrain.parallel.distributed import seed_everything
 
     # Every rank draws the same initial weights: FSDP keeps each rank's shard of what it initialised.
@@ -141,6 +94,8 @@ def build_causal_lm(cfg: TrainConfig, device: torch.device,
     lm = build_meta_model(cfg.model, model_config, dtype)
     template = copy.deepcopy(lm)  # unparallelised: the random init and non-persistent buffers are computed on it
     model = lm if parallelize is None else parallelize(lm)
+    if is_adapted(lm):  # `parallelize` applied cfg.peft: the template gets the same names, and peft's init runs on it
+        apply_adapters(template, cfg.peft)
     model.to_empty(device=device)
     # nn.Module.to_empty gives each module its own new tensor, untying lm_head from the embedding; FSDP2 keeps shared
     # parameters shared. transformers' public re-tie makes both cases tied again (a no-op under FSDP2).
@@ -153,6 +108,8 @@ def build_causal_lm(cfg: TrainConfig, device: torch.device,
                                                     trust_remote_code=cfg.model.trust_remote_code)
 
     loader = load_weights(lm, template, cfg.model.path, device, from_pretrained)
+    if is_adapted(lm):  # after the base weights, which are then the same as without adapters
+        init_adapters(lm, template, device)
     n_params = sum(p.numel() for p in lm.parameters())  # a sharded DTensor counts its full size
     logger.info("model %s: %.2fM parameters, %s, %s", cfg.model.path or cfg.model.arch, n_params / 1e6, dtype, loader)
     return model

@@ -156,7 +156,6 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
     """RoPE scaling, the meta-device build, the weights' shapes and the heads against Ulysses, on the final config."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from ringtrain.hf.attention import sequence_parallel_problems
     from ringtrain.hf.rope import apply_rope_scaling
     from ringtrain.model.weights import checkpoint_shapes, unique_state
     from ringtrain.ring.ulysses import ulysses_head_problems
@@ -176,10 +175,7 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
         CausalLMWithChunkedLoss(lm, 0)  # what the trainer and the evaluation's loss support
     except Exception as e:  # noqa: BLE001
         return [f"{where}: transformers cannot build {type(config).__name__} with this model.config ({_reason(e)})"]
-    refused = sequence_parallel_problems(lm)  # the family's refusal, before any rank builds or packs anything
-    if refused:
-        return [f"{where}: {problem}" for problem in refused]
-    problems = []
+    problems = adapter_problems(cfg, lm)
     if model.path is not None and Path(model.path).expanduser().is_dir():
         shapes = checkpoint_shapes(Path(model.path).expanduser())
         wrong = [(name, list(t.shape), shapes[name]) for name, t in unique_state(lm).items()
@@ -197,3 +193,96 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
         problems += [f"parallel.ulysses_size={u}: {problem} (model: {heads} query heads, {kv} key/value heads)"
                      for problem in ulysses_head_problems(heads, kv, u)]
     return problems
+
+
+def adapter_problems(cfg: TrainConfig, lm: torch.nn.Module) -> list[str]:
+    """The `peft:` section against the model (`lm` on the meta device): target modules it has and peft can adapt,
+    trainable modules it has; and model.adapter, a folder of adapters trained on this base model."""
+    problems = []
+    if cfg.peft is not None and cfg.peft.enabled and not cfg.peft._validate():
+        problems += _lora_problems(cfg.peft, lm)
+    if cfg.model.adapter is not None:
+        problems += _adapter_folder_problems(cfg, lm)
+    return problems
+
+
+def _linear_names(lm: torch.nn.Module) -> str:
+    """The distinct last names of the model's linear layers (what target_modules may name), in model order."""
+    names = [n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
+    return ", ".join(dict.fromkeys(names))
+
+
+def _lora_problems(peft: Any, lm: torch.nn.Module) -> list[str]:
+    import re
+
+    from ringtrain.model.adapters import apply_adapters
+
+    cls = type(lm).__name__
+    names = [n for n, _ in lm.named_modules() if n]
+    problems = []
+    if peft.target_modules != ["all-linear"]:
+        for target in peft.target_modules:
+            if not any(n == target or n.endswith("." + target) for n in names):
+                close = difflib.get_close_matches(target, [n.rsplit(".", 1)[-1] for n in names], n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problems.append(f"peft.target_modules: {target!r} is not a module of {cls}: {hint}its linear layers "
+                                f"are {_linear_names(lm)} (or use [all-linear])")
+    if problems:
+        return problems
+    try:
+        apply_adapters(copy.deepcopy(lm), peft)
+    except Exception as e:  # noqa: BLE001 - whatever peft raises, the user gets one line
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if message.startswith("peft.trainable_modules"):
+            return [f"{message}: use embeddings, norms, or names of its modules (e.g. {names[0]})"]
+        module = re.match(r"Target module (\w+)", message)
+        what = f"its {module.group(1)} modules" if module else "these modules"
+        return [f"peft.target_modules={peft.target_modules}: peft's LoRA cannot adapt {what} in {cls} "
+                f"({type(e).__name__}: {message[:160]}): choose among its linear layers {_linear_names(lm)}"]
+    return []
+
+
+def _adapter_folder_problems(cfg: TrainConfig, lm: torch.nn.Module) -> list[str]:
+    from ringtrain.model.adapters import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        apply_adapters,
+        base_identity,
+        identity_problem,
+        peft_key,
+        read_adapter_folder,
+        with_adapter,
+    )
+
+    where = f"model.adapter={cfg.model.adapter!r}"
+    folder = Path(cfg.model.adapter).expanduser()
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        return [f"{where} is not a peft adapter folder (no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): point it at "
+                "the final_model/ of a run with peft.method=lora"]
+    try:
+        peft_config, identity = read_adapter_folder(folder)
+        adapted = with_adapter(cfg)
+    except Exception as e:  # noqa: BLE001
+        return [f"{where}: its {ADAPTER_CONFIG} cannot be read ({_reason(e)})"]
+    if peft_config.get("peft_type") != "LORA":
+        return [f"{where} holds a {peft_config.get('peft_type')} adapter: only LoRA adapters are supported"]
+    trained_on = peft_config.get("base_model_name_or_path")
+    fix = f"point model.path at the base model it was trained on{f' ({trained_on})' if trained_on else ''}"
+    if identity is not None:
+        problem = identity_problem(identity, base_identity(cfg.model, cfg.train.seed), where, fix)
+        if problem:
+            return [problem]
+    try:
+        probe = copy.deepcopy(lm)
+        apply_adapters(probe, adapted.peft)
+    except Exception as e:  # noqa: BLE001
+        return [f"{where} does not fit {type(lm).__name__}: {_reason(e)}: {fix}"]
+    from safetensors import safe_open
+
+    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
+        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    for name, p in probe.named_parameters():
+        if p.requires_grad and saved.get(peft_key(name), list(p.shape)) != list(p.shape):
+            return [f"{where} was trained on another base model: {peft_key(name)} is {saved[peft_key(name)]} in the "
+                    f"adapter and {list(p.shape)} in the model: {fix}"]
+    return []

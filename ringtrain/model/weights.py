@@ -12,6 +12,10 @@ sharded DTensor), then `to_empty` allocates only this rank's shards and `load_we
 - random init (model.arch): every rank initialises one module at a time, at full size, with transformers' own
   `_init_weights` from the same seed, and keeps its shard: the same weights whatever the world size.
 
+With LoRA adapters (`ringtrain.model.adapters`), peft moves a wrapped layer's weights under `base_layer`: loading
+maps those names back to the base model's, and the adapters are initialised by peft's own init after the base
+weights, one layer at a time like the rest.
+
 Non-persistent buffers (rotary `inv_freq` after RoPE scaling, Gemma's `embed_scale`) are in no checkpoint: they are
 computed the way `from_pretrained` computes them, by `_init_weights` on their module.
 
@@ -40,6 +44,32 @@ from ringtrain.log import get_logger
 from ringtrain.parallel.agree import agree
 
 logger = get_logger(__name__)
+
+# Tensors of a peft LoRA layer that belong to the adapter, not to the base layer it wraps (`ringtrain.model.adapters`).
+ADAPTER_TENSOR_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """Whether a parameter name of an adapted model names an adapter tensor (peft's LoRA layers' own tensors)."""
+    parts = name.split(".")
+    return any(part in ADAPTER_TENSOR_PARTS for part in parts)
+
+
+def base_name(name: str) -> str:
+    """The base model's name of a tensor of the adapted model: peft moves a wrapped layer's weights under
+    `base_layer` (`...q_proj.base_layer.weight` is the base model's `...q_proj.weight`)."""
+    return name.replace(".base_layer.", ".")
+
+
+def base_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's tensors of an adapted model's state, under the base model's names."""
+    return {base_name(name): t for name, t in state.items() if not is_adapter_tensor(name)}
+
+
+def is_adapted(lm: nn.Module) -> bool:
+    """Whether `lm` holds adapter tensors (peft injected adapters into it); imports nothing of peft."""
+    return any(is_adapter_tensor(name) for name, _ in lm.named_parameters())
+
 
 # The size above which the export starts a new safetensors file: the Hub's customary shard size (transformers'
 # own default grew to 50 GB, which puts an 8B bf16 model in one 16 GB file that one rank must write).
@@ -144,7 +174,7 @@ def load_weights(lm: nn.Module, template: nn.Module, path: str | None, device: t
     if path is None:
         init_from_template(lm, template, device)
         return "random init"
-    want = unique_state(lm)
+    want = base_state(unique_state(lm))  # the base model's names: a folder holds no adapter
     # Rank 0 judges the folder for all: ranks that chose different loaders would wait in different collectives.
     missing = agree(lambda: _unreadable_by_slices(Path(path), want), what="choosing how to load model.path")
     if not missing:
@@ -179,10 +209,15 @@ def _load_broadcast(lm: nn.Module, from_pretrained: Callable[[], nn.Module]) -> 
 
     distributed = dist.is_available() and dist.is_initialized()
     full = from_pretrained().state_dict() if not distributed or dist.get_rank() == 0 else {}
+    adapted = is_adapted(lm)
+    if adapted:  # the base model's names -> the adapted model's; its adapters are initialised afterwards
+        names = {base_name(n): n for n in lm.state_dict() if not is_adapter_tensor(n)}
+        full = {names.get(k, k): v for k, v in full.items()}
     if not distributed:
-        lm.load_state_dict(full)
+        lm.load_state_dict(full, strict=not adapted)
         return
-    set_model_state_dict(lm, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(lm, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                            strict=not adapted))
 
 
 def _post_order(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
@@ -198,7 +233,7 @@ def _post_order(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
     yield from visit("", model, model)
 
 
-def _copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
+def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's part of the full tensor `full` into `target` (a sharded DTensor or a plain tensor)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -231,6 +266,9 @@ def init_from_template(lm: nn.Module, template: nn.Module, device: torch.device,
                       [n for n, _ in module.named_buffers(recurse=False)]
             if non_persistent_buffers_only:
                 tensors = [n for n in tensors if prefix + n in non_persistent]
+            # Adapters are peft's to initialise (`init_adapters`); skipping them keeps the base weights those of
+            # the same model without adapters.
+            tensors = [n for n in tensors if not is_adapter_tensor(prefix + n)]
             # A tied weight is initialised once, by the module that comes first (the embedding).
             tensors = [n for n in tensors if id(targets[prefix + n]) not in done]
             if not tensors:
@@ -240,7 +278,7 @@ def init_from_template(lm: nn.Module, template: nn.Module, device: torch.device,
             owner._init_weights(module)
             for n in tensors:
                 target = targets[prefix + n]
-                _copy_into(target, getattr(module, n))
+                copy_into(target, getattr(module, n))
                 done.add(id(target))
             module.to_empty(device="meta", recurse=False)
 
@@ -265,23 +303,27 @@ def _uses_key_conversion(lm: nn.Module) -> bool:
 
 
 def export_hf_folder(lm: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
-                     max_shard_bytes: int = EXPORT_SHARD_BYTES) -> None:
+                     max_shard_bytes: int = EXPORT_SHARD_BYTES, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write `lm` (sharded or not) as a plain HF folder that `from_pretrained` loads; collective.
 
     Every rank writes its own shards (DCP's `HuggingFaceStorageWriter`), then rank 0 consolidates them into
     `model-0000i-of-0000N.safetensors` files and their index, one full tensor in memory at a time (a model within one
     file is named `model.safetensors`, as `save_pretrained` names it). The folder is written next to `out_dir` and
-    swapped in at the end, so no stale shard of an earlier export survives.
+    swapped in at the end, so no stale shard of an earlier export survives. `state`: the tensors to write instead of
+    `lm`'s own (the LoRA-merged weights, `ringtrain.model.adapters.merged_state`).
     """
     out_dir = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if _uses_key_conversion(lm):
+        if state is not None:
+            raise NotImplementedError(f"{type(lm).__name__} converts its tensor names when saved: a merged LoRA "
+                                      "export is not supported for it; export the adapter (the default)")
         _export_gathered(lm, out_dir, tokenizer, rank)
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    state = unique_state(lm)
+    state = unique_state(lm) if state is None else state
     plan = _shard_plan(state, max_shard_bytes)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if rank == 0:

@@ -73,20 +73,14 @@ class Trainer:
         shapes = model_shapes(self.model)
         resumed = self.checkpoints.resume(
             self.model, self.optimizer, self.scheduler,
-            check=lambda path, meta: [*resume_problems(path, meta, self.cfg, self.dims.dp_size, shapes),
-                                      *self.fingerprint_problems(path, meta)])
+            check=lambda path, meta: resume_problems(path, meta, self.cfg, self.dims.dp_size, shapes))
         if resumed is None:
             return None
         path, extra, meta = resumed
-        changes = self.fingerprint_changes(meta)
-        if changes:  # allowed by checkpoint.data_change_intended, or fingerprint_problems would have refused it
-            logger.warning("resume at step %d: %s since checkpoint %s, as checkpoint.data_change_intended=true allows: "
-                           "the data order restarts from its beginning", extra["step"], "; ".join(changes), path)
-        else:
-            try:
-                self.loader.load_state_dict(extra["data"])
-            except ValueError as err:  # the same on every rank: the loader state and the dataset are
-                raise ConfigError([f"checkpoint {path}: {err}"], agreed=True) from None
+        try:
+            self.loader.load_state_dict(extra["data"])
+        except ValueError as err:  # the same on every rank: the loader state and the dataset are
+            raise ConfigError([f"checkpoint {path}: {err}"], agreed=True) from None
         self.step = extra["step"]
         self.wandb_run_id = extra.get("wandb_run_id")
         self.skipped_steps = extra.get("skipped_steps", 0)
@@ -94,31 +88,6 @@ class Trainer:
         self.scheduler = apply_resumed_settings(meta, self.cfg, self.optimizer, self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return path
-
-    def fingerprint_changes(self, meta: dict[str, Any]) -> list[str]:
-        """How this run's data and tokenizer differ from those checkpoint `meta` was trained on (ringtrain.data.
-        fingerprint); empty when they do not, or when the checkpoint predates fingerprints."""
-        from ringtrain.data.fingerprint import data_changes, tokenizer_changes
-
-        saved, now = meta.get("fingerprints"), self.checkpoints.run_meta.get("fingerprints")
-        if not saved or not now:
-            return []
-        return [*tokenizer_changes(saved["tokenizer"], now["tokenizer"]), *data_changes(saved["data"], now["data"])]
-
-    def fingerprint_problems(self, path: Path, meta: dict[str, Any]) -> list[str]:
-        """A resume on other data or through another tokenizer, refused unless checkpoint.data_change_intended."""
-        from ringtrain.config import config_to_dict
-        from ringtrain.train.checkpoint import changed_settings
-
-        changes = self.fingerprint_changes(meta)
-        if not changes or self.cfg.checkpoint.data_change_intended:
-            return []
-        keys = [f"{k} {a} -> {b}" for k, a, b in changed_settings(meta.get("config") or {}, config_to_dict(self.cfg))
-                if k.startswith("data.") and k != "data.tokenizer" or k == "train.seq_len"] if meta.get("config") else []
-        why = f" (changed: {', '.join(keys)})" if keys else ""
-        return [f"the data or tokenizer differ from checkpoint {path}: {'; '.join(changes)}{why}: resume on the data "
-                "and data.tokenizer it was trained on, or set checkpoint.data_change_intended=true to continue on these "
-                "(the data order then restarts from its beginning)"]
 
     def check_parameters_finite(self, doing: str) -> None:
         """Raise RunStopped on every rank if any parameter holds a NaN or inf: such weights are never saved or
@@ -137,8 +106,12 @@ class Trainer:
 
         self.check_parameters_finite("saving a checkpoint")
         # The config goes into meta.json: a resume compares it with the config it is given (checkpoint/resume.py).
-        self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.extra_state(),
-                              meta={"config": config_to_dict(self.cfg)})
+        meta = {"config": config_to_dict(self.cfg)}
+        if self.cfg.peft.enabled:  # the checkpoint holds what trains: the frozen weights are this base model's
+            from ringtrain.model.adapters import base_identity
+
+            meta["base_model"] = base_identity(self.cfg.model, self.cfg.train.seed)
+        self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.extra_state(), meta=meta)
 
     # -- one optimizer step --------------------------------------------------------------------------
     def forward_backward(self, micro: list[dict[str, torch.Tensor]]) -> float:
@@ -199,7 +172,8 @@ class Trainer:
         t0 = time.perf_counter()
         loss = self.forward_backward([next(self.loader) for _ in range(tcfg.grad_accum_steps)])
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # The norm of what trains (with LoRA: the adapters and peft.trainable_modules; frozen weights have no grad).
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         # Loss and gradient norm are reduced over the world: every rank skips (and gives up) at the same step.
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -303,11 +277,23 @@ class Trainer:
 
     def export(self, out_dir: Path, max_shard_bytes: int | None = None) -> None:
         """Write the trained weights as a plain HF folder (sharded safetensors, config, tokenizer) that
-        `from_pretrained` loads; collective, and no rank gathers the model (`ringtrain.model.weights.export_hf_folder`)."""
+        `from_pretrained` loads; collective, and no rank gathers the model (`ringtrain.model.weights.export_hf_folder`).
+        With peft.method=lora: a peft adapter folder instead, and with checkpoint.export_merged the merged model in
+        `<out_dir>_merged` (`ringtrain.model.adapters`)."""
         from ringtrain.model.weights import EXPORT_SHARD_BYTES, export_hf_folder
 
         self.check_parameters_finite("exporting the model")
-        export_hf_folder(self.lm, out_dir, self.tokenizer, max_shard_bytes or EXPORT_SHARD_BYTES)
+        shard_bytes = max_shard_bytes or EXPORT_SHARD_BYTES
+        if not self.cfg.peft.enabled:
+            export_hf_folder(self.lm, out_dir, self.tokenizer, shard_bytes)
+            return
+        from ringtrain.model.adapters import base_identity, export_adapter, merged_state
+
+        export_adapter(self.lm, self.cfg.peft, out_dir, base_identity(self.cfg.model, self.cfg.train.seed),
+                       self.cfg.model.path, self.tokenizer)
+        if self.cfg.checkpoint.export_merged:
+            export_hf_folder(self.lm, out_dir.with_name(out_dir.name + "_merged"), self.tokenizer, shard_bytes,
+                             state=merged_state(self.lm))
 
 
 def describe_nonfinite(loss: float, grad_norm: float) -> str:
@@ -349,7 +335,6 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = Non
     """Assemble a Trainer: the model (the builder eval shares), optimizer, data, checkpoints (`run_id`: the run
     holding the folder's lock, see check_before_training)."""
     from ringtrain.data import build_dataloader, build_tokenizer
-    from ringtrain.data.fingerprint import data_fingerprint, tokenizer_fingerprint
     from ringtrain.model.build import build_model
     from ringtrain.train.checkpoint import CheckpointManager
     from ringtrain.train.optim import build_optimizer, build_scheduler
@@ -364,11 +349,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = Non
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
     loader = build_dataloader(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size, mesh=dims,
                               tokenizer=tokenizer)
-    # What the run trains on, recorded in every checkpoint: a resume on other data or tokens is refused.
-    fingerprints = {"data": data_fingerprint(cfg.data, loader.dataset),
-                    "tokenizer": tokenizer_fingerprint(cfg.data.tokenizer, tokenizer)}
-    checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, dims, run_id=run_id,
-                                    run_meta={"fingerprints": fingerprints})
+    checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, dims, run_id=run_id)
     return Trainer(cfg, dims, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
 
 

@@ -5,6 +5,7 @@ Layout, atomicity and resume rules are documented in docs/checkpoints.md; the fi
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -57,6 +58,7 @@ from ringtrain.train.checkpoint.files import (
     write_durably,
     written_by,
 )
+from ringtrain.train.checkpoint.resume import TRAINED_STATE
 from ringtrain.train.runlock import new_run_id, read_lock
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ class _TrainState(Stateful):
 
     get_state_dict/set_state_dict turn FSDP2 DTensor shards or plain tensors into canonical-FQN state
     dicts; at load, get_state_dict also initialises a fresh optimizer's state so DCP can load into it.
+    Only what trains is saved (`TRAINED_STATE`): with LoRA the frozen base weights come from the base model.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -78,17 +81,18 @@ class _TrainState(Stateful):
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
-            return {"model": get_model_state_dict(self.model)}
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            return {"model": get_model_state_dict(self.model, options=TRAINED_STATE)}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=TRAINED_STATE)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Not strict: the frozen weights are not in the dict. DCP has already filled every tensor it asked for.
+        options = dataclasses.replace(TRAINED_STATE, strict=False)
         if self.optimizer is None:
-            set_model_state_dict(self.model, state_dict["model"])
+            set_model_state_dict(self.model, state_dict["model"], options=options)
         else:
-            set_state_dict(
-                self.model, self.optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"]
-            )
+            set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                           optim_state_dict=state_dict["optim"], options=options)
 
 
 class CheckpointManager:
@@ -99,11 +103,10 @@ class CheckpointManager:
     """
 
     def __init__(self, cfg: CheckpointConfig, output_dir: str | os.PathLike, mesh: ParallelDims,
-                 run_id: str | None = None, run_meta: dict[str, Any] | None = None) -> None:
+                 run_id: str | None = None) -> None:
         """`run_id`: the run holding the folder's lock (train/runlock.py); a save then first checks that it still
         does. Temporary folders carry the run id (rank 0's: a random one without it), so cleanup can tell a live
-        run's saves in progress from debris. `run_meta`: fields every checkpoint of the run records in meta.json
-        (the trainer's data and tokenizer fingerprints)."""
+        run's saves in progress from debris."""
         problems = cfg._validate()
         if problems:
             raise ValueError("invalid checkpoint config: " + "; ".join(f"checkpoint.{m}" for _, m in problems))
@@ -112,7 +115,6 @@ class CheckpointManager:
         self.mesh = mesh
         self.locked = run_id is not None
         self.run_id = run_id or new_run_id()
-        self.run_meta = dict(run_meta or {})
         self._skipped: set[Path] = set()  # folders resume found unusable (reported when it skipped them)
 
     # ---- finding checkpoints -------------------------------------------------------------
@@ -416,7 +418,6 @@ class CheckpointManager:
     def _finalize(self, tmp: Path, final: Path, step: int, more: dict[str, Any],
                   sums: dict[str, str] | None) -> None:
         meta = {
-            **self.run_meta,
             **more,
             "step": step,
             "run_id": self.run_id,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from ringtrain.log import get_logger
 from ringtrain.train.checkpoint.files import model_mismatches
@@ -27,6 +27,9 @@ logger = get_logger(__name__)
 # Keys that name where a run is, or how it was started, not what it trains: never reported as changes.
 UNREPORTED = ("checkpoint.resume", "checkpoint.overwrite", "train.output_dir")
 _UNSET = "(unset)"
+# What a checkpoint holds of the model: the parameters that train (all of them in full fine-tuning; with LoRA the
+# adapters and `peft.trainable_modules`) and buffers; frozen weights are the base model's, loaded from model.path.
+TRAINED_STATE = StateDictOptions(ignore_frozen_params=True)
 
 
 def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -50,7 +53,7 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[s
 
 def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """The model's tensors as checkpoints store them (canonical names) with their global shapes (FSDP included)."""
-    return {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}
+    return {name: tuple(t.shape) for name, t in get_model_state_dict(model, options=TRAINED_STATE).items()}
 
 
 def resume_problems(path: Path, meta: dict[str, Any], cfg: TrainConfig, dp_size: int,
@@ -58,6 +61,15 @@ def resume_problems(path: Path, meta: dict[str, Any], cfg: TrainConfig, dp_size:
     """Why this config cannot continue checkpoint `path` (meta: its meta.json; shapes: the model's tensors)."""
     from ringtrain.config import config_to_dict
 
+    if cfg.peft.enabled and meta.get("base_model"):
+        from ringtrain.model.adapters import base_identity, identity_problem
+
+        # An adapter checkpoint holds no frozen weight: on another base it would be another model. One line.
+        problem = identity_problem(meta["base_model"], base_identity(cfg.model, cfg.train.seed), f"checkpoint {path}",
+                                   "resume with the model.path it was trained on, or start a new run in another "
+                                   "train.output_dir")
+        if problem:
+            return [problem]
     problems = []
     step, saved = meta["step"], meta.get("config")
     if cfg.train.max_steps < step:
