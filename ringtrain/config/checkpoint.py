@@ -30,6 +30,10 @@ class CheckpointConfig:
     """Write a sha256 of every checkpoint file (SHA256SUMS) when a save completes, and verify them before resuming: a
     damaged checkpoint is skipped for the previous one. Each rank hashes the files it wrote, and a share of them on
     resume, so this costs one more read of the checkpoint at each."""
+    data_change_intended: bool = False
+    """Resume although the data or the tokenizer differ from the checkpoint's (its fingerprints: files, the first
+    sequences' tokens, the vocabulary): one line says what changed, and the data order restarts from its beginning.
+    Without it such a resume is refused."""
     overwrite: bool = False
     """With resume='none' (or a checkpoint of another folder): delete the checkpoints an earlier run left in
     <output_dir>/checkpoints once the run starts. Without it such a start is refused: a run folder holds one run.

@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
+import importlib
+import inspect
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -44,12 +48,56 @@ def model_config_and_ignored(cfg: ModelConfig) -> tuple[Any, list[str]]:
         config, unused = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code,
                                                     return_unused_kwargs=True, **cfg.config)
         return config, sorted(unused)
-    config = AutoConfig.for_model(cfg.arch, **cfg.config)
+    config = AutoConfig.for_model(causal_lm_arch(cfg.arch), **cfg.config)
     fields, aliases = config_class_keys(type(config))
     # Legacy keys transformers converts (rope_theta, rope_scaling, torch_dtype) are consumed, not stored as extras.
+    # An alias's target (Qwen3-MoE stores num_experts as num_local_experts) and a key the modeling code reads with
+    # getattr (head_dim in Qwen3-MoE and DeepSeek V3) are used even though the config class does not declare them.
     ignored = [k for k in cfg.config if fields and k in vars(config) and k not in fields and k not in aliases
-               and not isinstance(getattr(type(config), k, None), property)]
+               and k not in aliases.values() and not isinstance(getattr(type(config), k, None), property)
+               and not _read_by_modeling_code(type(config), k)]
+    _drop_special_tokens_outside_vocab(config, cfg.config)
     return config, ignored
+
+
+def causal_lm_arch(arch: str) -> str:
+    """The model type a causal LM of `arch` is built from: a multimodal type whose text model is a causal LM of its own
+    (gemma3 -> gemma3_text) trains that text model; anything else is itself."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if arch not in CONFIG_MAPPING:
+        return arch
+    text = (getattr(CONFIG_MAPPING[arch], "sub_configs", None) or {}).get("text_config")
+    text_type = getattr(text, "model_type", None)
+    if text_type and text_type != arch and text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        logger.info("model.arch=%r is multimodal: building its text model %r", arch, text_type)
+        return text_type
+    return arch
+
+
+@functools.cache
+def _read_by_modeling_code(config_cls: type, key: str) -> bool:
+    """Whether the modeling module next to `config_cls` reads `config.<key>` (directly or with getattr)."""
+    name = config_cls.__module__.replace(".configuration_", ".modeling_")
+    try:
+        source = inspect.getsource(importlib.import_module(name))
+    except (ImportError, OSError, TypeError):
+        return False
+    return re.search(rf"config\.{re.escape(key)}\b|getattr\(\s*(?:self\.)?config\s*,\s*[\"']{re.escape(key)}[\"']",
+                     source) is not None
+
+
+def _drop_special_tokens_outside_vocab(config: Any, overrides: dict) -> None:
+    """A random init with a small vocabulary keeps its type's default special-token ids (Phi-3: 32000, OLMo 3: 50279),
+    which the embedding rejects as padding_idx; ids the user did not set that fall outside the vocabulary are unset."""
+    vocab = getattr(config, "vocab_size", None)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, key, None)
+        ids = value if isinstance(value, list) else [value]
+        if key not in overrides and isinstance(vocab, int) and any(isinstance(i, int) and i >= vocab for i in ids):
+            logger.info("model.config.%s=%s is outside the vocabulary (%d): unset", key, value, vocab)
+            setattr(config, key, None)
 
 
 def config_class_keys(cls: type) -> tuple[dict[str, Any], dict[str, str]]:

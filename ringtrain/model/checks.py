@@ -156,6 +156,7 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
     """RoPE scaling, the meta-device build, the weights' shapes and the heads against Ulysses, on the final config."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from ringtrain.hf.attention import sequence_parallel_problems
     from ringtrain.hf.rope import apply_rope_scaling
     from ringtrain.model.weights import checkpoint_shapes, unique_state
     from ringtrain.ring.ulysses import ulysses_head_problems
@@ -175,6 +176,9 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
         CausalLMWithChunkedLoss(lm, 0)  # what the trainer and the evaluation's loss support
     except Exception as e:  # noqa: BLE001
         return [f"{where}: transformers cannot build {type(config).__name__} with this model.config ({_reason(e)})"]
+    refused = sequence_parallel_problems(lm)  # the family's refusal, before any rank builds or packs anything
+    if refused:
+        return [f"{where}: {problem}" for problem in refused]
     problems = adapter_problems(cfg, lm)
     if model.path is not None and Path(model.path).expanduser().is_dir():
         shapes = checkpoint_shapes(Path(model.path).expanduser())

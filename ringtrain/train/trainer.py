@@ -73,14 +73,20 @@ class Trainer:
         shapes = model_shapes(self.model)
         resumed = self.checkpoints.resume(
             self.model, self.optimizer, self.scheduler,
-            check=lambda path, meta: resume_problems(path, meta, self.cfg, self.dims.dp_size, shapes))
+            check=lambda path, meta: [*resume_problems(path, meta, self.cfg, self.dims.dp_size, shapes),
+                                      *self.fingerprint_problems(path, meta)])
         if resumed is None:
             return None
         path, extra, meta = resumed
-        try:
-            self.loader.load_state_dict(extra["data"])
-        except ValueError as err:  # the same on every rank: the loader state and the dataset are
-            raise ConfigError([f"checkpoint {path}: {err}"], agreed=True) from None
+        changes = self.fingerprint_changes(meta)
+        if changes:  # allowed by checkpoint.data_change_intended, or fingerprint_problems would have refused it
+            logger.warning("resume at step %d: %s since checkpoint %s, as checkpoint.data_change_intended=true allows: "
+                           "the data order restarts from its beginning", extra["step"], "; ".join(changes), path)
+        else:
+            try:
+                self.loader.load_state_dict(extra["data"])
+            except ValueError as err:  # the same on every rank: the loader state and the dataset are
+                raise ConfigError([f"checkpoint {path}: {err}"], agreed=True) from None
         self.step = extra["step"]
         self.wandb_run_id = extra.get("wandb_run_id")
         self.skipped_steps = extra.get("skipped_steps", 0)
@@ -88,6 +94,31 @@ class Trainer:
         self.scheduler = apply_resumed_settings(meta, self.cfg, self.optimizer, self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return path
+
+    def fingerprint_changes(self, meta: dict[str, Any]) -> list[str]:
+        """How this run's data and tokenizer differ from those checkpoint `meta` was trained on (ringtrain.data.
+        fingerprint); empty when they do not, or when the checkpoint predates fingerprints."""
+        from ringtrain.data.fingerprint import data_changes, tokenizer_changes
+
+        saved, now = meta.get("fingerprints"), self.checkpoints.run_meta.get("fingerprints")
+        if not saved or not now:
+            return []
+        return [*tokenizer_changes(saved["tokenizer"], now["tokenizer"]), *data_changes(saved["data"], now["data"])]
+
+    def fingerprint_problems(self, path: Path, meta: dict[str, Any]) -> list[str]:
+        """A resume on other data or through another tokenizer, refused unless checkpoint.data_change_intended."""
+        from ringtrain.config import config_to_dict
+        from ringtrain.train.checkpoint import changed_settings
+
+        changes = self.fingerprint_changes(meta)
+        if not changes or self.cfg.checkpoint.data_change_intended:
+            return []
+        keys = [f"{k} {a} -> {b}" for k, a, b in changed_settings(meta.get("config") or {}, config_to_dict(self.cfg))
+                if k.startswith("data.") and k != "data.tokenizer" or k == "train.seq_len"] if meta.get("config") else []
+        why = f" (changed: {', '.join(keys)})" if keys else ""
+        return [f"the data or tokenizer differ from checkpoint {path}: {'; '.join(changes)}{why}: resume on the data "
+                "and data.tokenizer it was trained on, or set checkpoint.data_change_intended=true to continue on these "
+                "(the data order then restarts from its beginning)"]
 
     def check_parameters_finite(self, doing: str) -> None:
         """Raise RunStopped on every rank if any parameter holds a NaN or inf: such weights are never saved or
@@ -335,6 +366,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = Non
     """Assemble a Trainer: the model (the builder eval shares), optimizer, data, checkpoints (`run_id`: the run
     holding the folder's lock, see check_before_training)."""
     from ringtrain.data import build_dataloader, build_tokenizer
+    from ringtrain.data.fingerprint import data_fingerprint, tokenizer_fingerprint
     from ringtrain.model.build import build_model
     from ringtrain.train.checkpoint import CheckpointManager
     from ringtrain.train.optim import build_optimizer, build_scheduler
@@ -349,7 +381,11 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = Non
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
     loader = build_dataloader(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size, mesh=dims,
                               tokenizer=tokenizer)
-    checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, dims, run_id=run_id)
+    # What the run trains on, recorded in every checkpoint: a resume on other data or tokens is refused.
+    fingerprints = {"data": data_fingerprint(cfg.data, loader.dataset),
+                    "tokenizer": tokenizer_fingerprint(cfg.data.tokenizer, tokenizer)}
+    checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, dims, run_id=run_id,
+                                    run_meta={"fingerprints": fingerprints})
     return Trainer(cfg, dims, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
 
 

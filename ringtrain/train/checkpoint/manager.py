@@ -103,10 +103,11 @@ class CheckpointManager:
     """
 
     def __init__(self, cfg: CheckpointConfig, output_dir: str | os.PathLike, mesh: ParallelDims,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, run_meta: dict[str, Any] | None = None) -> None:
         """`run_id`: the run holding the folder's lock (train/runlock.py); a save then first checks that it still
         does. Temporary folders carry the run id (rank 0's: a random one without it), so cleanup can tell a live
-        run's saves in progress from debris."""
+        run's saves in progress from debris. `run_meta`: fields every checkpoint of the run records in meta.json
+        (the trainer's data and tokenizer fingerprints)."""
         problems = cfg._validate()
         if problems:
             raise ValueError("invalid checkpoint config: " + "; ".join(f"checkpoint.{m}" for _, m in problems))
@@ -115,6 +116,7 @@ class CheckpointManager:
         self.mesh = mesh
         self.locked = run_id is not None
         self.run_id = run_id or new_run_id()
+        self.run_meta = dict(run_meta or {})
         self._skipped: set[Path] = set()  # folders resume found unusable (reported when it skipped them)
 
     # ---- finding checkpoints -------------------------------------------------------------
@@ -418,6 +420,7 @@ class CheckpointManager:
     def _finalize(self, tmp: Path, final: Path, step: int, more: dict[str, Any],
                   sums: dict[str, str] | None) -> None:
         meta = {
+            **self.run_meta,
             **more,
             "step": step,
             "run_id": self.run_id,
