@@ -5,6 +5,7 @@ Real torchrun jobs (2 ranks, SP=2, gloo) of the README demo, shrunk; see tests/t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -112,6 +113,10 @@ def test_usr1_stops_ranks_with_exit_75_and_torchrun_survives_it(tmp_path: Path) 
     step = int(stops.pop())
     assert (out / "checkpoints" / f"step_{step:08d}" / "COMPLETE").exists(), log
     assert re.search(r"exitcode\s*:\s*75", log), log
+    # torchrun reports the ranks' 75 as 1: the record rank 0 leaves is what train.sbatch reads instead.
+    assert json.loads((out / "stopped.json").read_text()) == {
+        "exit_code": 75, "step": step, "signal": signal.SIGUSR1.value,
+        "checkpoint": str(out / "checkpoints" / f"step_{step:08d}")}
     assert not (out / "final_model").exists()
     assert not any(_alive(pid) for pid in pids.values())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 __all__ = ["NONFINITE_ACTIONS", "CausalLMWithChunkedLoss", "TrainLoopConfig", "Trainer", "build_trainer", "train"]
 
 logger = get_logger(__name__)
+
+# Written into train.output_dir by rank 0 when the run stops on a signal after saving (exit 75): launchers read it,
+# since torchrun reports any rank's non-zero exit as 1 (launch/slurm/train.sbatch requeues on it).
+STOP_RECORD = "stopped.json"
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -262,6 +267,7 @@ class Trainer:
         self.checkpoints.begin(resumed)
         if self.dims.rank == 0:
             save_config(self.cfg, Path(tcfg.output_dir) / "config.yaml")
+            (Path(tcfg.output_dir) / STOP_RECORD).unlink(missing_ok=True)  # an earlier life's
         metrics = MetricsLogger(
             self.cfg.logging, tcfg.output_dir, enabled=self.dims.rank == 0, total_steps=tcfg.max_steps,
             start_step=self.step, run_config=config_to_dict(self.cfg), wandb_run_id=self.wandb_run_id,
@@ -294,6 +300,10 @@ class Trainer:
         if self.stopped_by_signal is not None:
             if self.step > 0:  # step 0 of a fresh run: nothing to save
                 self.save()
+            if self.dims.rank == 0:  # what a launcher sees of the ranks' exit 75 (torchrun reports it as 1)
+                (Path(tcfg.output_dir) / STOP_RECORD).write_text(json.dumps({
+                    "exit_code": 75, "step": self.step, "signal": self.stopped_by_signal,
+                    "checkpoint": str(self.checkpoints.latest()) if self.step > 0 else None}) + "\n")
             logger.warning("stopped at step %d after a signal (%d step(s) skipped as non-finite); resume with "
                            "checkpoint.resume=auto", self.step, self.skipped_steps)
         else:
