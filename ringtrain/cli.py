@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
-    from ringtrain.errors import ConfigError, RunStopped
+    from ringtrain.errors import ConfigError, DiskFull, RunStopped
 
     env_world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
     try:
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             for problem in e.problems:
                 sys.stderr.write(f"error: {problem}\n")
         return EXIT_CONFIG
+    except DiskFull:  # `train` has logged its one line (`rank N failed: DiskFull: ...`)
+        return 1
     except RunStopped as e:  # reached by every rank together: rank 0 says it once
         if int(os.environ.get("RANK", "0")) == 0:
             sys.stderr.write(f"error: {e}\n")

@@ -226,14 +226,14 @@ def test_a_change_the_checkpoint_cannot_follow_is_refused(run: Path, override: s
 
 def test_an_exception_of_any_base_class_names_the_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch's CheckpointException is a BaseException: the failure line is there all the same, on one line."""
-    def full_disk(*args, **kwargs):
-        raise CheckpointException("save failed", {0: (OSError(28, "No space left on device"), None)})
+    def failing_disk(*args, **kwargs):
+        raise CheckpointException("save failed", {0: (OSError(5, "Input/output error"), None)})
 
-    monkeypatch.setattr(ckpt_manager.dcp, "save", full_disk)
+    monkeypatch.setattr(ckpt_manager.dcp, "save", failing_disk)
     raised, err = _train(tmp_path / "run", "train.max_steps=5")
     assert isinstance(raised, CheckpointException)
     assert [line.split("ERROR ")[1] for line in _lines(err, "failed")] == [
-        "ringtrain.train.trainer: rank 0 failed: CheckpointException: rank 0: OSError: [Errno 28] No space left on device"]
+        "ringtrain.train.trainer: rank 0 failed: CheckpointException: rank 0: OSError: [Errno 5] Input/output error"]
 
 
 def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

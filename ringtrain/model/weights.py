@@ -302,15 +302,31 @@ def _uses_key_conversion(lm: nn.Module) -> bool:
     return bool(get_model_conversion_mapping(lm, add_legacy=False))
 
 
+EXPORT_RECORD = "ringtrain_export.json"  # what a trainer's export records about itself (the step, the run)
+
+
+def replace_folder(new: Path, old: Path) -> None:
+    """Put folder `new` in place of `old`: the old one is renamed aside first and deleted last, so a kill at any point
+    leaves a complete folder under one of the two names (`<old>.old` while the swap is under way)."""
+    aside = old.with_name(old.name + ".old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if old.exists():
+        os.replace(old, aside)
+    os.replace(new, old)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def export_hf_folder(lm: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
-                     max_shard_bytes: int = EXPORT_SHARD_BYTES, state: dict[str, torch.Tensor] | None = None) -> None:
+                     max_shard_bytes: int = EXPORT_SHARD_BYTES, state: dict[str, torch.Tensor] | None = None,
+                     record: dict[str, Any] | None = None) -> None:
     """Write `lm` (sharded or not) as a plain HF folder that `from_pretrained` loads; collective.
 
     Every rank writes its own shards (DCP's `HuggingFaceStorageWriter`), then rank 0 consolidates them into
     `model-0000i-of-0000N.safetensors` files and their index, one full tensor in memory at a time (a model within one
     file is named `model.safetensors`, as `save_pretrained` names it). The folder is written next to `out_dir` and
     swapped in at the end, so no stale shard of an earlier export survives. `state`: the tensors to write instead of
-    `lm`'s own (the LoRA-merged weights, `ringtrain.model.adapters.merged_state`).
+    `lm`'s own (the LoRA-merged weights, `ringtrain.model.adapters.merged_state`). `record`: JSON written into the folder
+    as EXPORT_RECORD (the trainer's step and run id), so a folder says what it holds.
     """
     out_dir = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -318,7 +334,7 @@ def export_hf_folder(lm: nn.Module, out_dir: str | os.PathLike, tokenizer: Any =
         if state is not None:
             raise NotImplementedError(f"{type(lm).__name__} converts its tensor names when saved: a merged LoRA "
                                       "export is not supported for it; export the adapter (the default)")
-        _export_gathered(lm, out_dir, tokenizer, rank)
+        _export_gathered(lm, out_dir, tokenizer, rank, record)
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
@@ -339,9 +355,9 @@ def export_hf_folder(lm: nn.Module, out_dir: str | os.PathLike, tokenizer: Any =
             os.replace(tmp / "model-00001-of-00001.safetensors", tmp / SINGLE_FILE)
             (tmp / INDEX_FILE).unlink()
         _write_side_files(lm, tmp, tokenizer, next(iter(state.values())).dtype)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if record is not None:
+            (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        replace_folder(tmp, out_dir)
         logger.info("exported the model to %s (%d safetensors file(s))", out_dir, max(plan.values()))
     if dist.is_initialized():
         dist.barrier()
@@ -365,7 +381,7 @@ def _write_side_files(lm: nn.Module, folder: Path, tokenizer: Any, dtype: torch.
         tokenizer.save_pretrained(folder)
 
 
-def _export_gathered(lm: nn.Module, out_dir: Path, tokenizer: Any, rank: int) -> None:
+def _export_gathered(lm: nn.Module, out_dir: Path, tokenizer: Any, rank: int, record: dict[str, Any] | None) -> None:
     """Models whose saved names differ from their module names go through `save_pretrained`, which converts them:
     the full state dict is gathered on rank 0 for that."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -374,8 +390,13 @@ def _export_gathered(lm: nn.Module, out_dir: Path, tokenizer: Any, rank: int) ->
                    type(lm).__name__)
     full = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        lm.save_pretrained(out_dir, state_dict=full)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(tmp, state_dict=full)
         if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
+            tokenizer.save_pretrained(tmp)
+        if record is not None:
+            (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        replace_folder(tmp, out_dir)
     if dist.is_initialized():
         dist.barrier()

@@ -325,8 +325,22 @@ class Trainer:
 
         self.check_parameters_finite("exporting the model")
         shard_bytes = max_shard_bytes or EXPORT_SHARD_BYTES
+        # Recorded in the folder: which step of which run it holds.
+        latest = self.checkpoints.latest()
+        record = {"step": self.step, "max_steps": self.cfg.train.max_steps, "run_id": self.checkpoints.run_id,
+                  "checkpoint": str(latest) if latest else None}
         if not self.cfg.peft.enabled:
-            export_hf_folder(self.lm, out_dir, self.tokenizer, shard_bytes)
+            try:
+                export_hf_folder(self.lm, out_dir, self.tokenizer, shard_bytes, record=record)
+            except BaseException as err:  # noqa: BLE001 - a full disk is one line; anything else goes on up
+                from ringtrain.errors import DiskFull
+                from ringtrain.train.checkpoint.files import disk_full
+
+                free = disk_full(err, out_dir.parent)
+                if free is None:
+                    raise
+                raise DiskFull(f"no space left on device exporting the model to {out_dir} ({free} bytes free): free "
+                               "space, then run again to export it (the final checkpoint is saved)") from None
             return
         from ringtrain.model.adapters import base_identity, export_adapter, merged_state
 
@@ -334,7 +348,7 @@ class Trainer:
                        self.cfg.model.path, self.tokenizer)
         if self.cfg.checkpoint.export_merged:
             export_hf_folder(self.lm, out_dir.with_name(out_dir.name + "_merged"), self.tokenizer, shard_bytes,
-                             state=merged_state(self.lm))
+                             state=merged_state(self.lm), record=record)
 
 
 def describe_nonfinite(loss: float, grad_norm: float) -> str:

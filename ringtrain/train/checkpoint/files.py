@@ -6,6 +6,7 @@ business. The layout is documented in docs/checkpoints.md.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -167,6 +168,36 @@ def read_checksums(path: Path) -> dict[str, str] | None:
 def checksum_text(sums: dict[str, str]) -> str:
     """SHA256SUMS in sha256sum's format: '<hex>  <relative path>' per line, sorted."""
     return "".join(f"{sums[name]}  {name}\n" for name in sorted(sums))
+
+
+FULL_BELOW_BYTES = 1 << 20  # a write error with less free space than this is taken for a full disk
+
+
+def disk_full(err: BaseException, folder: Path) -> int | None:
+    """The free bytes under `folder` if `err` is a full disk, else None.
+
+    ENOSPC anywhere in the exception's chain (DCP's CheckpointException carries each rank's), or any failed write while
+    less than FULL_BELOW_BYTES are free: torch's zip writer reports a short write as "unexpected pos", errno lost.
+    """
+    try:
+        stat = os.statvfs(folder)
+        free = stat.f_bavail * stat.f_frsize
+    except OSError:
+        free = None
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return free if free is not None else 0
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return free if free is not None and free < FULL_BELOW_BYTES else None
 
 
 def unpublish_and_delete(path: Path) -> None:

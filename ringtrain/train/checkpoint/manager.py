@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from ringtrain.config import RESUME_MODES, CheckpointConfig
-from ringtrain.errors import ConfigError
+from ringtrain.errors import ConfigError, DiskFull
 from ringtrain.log import describe_exception, get_logger
 from ringtrain.parallel.agree import agree
 from ringtrain.train.checkpoint.files import (
@@ -43,6 +43,7 @@ from ringtrain.train.checkpoint.files import (
     checkpoint_problem,
     checksum_text,
     digest,
+    disk_full,
     file_sha256,
     fsync_dir,
     is_complete,
@@ -341,7 +342,25 @@ class CheckpointManager:
         tmp = temporary_folder(final, nonce, owner)
         start = time.monotonic()
         extra = self._agree_on_extra(extra or {})
+        try:
+            self._write(tmp, final, step, model, optimizer, scheduler, extra, meta)
+        except BaseException as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+            free = disk_full(err, self.root)
+            if free is None:
+                raise
+            if self.mesh.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the run stops here
+            last = self.latest()
+            raise DiskFull(
+                f"no space left on device writing checkpoint {final.name} in {self.root} ({free} bytes free): free "
+                "space or move train.output_dir, then resume (checkpoint.resume=auto continues from "
+                f"{last.name if last else 'the start'})") from None
+        logger.info("saved checkpoint %s in %.1fs", final, time.monotonic() - start)
+        return final
 
+    def _write(self, tmp: Path, final: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: Any | None, extra: dict[str, Any], meta: dict[str, Any] | None) -> None:
+        """save's writes and commit (collective)."""
         state: dict[str, Any] = {"train": _TrainState(model, optimizer), "extra": _pickled(extra)}
         if scheduler is not None:
             state["scheduler"] = scheduler  # LR schedulers are Stateful; their small state is pickled by DCP
@@ -361,8 +380,6 @@ class CheckpointManager:
             self._finalize(tmp, final, step, meta or {}, merged)
         # Nobody returns (and possibly exits on a signal) before the checkpoint is visible and pruned.
         dist.barrier()
-        logger.info("saved checkpoint %s in %.1fs", final, time.monotonic() - start)
-        return final
 
     def _before_save(self, final: Path) -> tuple[str, str, bool]:
         """Rank 0, before a save: the folder is still this run's, debris of dead runs is cleared; the names to use."""
