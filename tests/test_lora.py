@@ -3,8 +3,14 @@ adapter checkpoints; the exported adapter and merged model reproduce the trained
 inputs are one line each."""
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from ringtrain.errors import ConfigError
 from ringtrain.testing import run_distributed
 from ringtrain.validate import load_validated_config
 
@@ -85,3 +91,136 @@ def test_lora_sp_ring_ulysses_equal_single_process(tmp_path):
         _cfg(tmp_path / "c", "parallel.sp_size=2", "parallel.ulysses_size=2"), timeout=300)[0]
     _compare(ref, ring, 1e-4)
     _compare(ref, ulysses, 1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export and evaluation of an adapter, and the inputs refused before any rank trains
+
+
+def _base_folder(path, seed):
+    """A tiny Llama saved as a plain transformers folder (the base model LoRA adapts)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256)).save_pretrained(path)
+    return str(path)
+
+
+def _train_and_export(dims, cfg, out):
+    """Train 3 steps, export (adapter + merged); the trained tensors in full (rank 0: what the reference loads)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ringtrain.train.trainer import build_trainer
+
+    trainer = build_trainer(cfg, dims)
+    for _ in range(3):
+        trainer.train_step()
+    trainer.export(Path(out))
+    return get_model_state_dict(trainer.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=True))
+
+
+FRESH = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+base, adapter, merged, ids, out = sys.argv[1:]
+x = torch.load(ids)
+with torch.no_grad():
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    torch.save({"peft": model(x).logits, "merged": plain(x).logits}, out)
+"""
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_exported_adapter_and_merged_model_reproduce_the_trained_logits(tmp_path):
+    """LoRA at SP=2 (FSDP2) exports a peft folder; in a fresh process `PeftModel.from_pretrained(base, folder)` and the
+    merged folder give the trained model's logits (rel 1e-5), and `ringtrain eval`'s loader with model.adapter too."""
+    from ringtrain.eval.entry import load_model_for_eval
+    from ringtrain.model.build import build_model
+
+    base = _base_folder(tmp_path / "base", 0)
+    overrides = [f"model.path={base}", "model.arch=null", "model.config={}", "parallel.sp_size=2",
+                 "checkpoint.export_merged=true", "peft.target_modules=[q_proj, v_proj, down_proj]"]
+    cfg = _cfg(tmp_path / "run", *overrides)
+    out = tmp_path / "run" / "final_model"
+    trained = run_distributed(_train_and_export, 2, cfg, str(out), timeout=300)[0]
+    assert {"adapter_config.json", "adapter_model.safetensors", "base_model.json"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("model*.safetensors"))  # no base weights in an adapter folder
+    # The trained model in one process: the base from its folder, the trained tensors over it.
+    model = build_model(cfg, None, "eval")
+    assert not model.lm.load_state_dict(trained, strict=False).unexpected_keys
+    x = torch.randint(0, 384, (2, 96))
+    with torch.no_grad():
+        reference = model.lm(x).logits
+    torch.save(x, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", FRESH, base, str(out), str(out) + "_merged", str(tmp_path / "ids.pt"),
+                    str(tmp_path / "logits.pt")], check=True, timeout=300)
+    fresh = torch.load(tmp_path / "logits.pt")
+    assert _rel(fresh["peft"], reference) < 1e-5, _rel(fresh["peft"], reference)
+    assert _rel(fresh["merged"], reference) < 1e-5, _rel(fresh["merged"], reference)
+    # The adapter changed the model: its logits are not the base model's.
+    with torch.no_grad():
+        plain = build_model(_cfg(tmp_path / "plain", *overrides[:3]), None, "eval").lm(x).logits
+    assert _rel(plain, reference) > 1e-3
+    evaluated, _ = load_model_for_eval(_cfg(tmp_path / "eval", *overrides[:3], f"model.adapter={out}"), None)
+    with torch.no_grad():
+        assert _rel(evaluated.lm(x).logits, reference) < 1e-5
+
+
+def _problems(tmp, *overrides):
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp, *overrides)
+    return e.value.problems
+
+
+def test_bad_inputs_are_one_line_each(tmp_path):
+    assert _problems(tmp_path, "peft.target_modules=[q_prj, v_proj]") == [
+        "peft.target_modules: 'q_prj' is not a module of LlamaForCausalLM: did you mean 'q_proj'? its linear layers "
+        "are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head (or use [all-linear])"]
+    assert _problems(tmp_path, "peft.r=0") == ["peft.r=0 must be >= 1 (the LoRA rank, e.g. 16)"]
+    assert _problems(tmp_path, "peft.trainable_modules=[embeddings, layernorms]") == [
+        "peft.trainable_modules: layernorms select(s) no module of LlamaForCausalLM: use embeddings, norms, or its "
+        "modules' names (embed_tokens, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, input_layernorm, "
+        "post_attention_layernorm, norm, lm_head)"]
+    # A family whose layers peft's LoRA cannot wrap: transformers' fused MoE experts (3-D weights, no nn.Linear).
+    moe = ["model.arch=mixtral", "model.config={vocab_size: 384, hidden_size: 64, intermediate_size: 128, "
+           "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, num_local_experts: 2}",
+           "peft.target_modules=[experts]"]
+    (line,) = _problems(tmp_path, *moe)
+    assert line.startswith("peft.target_modules=['experts']: peft's LoRA cannot adapt its MixtralExperts modules in "
+                           "MixtralForCausalLM (ValueError: Target module MixtralExperts"), line
+    assert line.endswith("choose among its linear layers q_proj, k_proj, v_proj, o_proj, lm_head"), line
+
+
+def _export_adapter(dims, cfg, out):
+    from ringtrain.train.trainer import build_trainer
+
+    build_trainer(cfg, dims).export(Path(out))
+
+
+def test_adapter_of_another_base_is_refused_before_any_rank_works(tmp_path):
+    """model.adapter trained on another base (same shapes, other weights): one line, exit 2 from `ringtrain eval`."""
+    base_a, base_b = _base_folder(tmp_path / "a", 0), _base_folder(tmp_path / "b", 1)
+    out = tmp_path / "run" / "final_model"
+    run_distributed(_export_adapter, 1, _cfg(tmp_path / "run", f"model.path={base_a}", "model.arch=null",
+                                             "model.config={}", "train.fsdp=false"), str(out))
+    cmd = [sys.executable, "-m", "ringtrain.cli", "eval", str(ROOT / "configs" / "tiny_lora.yaml"), "model.arch=null",
+           "model.config={}", f"model.adapter={out}", "parallel.sp_size=1", f"train.output_dir={tmp_path / 'eval'}"]
+    proc = subprocess.run([*cmd, f"model.path={base_b}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert errors[0].startswith(f"error: model.adapter='{out}' was trained on another base model ({tmp_path / 'a'}, "
+                                "digest "), errors[0]
+    assert errors[0].endswith(f"point model.path at the base model it was trained on ({base_a})"), errors[0]
+    assert not (tmp_path / "eval").exists()  # nothing ran
+    # The base it was trained on validates.
+    assert load_validated_config(str(ROOT / "configs" / "tiny_lora.yaml"), [
+        *cmd[5:], f"model.path={base_a}"]).model.adapter == str(out)

@@ -238,7 +238,8 @@ def _lora_problems(peft: Any, lm: torch.nn.Module) -> list[str]:
     except Exception as e:  # noqa: BLE001 - whatever peft raises, the user gets one line
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if message.startswith("peft.trainable_modules"):
-            return [f"{message}: use embeddings, norms, or names of its modules (e.g. {names[0]})"]
+            own = [n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if n and any(m.parameters(recurse=False))]
+            return [f"{message}: use embeddings, norms, or its modules' names ({', '.join(dict.fromkeys(own))})"]
         module = re.match(r"Target module (\w+)", message)
         what = f"its {module.group(1)} modules" if module else "these modules"
         return [f"peft.target_modules={peft.target_modules}: peft's LoRA cannot adapt {what} in {cls} "
