@@ -7,8 +7,10 @@
 # backward() receives the FINAL merged out and lse of the whole ring, not the block's own: with them
 # P = exp(s - lse) is the globally normalised probability and D = rowsum(dout * out) the global
 # correction term, so each block's dq/dk/dv are exact contributions that simply add up.
-# GQA: kernels that lack it repeat K/V here, locally, and sum dK/dV back over the query-head group;
-# only H_kv heads ever travel around the ring.
+# GQA: K/V enter every kernel with their H_kv heads and dK/dV come back per KV head (the CPU flash op and the CUDA
+# flash / cuDNN / efficient ops take [B, H_kv, S, D] next to q's H heads; the reference kernel broadcasts views).
+# A CUDA op is asked once per device and dtype whether it computes GQA right (`native_gqa`); one that does not
+# gets K/V repeated locally and dK/dV folded back. Only H_kv heads ever travel around the ring.
 #
 # Masks: a block the plan marks MASKED is cut into pieces (pieces.py), plain calls of one document
 # each. Only a window edge (a BAND piece) needs more: kernels with `supports_window = True` take
@@ -67,6 +69,43 @@ def _expand_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tens
     if group == 1:
         return k, v
     return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+
+
+_gqa_probing: set[str] = set()
+"""Kernels whose GQA probe is running: their calls take K/V at H_kv heads (what the probe checks)."""
+
+
+def _kv_for(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_axis: int = 2):
+    """K/V as kernel `name`'s op takes them for q's heads: at their own H_kv heads where the op computes GQA itself
+    (`native_gqa`), else repeated to q's heads (the backward folds dK/dV back with `_reduce_kv` either way)."""
+    heads = q.shape[head_axis]
+    if k.shape[head_axis] == heads or name in _gqa_probing or native_gqa(name, q.device, q.dtype, q.shape[-1]):
+        return k, v
+    if head_axis == 1:  # varlen [T, H, D]
+        k, v = _expand_kv(k[None], v[None], heads)
+        return k[0], v[0]
+    return _expand_kv(k, v, heads)
+
+
+@cache
+def native_gqa(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether CUDA kernel `name` computes GQA (q with H heads, K/V with H_kv) forward and backward as the reference
+    does, on this device and dtype: asked once, on 64 tokens, so a torch or cuDNN build whose op refuses or
+    miscomputes it falls back to repeated K/V instead of failing mid-step. Off CUDA (meta tensors in CI) the ops'
+    schemas decide alone."""
+    if device.type != "cuda":
+        return True
+    _gqa_probing.add(name)
+    try:
+        worst = _probe_error(name, device, dtype, head_dim, heads=4, kv_heads=2)
+        why = None if worst < 5e-2 else f"disagrees with the reference by {worst:.2e}"
+    except (RuntimeError, NotImplementedError) as e:
+        why = f"fails ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    finally:
+        _gqa_probing.discard(name)
+    if why is not None:
+        logger.warning("kernel %r %s on K/V with fewer heads than q: K/V are repeated to q's heads for it", name, why)
+    return why is None
 
 
 def fold_head_copies(g: torch.Tensor, heads: int) -> torch.Tensor:
@@ -164,8 +203,7 @@ class CpuFlashKernel:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None]
 
     def forward(self, q, k, v, causal, scale, mask=None):
-        dv = v.shape[-1]
-        k, v = _expand_kv(k, v, q.shape[2])
+        dv = v.shape[-1]  # K/V keep their H_kv heads: the op computes GQA itself (and returns dK/dV per KV head)
         q, k, v = _same_head_dim(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             *_bhsd(q, k, v), 0.0, causal, attn_mask=self._bias(mask, q.dtype), scale=scale
@@ -177,15 +215,13 @@ class CpuFlashKernel:
         return out.transpose(1, 2)[..., :dv], lse
 
     def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
-        kv_heads, dqk, dv = k.shape[2], q.shape[-1], v.shape[-1]
-        k, v = _expand_kv(k, v, q.shape[2])
+        dqk, dv = q.shape[-1], v.shape[-1]
         q, k, v, dout, out = _same_head_dim(q, k, v, dout, out)
         dq, dk, dv_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *_bhsd(dout, q, k, v, out), lse.contiguous(), 0.0, causal, attn_mask=self._bias(mask, q.dtype),
             scale=scale,
         )
-        dk, dv_ = _reduce_kv(dk.transpose(1, 2)[..., :dqk], dv_.transpose(1, 2)[..., :dv], kv_heads)
-        return dq.transpose(1, 2)[..., :dqk], dk, dv_
+        return dq.transpose(1, 2)[..., :dqk], dk.transpose(1, 2)[..., :dqk], dv_.transpose(1, 2)[..., :dv]
 
 
 def _same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *vlike: torch.Tensor) -> list[torch.Tensor]:
@@ -265,7 +301,7 @@ class CudnnKernel:
     def forward(self, q, k, v, causal, scale, window=None):
         if window is not None:
             return KERNELS["cuda_flash"].forward(q, k, v, False, scale, window=window)
-        k, v = _expand_kv(k, v, q.shape[2])
+        k, v = _kv_for(self.name, q, k, v)
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
             *_bhsd(q, k, v), None, True, 0.0, causal, False, scale=scale
         )
@@ -276,7 +312,7 @@ class CudnnKernel:
         if window is not None:
             return KERNELS["cuda_flash"].backward(dout, q, k, v, out, lse, False, scale, window=window)
         kv_heads = k.shape[2]
-        k, v = _expand_kv(k, v, q.shape[2])
+        k, v = _kv_for(self.name, q, k, v)
         seed, offset = _placeholders("cudnn", q.device)
         qb, kb, vb, ob = _bhsd(q, k, v, out)
         lse = (lse.unsqueeze(-1) if cudnn_lse_is_4d() else lse).contiguous()
@@ -301,17 +337,17 @@ class CudaFlashKernel:
 
     def varlen_forward(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
         """Packed q [Tq, H, D], k/v [Tk, H_kv, D] with cumulative lengths -> (out [Tq, H, D], lse [H, Tq])."""
-        k, v = _expand_kv(k[None], v[None], q.shape[1])
-        res = torch.ops.aten._flash_attention_forward(q, k[0], v[0], cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+        k, v = _kv_for(self.name, q, k, v, head_axis=1)
+        res = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
                                                       scale=scale)
         return res[0], res[1]
 
     def varlen_backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
         kv_heads = k.shape[1]
-        k, v = _expand_kv(k[None], v[None], q.shape[1])
+        k, v = _kv_for(self.name, q, k, v, head_axis=1)
         rng, unused = _placeholders("flash_window", q.device)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout.contiguous(), q, k[0], v[0], out.contiguous(), lse.contiguous(), cu_q, cu_k, max_q, max_k, 0.0,
+            dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), cu_q, cu_k, max_q, max_k, 0.0,
             causal, rng, unused, scale=scale,
         )
         dk, dv = _reduce_kv(dk[None], dv[None], kv_heads)
@@ -320,12 +356,12 @@ class CudaFlashKernel:
     def forward(self, q, k, v, causal, scale, window=None):
         if window is not None:
             return self._forward_window(q, k, v, scale, window)
-        k, v = _expand_kv(k, v, q.shape[2])
+        k, v = _kv_for(self.name, q, k, v)
         res = torch.ops.aten._scaled_dot_product_flash_attention(*_bhsd(q, k, v), 0.0, causal, False, scale=scale)
         return res[0].transpose(1, 2), res[1]
 
     def _forward_window(self, q, k, v, scale, window):
-        k, v = _expand_kv(k, v, q.shape[2])
+        k, v = _kv_for(self.name, q, k, v)
         left, right = window  # bottom-right aligned, see pieces.Piece.flash_window
         res = torch.ops.aten._flash_attention_forward(
             q, k, v, None, None, q.shape[1], k.shape[1], 0.0, False, False, scale=scale,
@@ -335,7 +371,7 @@ class CudaFlashKernel:
 
     def _backward_window(self, dout, q, k, v, out, lse, scale, window):
         kv_heads = k.shape[2]
-        k, v = _expand_kv(k, v, q.shape[2])
+        k, v = _kv_for(self.name, q, k, v)
         rng, unused = _placeholders("flash_window", q.device)
         left, right = window
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
@@ -349,7 +385,7 @@ class CudaFlashKernel:
         if window is not None:
             return self._backward_window(dout, q, k, v, out, lse, scale, window)
         kv_heads = k.shape[2]
-        k, v = _expand_kv(k, v, q.shape[2])
+        k, v = _kv_for(self.name, q, k, v)
         seed, offset = _placeholders("flash", q.device)
         # cum_seq_q/k = None (undefined) selects the dense, non-varlen path; max_q/max_k are the lengths.
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
@@ -367,7 +403,7 @@ class CudaEfficientKernel:
     supports_mask = False  # masked blocks go to mask_fallback()
 
     def forward(self, q, k, v, causal, scale):
-        k, v = _expand_kv(k, v, q.shape[2])
+        k, v = _kv_for(self.name, q, k, v)
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             *_bhsd(q, k, v), None, True, 0.0, causal, scale=scale
         )
@@ -376,7 +412,7 @@ class CudaEfficientKernel:
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         kv_heads = k.shape[2]
-        k, v = _expand_kv(k, v, q.shape[2])
+        k, v = _kv_for(self.name, q, k, v)
         seed, offset = _placeholders("efficient", q.device)
         sq = q.shape[1]
         lse = F.pad(lse, (0, (-sq) % 32)).contiguous()  # back to the padded shape the forward produced
@@ -470,22 +506,29 @@ def _supports(name: str, device: torch.device, dtype: torch.dtype, head_dim: int
     return None
 
 
+def _probe_error(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, heads: int,
+                 kv_heads: int) -> float:
+    """The largest difference between kernel `name` and the reference (out, lse, dq, dk, dv) on 64 causal tokens."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, dout = (torch.randn(1, 64, heads, head_dim, generator=g).to(device, dtype) for _ in range(2))
+    k, v = (torch.randn(1, 64, kv_heads, head_dim, generator=g).to(device, dtype) for _ in range(2))
+    ref, mine, scale = KERNELS["reference"], KERNELS[name], head_dim ** -0.5
+    out, lse = mine.forward(q, k, v, True, scale)
+    ref_out, ref_lse = ref.forward(q, k, v, True, scale)
+    grads = mine.backward(dout, q, k, v, ref_out, ref_lse, True, scale)
+    ref_grads = ref.backward(dout, q, k, v, ref_out, ref_lse, True, scale)
+    errors = [(out.float() - ref_out.float()).abs().max(), (lse - ref_lse).abs().max()]
+    errors += [(a.float() - b.float()).abs().max() for a, b in zip(grads, ref_grads, strict=True)]
+    return float(max(errors))
+
+
 @cache
 def cudnn_probe(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """None if the cuDNN kernel runs forward and backward on this device, dtype and head_dim and agrees with the
     reference, else why not. Run once per combination before `auto` picks it (the cuDNN library, its version and
     the GPU decide what it supports, and a failure must not surface mid-step)."""
     try:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v, dout = (torch.randn(1, 64, 2, head_dim, generator=g).to(device, dtype) for _ in range(4))
-        ref, mine = KERNELS["reference"], KERNELS["cuda_cudnn"]
-        out, lse = mine.forward(q, k, v, True, head_dim ** -0.5)
-        ref_out, ref_lse = ref.forward(q, k, v, True, head_dim ** -0.5)
-        grads = mine.backward(dout, q, k, v, ref_out, ref_lse, True, head_dim ** -0.5)
-        ref_grads = ref.backward(dout, q, k, v, ref_out, ref_lse, True, head_dim ** -0.5)
-        errors = [(out.float() - ref_out.float()).abs().max(), (lse - ref_lse).abs().max()]
-        errors += [(a.float() - b.float()).abs().max() for a, b in zip(grads, ref_grads, strict=True)]
-        worst = float(max(errors))
+        worst = _probe_error("cuda_cudnn", device, dtype, head_dim, heads=2, kv_heads=2)
     except (RuntimeError, NotImplementedError) as e:
         return f"failed its probe ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     return None if worst < 5e-2 else f"disagrees with the reference by {worst:.2e} in its probe"
