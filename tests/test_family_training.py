@@ -1,0 +1,68 @@
+"""The shipped family configs train through `ringtrain train` under torchrun (2 ranks, SP=2, gloo, FSDP2): gpt-oss
+(sinks, windows, MoE balancing loss), DeepSeek V3 (MLA, as Ulysses) and Gemma 2 (attention and final-logit
+soft-capping) match the same config in one process step by step (loss, gradient norm, aux_loss); Gemma 3 and OLMo 3
+(per-layer-type RoPE kept by rope.method=none) train two steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPARED = ("gpt_oss", "deepseek_v3", "gemma2")
+RTOL = 1e-5  # measured: <= 3.7e-7 over both steps
+
+
+def _torchrun(name: str, out: Path) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ringtrain.cli",
+           "train",
+           str(ROOT / "configs" / "families" / f"{name}_tiny.yaml"), f"train.output_dir={out / name}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _metrics(out / name)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+ONE_PROCESS = """
+import sys
+from ringtrain.train.trainer import train
+from ringtrain.validate import load_validated_config
+
+for name in sys.argv[2:]:
+    cfg = load_validated_config(f"configs/families/{name}_tiny.yaml", [f"train.output_dir={sys.argv[1]}/{name}_one",
+                                "parallel.sp_size=1", "parallel.ulysses_size=1"], world_size=1)
+    train(cfg)
+"""
+
+
+def test_families_train_under_torchrun_as_in_one_process(tmp_path: Path):
+    # The references share one interpreter (one import of torch and transformers for the three).
+    proc = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(tmp_path), *COMPARED], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in COMPARED:
+        sp, one = _torchrun(name, tmp_path), _metrics(tmp_path / f"{name}_one")
+        assert [r["step"] for r in sp] == [r["step"] for r in one] == [1, 2], name
+        keys = ("loss", "grad_norm", "aux_loss") if name == "gpt_oss" else ("loss", "grad_norm")
+        assert ("aux_loss" in sp[0]) == (name == "gpt_oss"), (name, sp[0])  # MoE with router_aux_loss_coef only
+        for a, b in zip(sp, one, strict=True):
+            for key in keys:
+                assert math.isclose(a[key], b[key], rel_tol=RTOL), (name, a["step"], key, a[key], b[key])
+        assert sp[1]["loss"] < sp[0]["loss"], name
+
+
+@pytest.mark.parametrize("name", ["gemma3", "olmo3"])
+def test_per_layer_rope_families_train_under_torchrun(tmp_path: Path, name: str):
+    records = _torchrun(name, tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in records)
+    assert (tmp_path / name / "final_model" / "config.json").is_file()
