@@ -227,9 +227,9 @@ def test_keep_last_and_resume_modes(tmp_path):
         assert r["dirs"] == ["step_00000003", "step_00000004"]
         assert r["again"] == "step_00000004"
         assert r["error"] == (
-            f"checkpoint.resume={str(tmp_path / 'checkpoints')!r} is not a step_* checkpoint folder: "
-            "set checkpoint.resume=auto (newest complete checkpoint), none, or a complete step_* folder, "
-            f"e.g. {tmp_path / 'checkpoints' / 'step_00000004'}"
+            f"checkpoint.resume={str(tmp_path / 'checkpoints')!r} is this run's own checkpoints folder, not a "
+            "checkpoint: set checkpoint.resume=auto to continue from its newest complete checkpoint "
+            f"({tmp_path / 'checkpoints' / 'step_00000004'}), or name one of its step_* folders"
         )
         assert r["mismatch"] == (
             "checkpoint extra differs between rank 0 and rank(s) [1]: trainer state passed to "

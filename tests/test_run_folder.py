@@ -145,3 +145,29 @@ def test_cleanup_spares_a_live_holders_temporary_folders(tmp_path: Path) -> None
     lock.release()
     CheckpointManager(CheckpointConfig(), tmp_path, mesh=None, run_id="me")._sweep()  # nobody holds it now
     assert list(root.iterdir()) == []
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path: Path, monkeypatch) -> None:
+    """The same SLURM job id is the job's earlier life (SLURM ended it before requeueing): its lock is taken over,
+    whatever host or pid it names; another job's lock on another host is refused, naming that holder."""
+    from ringtrain.errors import ConfigError
+    from ringtrain.train.runlock import LOCK_FILE, acquire, holder_gone
+
+    earlier = {"run_id": "old", "host": "node7", "pid": 4321, "slurm_job_id": "4242", "started_at": "yesterday"}
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert holder_gone(earlier) == "SLURM job 4242 was requeued"
+    (tmp_path / LOCK_FILE).write_text(json.dumps(earlier))
+    lock = acquire(tmp_path, "new")
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["run_id"] == "new"
+    lock.release()
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    (tmp_path / LOCK_FILE).write_text(json.dumps(earlier))
+    try:
+        acquire(tmp_path, "new")
+        raise AssertionError("acquired a lock held on another host")
+    except ConfigError as err:
+        assert err.problems == [
+            f"train.output_dir={str(tmp_path)!r} is in use by the run started yesterday (pid 4321 on host node7, SLURM "
+            f"job 4242): wait for that run to end or stop it, or choose another train.output_dir (if that run is gone, "
+            f"delete {tmp_path / LOCK_FILE})"]

@@ -17,6 +17,9 @@ class LoggingConfig:
     """W&B project name."""
     wandb_entity: str | None = None
     """W&B entity (team or user); unset uses your default."""
+    wandb_continue_fork: bool = False
+    """When checkpoint.resume names a checkpoint of another run folder (a fork), log into the W&B run stored in it
+    instead of starting a new one; without it two runs never log into one W&B run."""
     run_name: str | None = None
     """Display name of the run; unset lets W&B choose."""
     tags: list[str] = field(default_factory=list)

@@ -94,6 +94,11 @@ class Trainer:
                 raise ConfigError([f"checkpoint {path}: {err}"], agreed=True) from None
         self.step = extra["step"]
         self.wandb_run_id = extra.get("wandb_run_id")
+        forked = path.resolve().parent != self.checkpoints.root.resolve()
+        if forked and self.wandb_run_id and not self.cfg.logging.wandb_continue_fork:
+            logger.info("resumed from %s, a checkpoint of another run folder: this run starts a new W&B run "
+                        "(logging.wandb_continue_fork=true would log into its run %s)", path, self.wandb_run_id)
+            self.wandb_run_id = None
         self.skipped_steps = extra.get("skipped_steps", 0)
         self.skipped_in_a_row = extra.get("skipped_in_a_row", 0)
         self.scheduler = apply_resumed_settings(meta, self.cfg, self.optimizer, self.step)

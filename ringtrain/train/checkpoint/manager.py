@@ -150,6 +150,8 @@ class CheckpointManager:
         checkpoints would mix the two (resume=auto would later pick the old ones), unless `overwrite` clears them.
         """
         mode = self.cfg.resume
+        if self._own_folder(mode):
+            return [self._resume_error(Path(mode), "")]
         foreign = mode not in RESUME_MODES and Path(mode).resolve().parent != self.root.resolve()
         old = self.step_folders()
         if self.cfg.overwrite or not old or not (mode == "none" or foreign):
@@ -286,7 +288,17 @@ class CheckpointManager:
             return [(str(p), checkpoint_problem(p)) for p in reversed(self.step_folders())]
         return [(mode, None)]
 
+    def _own_folder(self, mode: str) -> bool:
+        """Whether checkpoint.resume names this run's own checkpoints folder or run folder rather than a checkpoint."""
+        return mode not in RESUME_MODES and Path(mode).resolve() in (self.root.resolve(), self.root.parent.resolve())
+
     def _resume_error(self, path: Path, reason: str) -> str:
+        if self._own_folder(str(path)):
+            newest = self.latest()
+            which = "checkpoints folder" if path.resolve() == self.root.resolve() else "folder"
+            return (f"checkpoint.resume={self.cfg.resume!r} is this run's own {which}, not a checkpoint: set "
+                    "checkpoint.resume=auto to continue from its newest complete "
+                    f"checkpoint{f' ({newest})' if newest else ''}, or name one of its step_* folders")
         hint = "set checkpoint.resume=auto (newest complete checkpoint), none, or a complete step_* folder"
         # Point at the newest usable checkpoint near the given path: the usual mistake is naming the
         # output or checkpoints folder, or an interrupted sibling.
