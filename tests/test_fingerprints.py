@@ -71,3 +71,14 @@ def test_another_tokenizer_is_refused_naming_the_key(tmp_path: Path) -> None:
         f"'bytes' -> '{other}': resume on the data and data.tokenizer it was trained on, or set "
         "checkpoint.data_change_intended=true to continue on these (the data order then restarts from its "
         "beginning)"], err
+
+
+def test_a_changed_seq_len_on_files_data_names_the_key(tmp_path: Path) -> None:
+    data, out = tmp_path / "data.jsonl", tmp_path / "run"
+    _write(data, _records())
+    code, err = _train(out, *FILES, f"data.path={data}")
+    assert code == 0, err
+    code, err = _train(out, *FILES, f"data.path={data}", "train.max_steps=6", "train.seq_len=64")
+    assert code == 2, err
+    (line,) = _lines(err, "^error: ")
+    assert "(changed: train.seq_len 128 -> 64)" in line and "checkpoint.data_change_intended=true" in line, line
