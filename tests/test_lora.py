@@ -224,3 +224,94 @@ def test_adapter_of_another_base_is_refused_before_any_rank_works(tmp_path):
     # The base it was trained on validates.
     assert load_validated_config(str(ROOT / "configs" / "tiny_lora.yaml"), [
         *cmd[5:], f"model.path={base_a}"]).model.adapter == str(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGTERM and resume through real torchrun; the checkpoint's size against full fine-tuning
+
+RESUME_STEPS = 8
+RESUME = [f"train.max_steps={RESUME_STEPS}", "train.seq_len=256", "train.micro_batch_size=2", "data.num_samples=64",
+          "checkpoint.every_steps=2", "checkpoint.export_merged=false", "logging.progress_bar=false"]
+
+
+def _torchrun(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ringtrain.cli",
+           "train", str(ROOT / "configs/tiny_lora.yaml"), f"train.output_dir={out}", *RESUME, *extra]
+    log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _run_losses(out: Path) -> dict[int, float]:
+    import json
+
+    path = out / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 400) -> int:
+    import os
+    import signal
+
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_sigterm_and_resume_is_exact_and_the_checkpoint_is_small(tmp_path):
+    """LoRA at SP=2 under torchrun: SIGTERM saves and exits 75, the resumed losses equal the uninterrupted run's
+    bitwise; the checkpoint holds no frozen weight (a fraction of full fine-tuning's); another base is refused."""
+    import os
+    import signal
+    import time
+
+    ref = tmp_path / "ref"
+    assert _finish(_torchrun(ref)) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    reference = _run_losses(ref)
+    assert sorted(reference) == list(range(1, RESUME_STEPS + 1))
+
+    term = tmp_path / "term"
+    proc = _torchrun(term)
+    deadline = time.monotonic() + 300
+    while len(_run_losses(term)) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "term.log").read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _finish(proc)
+    stopped = max(_run_losses(term))
+    assert stopped < RESUME_STEPS, "the run finished before the signal"
+    step_dir = term / "checkpoints" / f"step_{stopped:08d}"
+    assert (step_dir / "COMPLETE").exists()
+
+    # What the checkpoint holds: adapters, embeddings and norms (and their AdamW moments); no frozen weight.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = [k for k in FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+            if k.startswith(("train.model.", "train.optim.state."))]
+    assert keys and all(_is_trained(k) for k in keys), [k for k in keys if not _is_trained(k)]
+    lora_bytes = _folder_bytes(step_dir)
+
+    # Resuming on another base (the random init of another seed) is refused: one line, exit 2, nothing changed.
+    log_before = (tmp_path / "term.log").read_text()
+    assert _finish(_torchrun(term, "train.seed=1")) != 0
+    errors = [line for line in (tmp_path / "term.log").read_text()[len(log_before):].splitlines()
+              if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {step_dir} was trained on another base "
+                                                     "model (model.arch=llama, digest "), errors
+    assert max(_run_losses(term)) == stopped
+
+    assert _finish(_torchrun(term)) == 0, (tmp_path / "term.log").read_text()[-3000:]
+    assert _run_losses(term) == reference  # every step once, each loss bitwise equal
+
+    # Full fine-tuning of the same model, one step: its checkpoint against LoRA's.
+    full = tmp_path / "full"
+    assert _finish(_torchrun(full, "peft.method=none", "train.max_steps=1", "checkpoint.export_final=false")) == 0
+    full_bytes = _folder_bytes(full / "checkpoints" / "step_00000001")
+    print(f"checkpoint bytes: LoRA {lora_bytes}, full fine-tuning {full_bytes} ({lora_bytes / full_bytes:.3f})")
+    assert lora_bytes < 0.25 * full_bytes, (lora_bytes, full_bytes)
