@@ -12,7 +12,8 @@ import torch
 from test_ring_documents import _visible, document_patterns
 
 from ringtrain.ring import KERNELS, sequence_parallel_attention
-from ringtrain.ring.kernels import select_kernel
+from ringtrain.ring.kernels import PaddedValueDim, select_kernel
+from ringtrain.ring.varlen import SegmentLoopVarlen
 from ringtrain.testing import run_distributed
 
 SEQ, B, H, H_KV, D, DV = 48, 2, 4, 2, 12, 8
@@ -42,14 +43,18 @@ def _cases():
     ):
         if not (sink or dv != D or softcap):
             continue  # plain attention: the other suites
-        yield sink, dv, softcap, d, window, dtype
+        yield sink, dv, softcap, d, window, dtype, "auto"
+        if dv != D and softcap is None and dtype == torch.float32 and d is not None:
+            # A varlen kernel that wants one head dim (as the CUDA ops do): waves and window edges through
+            # PaddedValueDim.
+            yield sink, dv, softcap, d, window, dtype, "varlen"
 
 
 def _worker(mesh) -> dict:
     g = torch.Generator().manual_seed(11)
     sp = mesh.sp.with_layout("zigzag")
     errors = {}
-    for sink, dv, softcap, docs, window, dtype in _cases():
+    for sink, dv, softcap, docs, window, dtype, kernel in _cases():
         q = torch.randn(B, SEQ, H, D, generator=g, dtype=torch.float64)
         k = torch.randn(B, SEQ, H_KV, D, generator=g, dtype=torch.float64)
         v = torch.randn(B, SEQ, H_KV, dv, generator=g, dtype=torch.float64)
@@ -64,7 +69,7 @@ def _worker(mesh) -> dict:
         out = sequence_parallel_attention(
             ql, kl, vl, ring_group=sp.ring_group, ulysses_group=sp.ulysses_group, layout="zigzag", scale=scale,
             window=window, document_ids=None if docs is None else sp.shard(docs), tile_tokens=4, sink=sl,
-            softcap=softcap,
+            softcap=softcap, kernel=SegmentLoopVarlen(KERNELS["cpu_flash"]) if kernel == "varlen" else "auto",
         )
         out.backward(sp.shard(dout.to(dtype)))
         assert out.shape == (B, SEQ // sp.world, H, dv) and vl.grad.shape == vl.shape
@@ -78,7 +83,7 @@ def _worker(mesh) -> dict:
                 x = x.double().clone()
                 torch.distributed.all_reduce(x, group=mesh.sp_group)
             err[name] = ((x.double() - local).abs().max() / r.abs().max().clamp_min(1.0)).item()
-        errors[(sink, dv, softcap, docs is not None, window, str(dtype))] = err
+        errors[(sink, dv, softcap, docs is not None, window, kernel, str(dtype))] = err
     return errors
 
 
@@ -96,7 +101,7 @@ def test_sinks_mla_softcap_match_dense_float64(ulysses: int):
         tol = TOLERANCE[torch.float64 if "float64" in key[-1] else torch.float32]
         worst = {n: max(r[key][n] for r in per_rank) for n in per_rank[0][key]}
         bad = {n: f"{e:.2e}" for n, e in worst.items() if not e <= tol}
-        assert not bad, f"U={ulysses} (sink, dv, softcap, docs, window, dtype)={key}: {bad}"
+        assert not bad, f"U={ulysses} (sink, dv, softcap, docs, window, kernel, dtype)={key}: {bad}"
 
 
 def test_softcap_refuses_a_kernel_that_cannot_compute_it():
@@ -108,6 +113,8 @@ def test_softcap_refuses_a_kernel_that_cannot_compute_it():
     with pytest.raises(ValueError, match="softcap=-1"):
         select_kernel(q, "auto", softcap=-1)
     assert KERNELS["reference"].softcap is None  # the registry's kernel is never capped in place
+    assert isinstance(select_kernel(q, "cpu_flash", value_dim=4), PaddedValueDim)  # MLA on an op that wants one dim
+    assert select_kernel(q, "reference", value_dim=4) is KERNELS["reference"]
 
 
 def test_cap_and_sink_change_the_result():

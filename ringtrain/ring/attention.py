@@ -580,7 +580,7 @@ def ring_attention_with_comm(
             f"{tuple(docs.global_ids.shape)}; this call has world {world}, layout {layout.name!r}, "
             f"[B, S] = {(q.shape[0], q.shape[1] * world)}"
         )
-    local_kernel = select_kernel(q, kernel, softcap=opts.softcap)
+    local_kernel = select_kernel(q, kernel, softcap=opts.softcap, value_dim=v.shape[-1])
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     seq_len = q.shape[1] * world
     pieces = None

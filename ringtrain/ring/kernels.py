@@ -19,7 +19,8 @@
 # A query row the mask hides entirely must come back with lse = -inf and a finite out (the merge then gives it
 # weight 0); backward always gets the final, finite lse.
 #
-# MLA (DeepSeek V2/V3, Kimi K2): v's head dim Dv may differ from q/k's; out and dout are [B, S_q, H, Dv].
+# MLA (DeepSeek V2/V3, Kimi K2): v's head dim Dv may differ from q/k's; out and dout are [B, S_q, H, Dv]. Kernels with
+# `supports_value_dim` take that as is; `select_kernel` runs the others through `PaddedValueDim`.
 # Soft-capping (Gemma 2): scores become c * tanh(s / c) before the softmax. A kernel that can compute it has
 # `capped(c)`, returning the kernel bound to that cap (its `softcap`); `select_kernel(..., softcap=c)` never hands
 # out one that cannot.
@@ -132,6 +133,7 @@ class ReferenceKernel:
 
     name = "reference"
     supports_mask = True
+    supports_value_dim = True  # Dv may differ from Dqk (MLA)
 
     def __init__(self, softcap: float | None = None) -> None:
         self.softcap = softcap
@@ -203,8 +205,7 @@ class CpuFlashKernel:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None]
 
     def forward(self, q, k, v, causal, scale, mask=None):
-        dv = v.shape[-1]  # K/V keep their H_kv heads: the op computes GQA itself (and returns dK/dV per KV head)
-        q, k, v = _same_head_dim(q, k, v)
+        # K/V keep their H_kv heads: the op computes GQA itself (and returns dK/dV per KV head).
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             *_bhsd(q, k, v), 0.0, causal, attn_mask=self._bias(mask, q.dtype), scale=scale
         )
@@ -212,27 +213,60 @@ class CpuFlashKernel:
             # The op returns out = 0 but lse = 0 (not -inf) for a row whose every key is masked (torch 2.13):
             # that row must weigh nothing in the merge.
             lse = lse.masked_fill(~mask.any(-1)[:, None, :], float("-inf"))
-        return out.transpose(1, 2)[..., :dv], lse
+        return out.transpose(1, 2), lse
 
     def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
-        dqk, dv = q.shape[-1], v.shape[-1]
-        q, k, v, dout, out = _same_head_dim(q, k, v, dout, out)
-        dq, dk, dv_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *_bhsd(dout, q, k, v, out), lse.contiguous(), 0.0, causal, attn_mask=self._bias(mask, q.dtype),
             scale=scale,
         )
-        return dq.transpose(1, 2)[..., :dqk], dk.transpose(1, 2)[..., :dqk], dv_.transpose(1, 2)[..., :dv]
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-def _same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *vlike: torch.Tensor) -> list[torch.Tensor]:
-    """q, k, v (and v-shaped dout/out) zero-padded to one head dim, for ops that want Dv == Dqk (the CPU flash op)
-    under MLA. Exact: zero q/k columns add nothing to the scores, zero v columns give zero output columns (sliced off
-    by the caller) and nothing to rowsum(dout * out)."""
-    dqk, dv = q.shape[-1], v.shape[-1]
-    if dqk == dv:
-        return [q, k, v, *vlike]
-    d = max(dqk, dv)
-    return [F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v, *vlike)]
+def _same_head_dim(*ts: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """Tensors zero-padded on their last (head) dim to `dim`."""
+    return [t if t.shape[-1] == dim else F.pad(t, (0, dim - t.shape[-1])) for t in ts]
+
+
+class PaddedValueDim:
+    """A kernel whose ops want one head dim for q, k and v, run on MLA inputs (v's head dim Dv != q/k's Dqk): q, k, v
+    (and dout, out) zero-padded to max(Dqk, Dv), results sliced back, the way transformers feeds MLA to FlashAttention.
+    Exact: zero q/k columns add nothing to the scores, zero v columns give zero output columns and nothing to
+    rowsum(dout * out). `select_kernel` wraps a kernel in it when it lacks `supports_value_dim`."""
+
+    supports_value_dim = True
+
+    def __init__(self, inner: LocalKernel) -> None:
+        self.inner, self.name = inner, inner.name
+        for attr in ("supports_mask", "supports_window", "supports_varlen", "causal_block", "softcap"):
+            if hasattr(inner, attr):
+                setattr(self, attr, getattr(inner, attr))
+
+    @staticmethod
+    def _dims(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int]:
+        return q.shape[-1], v.shape[-1], max(q.shape[-1], v.shape[-1])
+
+    def forward(self, q, k, v, causal, scale, **kwargs):
+        _, dv, d = self._dims(q, v)
+        out, lse = self.inner.forward(*_same_head_dim(q, k, v, dim=d), causal, scale, **kwargs)
+        return out[..., :dv], lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale, **kwargs):
+        dqk, dv, d = self._dims(q, v)
+        dout, q, k, v, out = _same_head_dim(dout, q, k, v, out, dim=d)
+        gq, gk, gv = self.inner.backward(dout, q, k, v, out, lse, causal, scale, **kwargs)
+        return gq[..., :dqk], gk[..., :dqk], gv[..., :dv]
+
+    def varlen_forward(self, q, k, v, *args):
+        _, dv, d = self._dims(q, v)
+        out, lse = self.inner.varlen_forward(*_same_head_dim(q, k, v, dim=d), *args)
+        return out[..., :dv], lse
+
+    def varlen_backward(self, dout, q, k, v, out, lse, *args):
+        dqk, dv, d = self._dims(q, v)
+        dout, q, k, v, out = _same_head_dim(dout, q, k, v, out, dim=d)
+        gq, gk, gv = self.inner.varlen_backward(dout, q, k, v, out, lse, *args)
+        return gq[..., :dqk], gk[..., :dqk], gv[..., :dv]
 
 
 @cache
@@ -535,13 +569,19 @@ def cudnn_probe(device: torch.device, dtype: torch.dtype, head_dim: int) -> str 
 
 
 def select_kernel(q: torch.Tensor, kernel: str | LocalKernel | None = "auto", *,
-                  softcap: float | None = None) -> LocalKernel:
+                  softcap: float | None = None, value_dim: int | None = None) -> LocalKernel:
     """The local kernel for inputs like `q` [B, S, H, D]: by name, as given, or chosen from device/dtype/head_dim.
 
     With `softcap`, one that computes the cap, bound to it (`capped`): `auto` takes the first such kernel of the
-    device; a named kernel (or object) that cannot is refused, never run without the cap."""
-    if softcap is not None:
-        return _capped_kernel(q, kernel, softcap)
+    device; a named kernel (or object) that cannot is refused, never run without the cap. With a `value_dim` other
+    than q's head dim (MLA), a kernel without `supports_value_dim` runs through `PaddedValueDim`."""
+    chosen = _capped_kernel(q, kernel, softcap) if softcap is not None else _select_kernel(q, kernel)
+    if value_dim not in (None, q.shape[-1]) and not getattr(chosen, "supports_value_dim", False):
+        return PaddedValueDim(chosen)
+    return chosen
+
+
+def _select_kernel(q: torch.Tensor, kernel: str | LocalKernel | None = "auto") -> LocalKernel:
     if kernel is not None and not isinstance(kernel, str):
         return kernel
     head_dim = q.shape[-1]
@@ -582,7 +622,7 @@ def _capped_kernel(q: torch.Tensor, kernel: str | LocalKernel | None, softcap: f
             logger.info("attention soft-capping on %s: kernel 'reference' (the only one here that computes it)",
                         q.device.type)
     else:
-        chosen = select_kernel(q, kernel)
+        chosen = _select_kernel(q, kernel)
     if not hasattr(chosen, "capped"):
         raise ValueError(f"kernel={chosen.name!r} cannot compute attention soft-capping (softcap={softcap}): pass "
                          "kernel='auto' or 'reference'")
