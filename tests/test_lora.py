@@ -54,13 +54,16 @@ def _train(dims, cfg):
     return losses, grads, n_state
 
 
-def _ring_and_ulysses(dims, cfg_ring, cfg_ulysses):
+def _train_each(dims, *cfgs):
+    return [_train(dims, cfg) for cfg in cfgs]
+
+
+def _ring_ulysses_and_combined(dims, cfg_ring, cfg_ulysses, cfg_combined):
     from ringtrain.config import ParallelConfig
     from ringtrain.parallel import ParallelDims
 
-    ring = _train(dims, cfg_ring)
-    ulysses = _train(ParallelDims.build(ParallelConfig(sp_size=2, ulysses_size=2), device=dims.device), cfg_ulysses)
-    return ring, ulysses
+    ulysses_dims = ParallelDims.build(ParallelConfig(sp_size=2, ulysses_size=2), device=dims.device)
+    return _train(dims, cfg_ring), _train(ulysses_dims, cfg_ulysses), _train(dims, cfg_combined)
 
 
 def _compare(ref, got, rtol):
@@ -75,10 +78,20 @@ def _compare(ref, got, rtol):
             assert err <= rtol * max(scale, 1e-6), f"{name}: max err {err:.3e} vs max |grad| {scale:.3e}"
 
 
+# Adapters on every linear layer (inside the tiled MLP too), recompute, activation offload, the balanced layout and
+# several packed documents per sequence.
+COMBINED = ["peft.target_modules=[all-linear]", "train.tiled_mlp=true", "train.mlp_tile_tokens=16",
+            "train.activation_checkpointing=true", "train.offload_activations=true", "parallel.layout=balanced",
+            "train.seq_len=256", "data.passkey_min_tokens=80", "data.passkey_max_tokens=120"]
+
+
 def test_lora_sp_ring_ulysses_equal_single_process(tmp_path):
     """5 steps of LoRA at SP=1, SP=2 ring and SP=2 Ulysses (FSDP2 over the SP ranks): the same losses and adapter
-    gradients; gradients and optimizer state only on the adapters, embeddings and norms."""
-    ref = run_distributed(_train, 1, _cfg(tmp_path / "a", "train.fsdp=false"), timeout=240)[0]
+    gradients; gradients and optimizer state only on the adapters, embeddings and norms. With every linear layer
+    adapted, tiled MLP, recompute, offload, the balanced layout and packed documents at SP=2: the same again."""
+    ref, ref_combined = run_distributed(_train_each, 1, _cfg(tmp_path / "a", "train.fsdp=false"),
+                                        _cfg(tmp_path / "a2", "train.fsdp=false", COMBINED[0], *COMBINED[-3:]),
+                                        timeout=300)[0]
     losses, grads, n_state = ref
     assert losses[-1] < losses[0]  # it trains
     for name, g in grads.items():
@@ -86,11 +99,14 @@ def test_lora_sp_ring_ulysses_equal_single_process(tmp_path):
         if g is not None and ".lora_A." not in name:  # B = 0 at step 1: A's gradient is 0 then
             assert g.abs().max() > 0, name
     assert n_state == sum(_is_trained(n) for n in grads)  # AdamW state only for what trains
-    ring, ulysses = run_distributed(
-        _ring_and_ulysses, 2, _cfg(tmp_path / "b", "parallel.sp_size=2"),
-        _cfg(tmp_path / "c", "parallel.sp_size=2", "parallel.ulysses_size=2"), timeout=300)[0]
+    assert any(".mlp.down_proj.lora_B." in n for n in ref_combined[1])
+    ring, ulysses, combined = run_distributed(
+        _ring_ulysses_and_combined, 2, _cfg(tmp_path / "b", "parallel.sp_size=2"),
+        _cfg(tmp_path / "c", "parallel.sp_size=2", "parallel.ulysses_size=2"),
+        _cfg(tmp_path / "d", "parallel.sp_size=2", *COMBINED), timeout=400)[0]
     _compare(ref, ring, 1e-4)
     _compare(ref, ulysses, 1e-4)
+    _compare(ref_combined, combined, 1e-4)
 
 
 # --------------------------------------------------------------------------------------------------
