@@ -331,3 +331,20 @@ def test_sigterm_and_resume_is_exact_and_the_checkpoint_is_small(tmp_path):
     full_bytes = _folder_bytes(full / "checkpoints" / "step_00000001")
     print(f"checkpoint bytes: LoRA {lora_bytes}, full fine-tuning {full_bytes} ({lora_bytes / full_bytes:.3f})")
     assert lora_bytes < 0.25 * full_bytes, (lora_bytes, full_bytes)
+
+
+def test_frozen_output_head_gets_no_weight_gradient():
+    """With a frozen lm_head (LoRA's default) the fused loss builds no [vocab, hidden] gradient; the hidden states'
+    gradient still equals the dense float64 reference."""
+    from ringtrain.model.loss import chunked_cross_entropy_sum
+
+    h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64)  # frozen
+    y = torch.randint(0, 40, (50,))
+    ref = torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, h)
+    out = chunked_cross_entropy_sum(h, w, y, chunk_tokens=7)
+    out.backward()
+    assert w.grad is None
+    assert math.isclose(out.item(), ref.item(), rel_tol=1e-6)
+    assert (h.grad - ref_grad).abs().max() <= 1e-12 * ref_grad.abs().max()

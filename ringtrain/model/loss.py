@@ -40,7 +40,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # weight gradient sums many small per-chunk products.
         acc = torch.promote_types(weight.dtype, torch.float32)
         grad_hidden = torch.empty_like(hidden)  # [N, d]
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)  # [V, d]
+        # A frozen output head (LoRA's default) needs no [V, d] fp32 gradient: neither its memory nor its matmuls.
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         safe_labels = labels.clamp(min=0)
         for start in range(0, hidden.shape[0], chunk_tokens):
@@ -67,17 +68,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if slope is not None:
                 probs.mul_(slope)
             grad_hidden[sl] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-            grad_weight.addmm_(probs.t(), h.to(acc))
+            if grad_weight is not None:
+                grad_weight.addmm_(probs.t(), h.to(acc))
             # Free this chunk's logits before the next chunk allocates its own: one buffer alive, not two.
             del logits, probs, slope
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, *([] if grad_weight is None else [grad_weight]))
         ctx.weight_dtype = weight.dtype
         return total.float()
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_out, (grad_weight * grad_out).to(ctx.weight_dtype), None, None, None, None
+        grad_hidden, *grad_weight = ctx.saved_tensors
+        grad_weight = (grad_weight[0] * grad_out).to(ctx.weight_dtype) if grad_weight else None
+        return grad_hidden * grad_out, grad_weight, None, None, None, None
 
 
 def chunked_cross_entropy_sum(
