@@ -5,9 +5,18 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 SOURCES = ("passkey", "files", "hub")
-FORMATS = ("auto", "json", "parquet", "text")
+FORMATS = ("auto", "json", "parquet", "text", "chat", "instruction")
+# Record formats: each record is one conversation / one prompt-completion pair, read from json or parquet files (or
+# the hub) and rendered into one document with a loss mask (data/chat.py).
+RECORD_FORMATS = ("chat", "instruction")
+LOSS_ON = ("assistant", "all")
+OVERLONG = ("drop", "error")
+# Keys a data.sources entry may set: its own name and weight, and the per-source subset of DataConfig's keys.
+SOURCE_KEYS = ("name", "weight", "source", "path", "subset", "split", "format", "text_field", "text_sample_by",
+               "messages_field", "prompt_field", "completion_field")
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 FILLERS = ("repeat", "random")
 # The synthetic tasks: the one list of their names, here so that loading a config does not import the generators
@@ -35,7 +44,25 @@ class DataConfig:
     text_field: str = "text"
     """Column holding the document text (json / parquet / hub); text files always use 'text'."""
     format: str = "auto"
-    """files: 'json' (.jsonl/.json), 'parquet', 'text' (.txt/.md), or 'auto' to pick from the extension."""
+    """files: 'json' (.jsonl/.json), 'parquet', 'text' (.txt/.md), or 'auto' to pick from the extension; or a record
+    format, read from json / parquet files by their extension (or the hub): 'chat' (a list of {role, content} messages
+    per record, rendered with the tokenizer's chat template, loss per data.loss_on) or 'instruction' (prompt and
+    completion fields, loss on the completion and the EOS after it). A record is one document."""
+    messages_field: str = "messages"
+    """format='chat': the field holding the list of {role, content} messages (roles: system, user, assistant, tool)."""
+    prompt_field: str = "prompt"
+    """format='instruction': the field holding the prompt (no loss)."""
+    completion_field: str = "completion"
+    """format='instruction': the field holding the completion (loss)."""
+    loss_on: str = "assistant"
+    """format='chat': which tokens carry loss: 'assistant' (each assistant turn's rendered text, from the end of the
+    template's generation prompt to the end of the turn, end-of-turn marker included) or 'all' (every token)."""
+    chat_template: str = ""
+    """format='chat': a Jinja chat template file to use instead of the tokenizer's own; '' keeps the tokenizer's
+    (the byte tokenizer ships one)."""
+    overlong: str = "drop"
+    """format='chat' / 'instruction': a record longer than a sequence (train.seq_len - 1 tokens, the EOS after it
+    counted) is 'drop'ped and counted in one warning line, or is an 'error' (exit 2). Records are never cut."""
     text_sample_by: str = "paragraph"
     """Text files: what one document is: a 'line', a blank-line separated 'paragraph', or the whole 'document'."""
     tokenizer: str = "bytes"
@@ -60,7 +87,7 @@ class DataConfig:
     seed: int = 0
     """Seed of the sequence order and of the synthetic documents."""
     num_samples: int = 2048
-    """source='passkey': how many documents to generate."""
+    """source='passkey': how many documents to generate; with data.sources: how many documents to draw from them."""
     passkey_min_tokens: int = 0
     """source='passkey': shortest document in tokens (EOS excluded); 0 means seq_len - 1 (one document per sequence)."""
     passkey_max_tokens: int = 0
@@ -78,6 +105,11 @@ class DataConfig:
     """source='passkey': share of documents whose needle sits exactly at depth 0 or 1 (half each), the rest at
     uniform depths. Uniform depths almost never put the needle right before the question (the shortest
     needle-question distance), which is where a RoPE-scaled model has the most to relearn. 0: all uniform."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """A weighted mixture instead of data.source/path/format: a list of {name, weight, path, ...} mappings, each
+    taking any of source, path, subset, split, format, text_field, text_sample_by, messages_field, prompt_field,
+    completion_field (the rest of data.* is shared). name defaults to the path; weight (default 1) is the source's
+    share of the data.num_samples documents drawn, in a seeded order. Empty: the single source data.source."""
     answer_loss_fraction: float = 0.0
     """source='passkey': share of each document's loss carried by its answer tokens, through per-token
     `token_weights` in the batch (plain weighting lets the filler dominate). 0: no token_weights."""
@@ -132,7 +164,83 @@ class DataConfig:
         if not 0.0 <= self.answer_loss_fraction < 1.0:
             problems.append(("answer_loss_fraction", f"answer_loss_fraction={self.answer_loss_fraction} must be in "
                                                      "[0, 1): e.g. 0.5 for half of the loss on the answer"))
+        for name, allowed in (("loss_on", LOSS_ON), ("overlong", OVERLONG)):
+            if getattr(self, name) not in allowed:
+                problems.append((name, f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"))
+        if self.sources:
+            problems += self._source_problems()
+        elif self.format in RECORD_FORMATS:
+            problems += _record_format_problems(self)
         return problems
+
+    def _source_problems(self) -> list[tuple[str, str]]:
+        import difflib
+
+        problems: list[tuple[str, str]] = []
+        weights = []
+        for i, entry in enumerate(self.sources):
+            where = f"sources[{i}]"
+            if not isinstance(entry, dict):
+                problems.append(("sources", f"{where}={entry!r} must be a mapping such as {{path: chat.jsonl, "
+                                            "weight: 1}"))
+                continue
+            for key in entry:
+                if key not in SOURCE_KEYS:
+                    close = difflib.get_close_matches(str(key), SOURCE_KEYS, n=1, cutoff=0.6)
+                    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(SOURCE_KEYS)}"
+                    problems.append(("sources", f"{where}: unknown key {key!r}: {hint}"))
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                problems.append(("sources", f"{where}.weight={weight!r} must be a number >= 0 (a share of "
+                                            "data.num_samples, relative to the other weights)"))
+            else:
+                weights.append(float(weight))
+            if any(k not in SOURCE_KEYS for k in entry):
+                continue
+            sub = source_config(self, entry)
+            if sub.source == "passkey":
+                problems.append(("sources", f"{where}.source='passkey': a mixture reads files or hub datasets; "
+                                            "set its path (source defaults to files)"))
+                continue
+            problems += [("sources", f"{where}.{msg}") for _, msg in sub._validate()]
+        names = [source_name(e) for e in self.sources if isinstance(e, dict)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            problems.append(("sources", f"sources name {', '.join(map(repr, twice))} more than once: give each "
+                                        "entry its own name"))
+        if weights and len(weights) == len(self.sources) and sum(weights) <= 0:
+            problems.append(("sources", f"sources weights are all zero ({weights}): give at least one source a "
+                                        "weight > 0"))
+        return problems
+
+
+def _record_format_problems(cfg: DataConfig) -> list[tuple[str, str]]:
+    """format='chat' / 'instruction' reads one record per document from json, parquet or the hub."""
+    problems: list[tuple[str, str]] = []
+    if cfg.source == "passkey":
+        problems.append(("format", f"format={cfg.format!r} reads records from files or the hub, not "
+                                   "source='passkey': set data.source=files and data.path"))
+    if cfg.split_documents:
+        problems.append(("split_documents", f"split_documents=true with format={cfg.format!r} would cut "
+                                            "conversations over sequences: leave it unset (records stay whole)"))
+    for name in ("messages_field",) if cfg.format == "chat" else ("prompt_field", "completion_field"):
+        if not getattr(cfg, name):
+            problems.append((name, f"{name}='' must name the record's field"))
+    return problems
+
+
+def source_name(entry: dict[str, Any]) -> str:
+    """A data.sources entry's name: its `name`, else its path."""
+    return str(entry.get("name") or entry.get("path") or "")
+
+
+def source_config(cfg: DataConfig, entry: dict[str, Any]) -> DataConfig:
+    """The DataConfig of one data.sources entry: `cfg` with the entry's keys (source defaults to 'files')."""
+    from dataclasses import replace
+
+    keys = {k: v for k, v in entry.items() if k not in ("name", "weight")}
+    keys.setdefault("source", "files")
+    return replace(cfg, sources=[], **keys)
 
 
 def split_paths(path: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from ringtrain.config.data import DataConfig
+from ringtrain.config.data import DataConfig, source_config, source_name
 from ringtrain.data.files import non_empty_files, resolve_files
 
 SAMPLED_RECORDS = 100  # JSON lines read per file to look for the text field
@@ -29,11 +29,22 @@ def text_field_problem(path: str, builder: str, cfg: DataConfig) -> str | None:
         if fields is None:
             return None  # not JSON lines (one JSON document): datasets checks it when loading
         where = f"in any of the first {SAMPLED_RECORDS} records of"
-    # A file whose only field is 'text' is read as the text, whatever data.text_field says (load_documents).
-    if cfg.text_field in fields or fields == ["text"]:
-        return None
     choice = f"choose one of {', '.join(fields)}" if fields else "it has no fields"
-    return f"data.text_field={cfg.text_field!r} is not {where} {path}: {choice}, or leave the file out of data.path"
+    if cfg.format not in ("chat", "instruction") and fields == ["text"]:
+        return None  # a file whose only field is 'text' is read as the text, whatever data.text_field says
+    for key, name in record_fields(cfg):
+        if name not in fields:
+            return f"data.{key}={name!r} is not {where} {path}: {choice}, or leave the file out of data.path"
+    return None
+
+
+def record_fields(cfg: DataConfig) -> list[tuple[str, str]]:
+    """(key, field name) of the fields a record must hold in cfg.format."""
+    if cfg.format == "chat":
+        return [("messages_field", cfg.messages_field)]
+    if cfg.format == "instruction":
+        return [("prompt_field", cfg.prompt_field), ("completion_field", cfg.completion_field)]
+    return [("text_field", cfg.text_field)]
 
 
 def _sampled_json_fields(path: str) -> list[str] | None:
@@ -63,6 +74,9 @@ def data_file_problems(cfg: DataConfig) -> list[str]:
     Empty files among others are fine (they are skipped); all of them empty is a problem, as is a json or parquet
     file without data.text_field.
     """
+    if cfg.sources:
+        return [f"data.sources[{i}] ({source_name(e)}): {p}" for i, e in enumerate(cfg.sources)
+                for p in data_file_problems(source_config(cfg, e))]
     if cfg.source != "files":
         return []
     try:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import glob
 import os
 
-from ringtrain.config.data import EXTENSION_FORMATS, DataConfig, split_paths
+from ringtrain.config.data import EXTENSION_FORMATS, RECORD_FORMATS, DataConfig, split_paths
 
 _CHUNK = 1 << 16
+SAMPLES = os.path.join(os.path.dirname(__file__), "samples")
+"""The shipped sample data (written for this project): tiny.jsonl (text), chat.jsonl, instruction.jsonl."""
 
 
 def resolve_files(cfg: DataConfig) -> tuple[str, list[str]]:
@@ -29,7 +31,7 @@ def resolve_files(cfg: DataConfig) -> tuple[str, list[str]]:
     if not files:
         raise ValueError(f"data.path={cfg.path!r} matches no data file: give a file, glob or directory "
                          f"holding {', '.join(EXTENSION_FORMATS)} files")
-    if cfg.format != "auto":
+    if cfg.format not in ("auto", *RECORD_FORMATS):
         return cfg.format, files
     formats = {EXTENSION_FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
     if None in formats:
@@ -39,7 +41,11 @@ def resolve_files(cfg: DataConfig) -> tuple[str, list[str]]:
     if len(formats) > 1:
         raise ValueError(f"data.path={cfg.path!r} mixes formats {sorted(formats)}: point it at one kind of file "
                          "or set data.format")
-    return formats.pop(), files
+    builder = formats.pop()
+    if builder == "text" and cfg.format in RECORD_FORMATS:
+        raise ValueError(f"data.format={cfg.format!r} reads records from .jsonl, .json or .parquet files, not "
+                         f"{files[0]}: convert it, or use format=text for plain text")
+    return builder, files
 
 
 def holds_data(path: str, builder: str) -> bool:

@@ -36,6 +36,8 @@ class PackedDataset:
     def __init__(
         self, input_ids: np.ndarray, segments: np.ndarray, *, document_mask: bool = True,
         answer_mask: np.ndarray | None = None, num_documents: int = 0, answer_loss_fraction: float = 0.0,
+        loss_mask: np.ndarray | None = None, source_ids: np.ndarray | None = None,
+        source_names: Sequence[str] = (),
     ) -> None:
         self.input_ids = input_ids  # [N, S] int32
         self.segments = segments  # [N, S] int64, see the class docstring
@@ -43,6 +45,17 @@ class PackedDataset:
         self.document_mask = document_mask
         self.num_documents = num_documents
         self.answer_loss_fraction = answer_loss_fraction
+        self.loss_mask = loss_mask  # [N, S] bool or None: tokens whose labels carry loss (chat, instruction)
+        self.source_ids = source_ids  # [N, S] int16 or None: each token's source in a mixture, -1 on padding
+        self.source_names = list(source_names)
+
+    def source_tokens(self, indices: Sequence[int] | np.ndarray) -> dict[str, int]:
+        """Tokens (padding excluded) of each source in these sequences; {} without a mixture."""
+        if self.source_ids is None:
+            return {}
+        ids = self.source_ids[np.asarray(indices, dtype=np.int64)]
+        counts = np.bincount(ids[ids >= 0].astype(np.int64), minlength=len(self.source_names))
+        return {name: int(c) for name, c in zip(self.source_names, counts, strict=False)}
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -76,6 +89,8 @@ class PackedDataset:
         starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
         labels = input_ids.copy()
         labels[padding] = IGNORE_INDEX
+        if self.loss_mask is not None:
+            labels[~self.loss_mask[idx]] = IGNORE_INDEX
         segment_ids = np.cumsum(starts, axis=1, dtype=np.int64)
         if self.document_mask:
             document_ids = segment_ids
@@ -144,6 +159,9 @@ def pack_documents(
     document_mask: bool = True,
     answer_masks: Sequence[np.ndarray] | None = None,
     answer_loss_fraction: float = 0.0,
+    loss_masks: Sequence[np.ndarray] | np.ndarray | None = None,
+    eos_loss: bool = True,
+    document_sources: np.ndarray | None = None,
 ) -> PackedDataset:
     """Pack token documents into `seq_len` sequences: each document then EOS, cut every `seq_len` tokens.
 
@@ -152,7 +170,10 @@ def pack_documents(
     than `seq_len` crosses a sequence boundary: documents are placed best-fit decreasing (longest first, each
     into the sequence with the least room that holds it), so the sequence order is not the input order; a
     document longer than `seq_len` is still split, over a run of sequences of its own. `answer_masks` (same shapes as the documents) marks tokens to weight;
-    `answer_loss_fraction` > 0 then adds `token_weights` to each batch.
+    `answer_loss_fraction` > 0 then adds `token_weights` to each batch. `loss_masks` (per document, or one flat
+    array over all tokens) marks the tokens whose labels carry loss (chat and instruction data); the EOS after a
+    document carries loss when `eos_loss`. `document_sources` (one int per document) names each document's source in
+    a mixture; batches then count each source's tokens (`PackedDataset.source_tokens`).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} must be >= 2")
@@ -170,8 +191,16 @@ def pack_documents(
             else np.zeros(0, bool)
         if flat_answer.shape != flat.shape:
             raise ValueError(f"answer_masks hold {flat_answer.size} entries for {flat.size} tokens")
+    flat_loss = None
+    if loss_masks is not None:
+        flat_loss = np.asarray(loss_masks, dtype=bool) if isinstance(loss_masks, np.ndarray) else (
+            np.concatenate([np.asarray(m, dtype=bool) for m in loss_masks]) if len(loss_masks) else np.zeros(0, bool))
+        if flat_loss.shape != flat.shape:
+            raise ValueError(f"loss_masks hold {flat_loss.size} entries for {flat.size} tokens")
     if lengths.sum() != flat.size:
         raise ValueError(f"document lengths sum to {lengths.sum()} but {flat.size} tokens were given")
+    if document_sources is not None:
+        document_sources = np.asarray(document_sources, dtype=np.int64)[lengths > 0]
     lengths = lengths[lengths > 0]  # empty documents contribute no tokens, so `flat` is unchanged
     if lengths.size == 0:
         raise ValueError("no tokens to pack: every document is empty (check data.text_field and the files)")
@@ -185,6 +214,10 @@ def pack_documents(
         flat, lengths, dest_start = flat[token_order], lengths[order], dest_start[order]
         if flat_answer is not None:
             flat_answer = flat_answer[token_order]
+        if flat_loss is not None:
+            flat_loss = flat_loss[token_order]
+        if document_sources is not None:
+            document_sources = document_sources[order]
         with_eos = lengths + 1
     n_docs, total = lengths.size, int(with_eos.sum())
     stream_start = np.concatenate([[0], np.cumsum(with_eos)[:-1]])
@@ -213,6 +246,18 @@ def pack_documents(
         answer = np.zeros(num_sequences * seq_len, dtype=bool)
         answer[dest] = stream_answer
         answer = answer.reshape(num_sequences, seq_len)
+    loss_mask = None
+    if flat_loss is not None:
+        stream_loss = np.full(total, eos_loss, dtype=bool)
+        stream_loss[~is_eos] = flat_loss
+        loss_mask = np.zeros(num_sequences * seq_len, dtype=bool)
+        loss_mask[dest] = stream_loss
+        loss_mask = loss_mask.reshape(num_sequences, seq_len)
+    source_ids = None
+    if document_sources is not None:
+        source_ids = np.full(num_sequences * seq_len, -1, dtype=np.int16)
+        source_ids[dest] = document_sources[doc_of_token]
+        source_ids = source_ids.reshape(num_sequences, seq_len)
     logger.info(
         "packed %d documents (%d tokens with EOS) into %d sequences of %d (%.1f%% padding)",
         n_docs, total, num_sequences, seq_len, 100.0 * padding.sum() / padding.size,
@@ -220,7 +265,7 @@ def pack_documents(
     return PackedDataset(
         input_ids.reshape(num_sequences, seq_len), segments.reshape(num_sequences, seq_len),
         document_mask=document_mask, answer_mask=answer, num_documents=n_docs,
-        answer_loss_fraction=answer_loss_fraction,
+        answer_loss_fraction=answer_loss_fraction, loss_mask=loss_mask, source_ids=source_ids,
     )
 
 

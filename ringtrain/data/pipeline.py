@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from ringtrain.config.data import DataConfig, check_data_config
+from ringtrain.config.data import RECORD_FORMATS, DataConfig, check_data_config
 from ringtrain.data.checks import data_file_problems
 from ringtrain.data.files import non_empty_files, resolve_files
 from ringtrain.data.loader import PackedDataLoader
@@ -52,6 +52,8 @@ def load_documents(cfg: DataConfig) -> Dataset:
         logger.info("loaded %d documents from %s (%s)", len(ds), cfg.path, cfg.split)
     else:
         raise ValueError(f"load_documents reads files or hub datasets, not source={cfg.source!r}")
+    if cfg.format in RECORD_FORMATS:
+        return ds  # fields are checked record by record when the records are encoded (encode_records)
     text_field = text_column(ds, cfg)
     if text_field not in ds.column_names:
         raise ConfigError([f"data.text_field={cfg.text_field!r} is not a column of {cfg.path!r}: "
@@ -108,13 +110,90 @@ def tokenize_documents(ds: Dataset, tokenizer: Any, cfg: DataConfig) -> Dataset:
 
 def _documents_from_tokenized(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """(flat tokens, lengths) straight from the Arrow list column: no per-document Python objects."""
+    flat, lengths = _flat_column(ds, "input_ids")
+    return flat.astype(np.int32, copy=False), lengths
+
+
+def _flat_column(ds: Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, lengths) of an Arrow list column."""
     import pyarrow as pa
 
-    column = ds.with_format("arrow")[:]["input_ids"]
+    column = ds.with_format("arrow")[:][name]
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     lengths = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    return flat, lengths
+    return arr.flatten().to_numpy(zero_copy_only=False), lengths
+
+
+def chat_template_of(cfg: DataConfig, tokenizer: Any) -> str | None:
+    """The chat template format='chat' renders with: data.chat_template's file, else the tokenizer's own (refused
+    in one line when neither exists)."""
+    if cfg.chat_template:
+        try:
+            with open(cfg.chat_template, encoding="utf-8") as f:
+                return f.read()
+        except OSError as err:
+            raise ConfigError([f"data.chat_template={cfg.chat_template!r}: cannot read it ({err.strerror}): give a "
+                               "Jinja template file, or '' for the tokenizer's own"]) from None
+    if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError([f"data.format='chat' needs a chat template, and data.tokenizer={cfg.tokenizer!r} has none: "
+                           "set data.chat_template to a Jinja template file, or use a tokenizer that ships one "
+                           "(an instruct model's)"])
+    return None
+
+
+def encode_records(ds: Dataset, tokenizer: Any, cfg: DataConfig) -> Dataset:
+    """format chat / instruction: each record -> input_ids, loss_mask, problem (data/chat.py), cached by datasets."""
+    from ringtrain.data.chat import EncodeRecords
+
+    template = chat_template_of(cfg, tokenizer)
+    fields = (cfg.messages_field,) if cfg.format == "chat" else (cfg.prompt_field, cfg.completion_field)
+    fn = EncodeRecords(tokenizer, cfg.format, fields, cfg.loss_on, template)
+    return ds.map(fn, batched=True, batch_size=64, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                  remove_columns=ds.column_names, desc=f"rendering {cfg.format} records")
+
+
+def record_documents(
+    encoded: Dataset, cfg: DataConfig, seq_len: int, *, log: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat tokens, lengths, flat loss mask) of encoded records, after the record-level checks and data.overlong.
+
+    Records that cannot be used (no messages, an unknown role, ...) are refused together, one line per fault with
+    their count; records longer than a sequence are dropped and counted (data.overlong=drop) or refused.
+    """
+    import pyarrow.compute as pc
+
+    where = cfg.path or "the data"
+    problem = encoded.data.column("problem")
+    bad = pc.not_equal(problem, "")
+    if pc.any(bad).as_py():
+        counts = pc.value_counts(pc.filter(problem, bad)).to_pylist()
+        first = {}
+        for i, p in enumerate(problem.to_pylist()):
+            if p and p not in first:
+                first[p] = i
+        raise ConfigError([f"data.path={where!r}: {c['counts']} of {len(encoded)} records {c['values']} (record "
+                           f"{first[c['values']]} first, counting from 0): fix or remove them"
+                           for c in sorted(counts, key=lambda c: first[c["values"]])], agreed=True)
+    flat, lengths = _documents_from_tokenized(encoded)
+    loss, _ = _flat_column(encoded, "loss_mask")
+    loss = loss.astype(bool, copy=False)
+    crossing = int(pc.sum(encoded.data.column("straddling")).as_py() or 0)
+    if crossing and log:
+        logger.warning("data: %d token(s) of %s cross an assistant turn's boundary in the tokenized text; each "
+                       "carries loss when it starts inside the turn", crossing, where)
+    long = lengths + 1 > seq_len  # the EOS after a record shares its sequence
+    if long.any():
+        if cfg.overlong == "error" or long.all():
+            why = "all of them" if long.all() else "data.overlong=error"
+            raise ConfigError([f"data.path={where!r}: {int(long.sum())} of {len(lengths)} records are longer than a "
+                               f"sequence (train.seq_len={seq_len}, the EOS after each counted; the longest has "
+                               f"{int(lengths.max())} tokens) ({why}): raise train.seq_len or leave them out"], agreed=True)
+        keep = np.repeat(~long, lengths)
+        if log:
+            logger.warning("data: %d of %d records of %s are longer than train.seq_len=%d (the EOS counted): dropped "
+                           "(data.overlong=drop), never cut", int(long.sum()), len(lengths), where, seq_len)
+        flat, loss, lengths = flat[keep], loss[keep], lengths[~long]
+    return flat, lengths, loss
 
 
 def rank_zero_first(load: Callable[[], T], dims: ParallelDims | None, *, what: str) -> T:
@@ -154,6 +233,14 @@ def build_packed_dataset(
         return pack_documents(docs, seq_len, eos_id, pad_id, split_documents=split_documents,
                               document_mask=cfg.document_mask, answer_masks=masks,
                               answer_loss_fraction=cfg.answer_loss_fraction)
+    if cfg.format in RECORD_FORMATS:
+        encoded = rank_zero_first(lambda: encode_records(load_documents(cfg), tokenizer, cfg), mesh,
+                                  what="loading and encoding the records")
+        flat, lengths, loss = record_documents(encoded, cfg, seq_len, log=mesh is None or mesh.rank == 0)
+        # Records stay whole (validated), placed best-fit; the EOS after an instruction's completion carries loss.
+        return pack_documents((flat, lengths), seq_len, eos_id, pad_id, split_documents=False,
+                              document_mask=cfg.document_mask, loss_masks=loss, eos_loss=cfg.format == "instruction")
+
     def load_and_tokenize() -> tuple[Dataset, Dataset]:
         documents = load_documents(cfg)
         return documents, tokenize_documents(documents, tokenizer, cfg)

@@ -12,6 +12,12 @@ logger = get_logger(__name__)
 
 # ByT5's id layout: 0 pad, 1 eos, 2 unk, then byte b -> b + 3; ids 259..383 are unused extra ids.
 BYTE_OFFSET = 3
+# The byte tokenizer's chat template (it has no turn tokens): plain-text markers, each turn closed by '<|end|>' and a
+# newline, which belong to the turn (an assistant turn's loss covers them, so a model learns where to stop).
+BYTES_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def build_tokenizer(name: str = "bytes") -> Any:
@@ -23,6 +29,7 @@ def build_tokenizer(name: str = "bytes") -> Any:
         from transformers import ByT5Tokenizer
 
         tok = ByT5Tokenizer()
+        tok.chat_template = BYTES_CHAT_TEMPLATE
     else:
         from transformers import AutoTokenizer
 

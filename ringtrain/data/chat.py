@@ -1,0 +1,151 @@
+"""Chat and instruction records as documents: tokens plus a loss mask, rendered with the tokenizer's chat template.
+
+A conversation is rendered once by the template. Each assistant turn's span in that text is found by rendering the
+conversation up to it with the generation prompt (the span starts where that text ends) and up to and including it
+(the span ends there); both must be prefixes of the whole rendering, which is checked, so the span is what a model
+served with this template generates for that turn, end-of-turn marker included. The text is then tokenized whole
+(fast tokenizers, with character offsets: the tokens `apply_chat_template(tokenize=True)` gives) and a token carries
+loss when it starts inside a span; a token crossing a span boundary is counted (`straddling`), never silently
+split. The byte tokenizer encodes segment by segment, which is the same thing for bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ringtrain.data.tokenizer import encode, is_byte_tokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def messages_problem(messages: Any, field: str) -> str | None:
+    """Why a chat record's messages cannot be rendered (one short phrase, the same for records with the same
+    fault so that they are counted together), or None."""
+    if messages is None:
+        return f"have no {field!r} field"
+    if not isinstance(messages, list) or not messages:
+        return f"have a {field!r} field that is not a non-empty list of {{role, content}} messages"
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return "have a message that is not a {role, content} mapping"
+        if m["role"] not in ROLES:
+            return f"have a message with role {m['role']!r}, not one of {', '.join(ROLES)}"
+        if not isinstance(m["content"], str):
+            return "have a message whose content is not a string"
+    return None
+
+
+class TemplateNotPrefixError(ValueError):
+    """The template renders a conversation's beginning differently alone and inside the whole conversation."""
+
+
+def chat_spans(tokenizer: Any, messages: list[dict[str, Any]], template: str | None) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, the character spans [start, end) of its assistant turns)."""
+
+    def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt,
+                                             chat_template=template)
+
+    full = render(messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = render(messages[:i], True) if i else ""
+        end = render(messages[: i + 1], False)
+        if not (full.startswith(start) and full.startswith(end) and len(start) <= len(end)):
+            raise TemplateNotPrefixError(
+                "the chat template renders the conversation up to an assistant turn differently from the whole "
+                "conversation (e.g. it drops the reasoning of past turns), so assistant spans cannot be located "
+                "exactly: use data.chat_template with a template that renders past turns as they were generated")
+        spans.append((len(start), len(end)))
+    return full, spans
+
+
+def encode_segments(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(int32 ids, bool loss mask, tokens crossing a span boundary) of `text` with loss on `spans`."""
+    if is_byte_tokenizer(tokenizer) or not getattr(tokenizer, "is_fast", False):
+        ids, mask, pos = [], [], 0
+        for a, b in [*spans, (len(text), len(text))]:
+            for piece, loss in ((text[pos:a], False), (text[a:b], True)):
+                if piece:
+                    tokens = encode(tokenizer, piece)
+                    ids.append(tokens)
+                    mask.append(np.full(len(tokens), loss))
+            pos = b
+        if not ids:
+            return np.zeros(0, np.int32), np.zeros(0, bool), 0
+        return np.concatenate(ids).astype(np.int32), np.concatenate(mask), 0
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    mask = np.zeros(len(offsets), dtype=bool)
+    straddling = 0
+    for a, b in spans:
+        inside = (offsets[:, 0] >= a) & (offsets[:, 0] < b)
+        crossing = ((offsets[:, 0] < a) & (offsets[:, 1] > a)) | (inside & (offsets[:, 1] > b))
+        mask |= inside
+        straddling += int(crossing.sum())
+    return np.asarray(enc["input_ids"], dtype=np.int32), mask, straddling
+
+
+class EncodeRecords:
+    """The datasets map function of format chat / instruction: a class, so datasets fingerprints its fields.
+
+    Returns `input_ids` (int32), `loss_mask` (bool) and `problem` ('' or why the record cannot be used; its tokens
+    are then empty) per record, and `straddling` (tokens crossing a span boundary).
+    """
+
+    def __init__(self, tokenizer: Any, fmt: str, fields: tuple[str, ...], loss_on: str, template: str | None) -> None:
+        self.tokenizer = tokenizer
+        self.format = fmt
+        self.fields = fields
+        self.loss_on = loss_on
+        self.template = template
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        n = len(next(iter(batch.values())))
+        out: dict[str, list] = {"input_ids": [], "loss_mask": [], "problem": [], "straddling": []}
+        for i in range(n):
+            try:
+                text, spans = self.record(batch, i)
+            except (ValueError, TypeError) as err:  # a record the template refuses (raise_exception), or not prefix
+                text, spans = None, str(err) if isinstance(err, TemplateNotPrefixError) else \
+                    f"are refused by the chat template ({err})"
+            if text is None:
+                out["input_ids"].append(np.zeros(0, np.int32))
+                out["loss_mask"].append(np.zeros(0, bool))
+                out["problem"].append(spans)
+                out["straddling"].append(0)
+                continue
+            ids, mask, crossing = encode_segments(self.tokenizer, text, spans)
+            out["input_ids"].append(ids)
+            out["loss_mask"].append(mask)
+            out["problem"].append("")
+            out["straddling"].append(crossing)
+        return out
+
+    def record(self, batch: dict[str, list], i: int) -> tuple[str | None, Any]:
+        """(text, loss spans) of record i, or (None, problem)."""
+        if self.format == "chat":
+            (field,) = self.fields
+            messages = batch[field][i] if field in batch else None
+            problem = messages_problem(messages, field)
+            if problem:
+                return None, problem
+            if self.loss_on == "assistant" and not any(m["role"] == "assistant" for m in messages):
+                return None, "have no assistant message (nothing to train on with data.loss_on=assistant)"
+            if self.loss_on == "all":
+                text, _ = chat_spans(self.tokenizer, messages, self.template)
+                return text, [(0, len(text))]
+            return chat_spans(self.tokenizer, messages, self.template)
+        prompt_field, completion_field = self.fields
+        prompt = batch[prompt_field][i] if prompt_field in batch else None
+        completion = batch[completion_field][i] if completion_field in batch else None
+        for name, value in ((prompt_field, prompt), (completion_field, completion)):
+            if not isinstance(value, str):
+                return None, f"have no string in the {name!r} field"
+        if not completion:
+            return None, f"have an empty {completion_field!r} field (nothing to train on)"
+        return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
