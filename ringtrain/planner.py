@@ -23,6 +23,10 @@ the H200 measurements and CPU runs). The formulas follow what this trainer alloc
 - Loss (fused, chunked): one [chunk, vocab] fp32 logits buffer (plus its bf16 source), the fp32 [vocab, hidden]
   weight gradient and the [tokens, hidden] input gradient it stores for backward.
 - Offload: checkpointed inputs leave the device; two stay (the one in use and the one being fetched or copied).
+- LoRA (peft.method=lora): the adapters join the parameters; gradients, AdamW's states, the optimizer step's
+  temporary, the tiled MLP's gradient sums and FSDP2's gradient buffers count only what trains (frozen base weights
+  get none); a frozen output head gets no weight gradient in the loss. The adapters' own activations (r values per
+  token and adapted projection) are left out: a few per mille of a layer's.
 
 The peak is the largest of five moments: the end of forward (loss), the loss backward, the backward of the last
 layer (all inputs still stored) and of the first (all layer gradients accumulated), and the optimizer step.
@@ -73,6 +77,26 @@ class ModelShape:
     """RMSNorm over q and k per head (Qwen3)."""
     v_head_dim: int | None = None
     """v's (and the attention output's) head dim when it differs from q/k's (MLA); None: head_dim."""
+    trainable: int | None = None
+    """Parameters that train, with LoRA (adapters, trainable modules); None: all of them."""
+    layer_trainable: int | None = None
+    """One decoder layer's parameters that train (None: all)."""
+    mlp_trainable: int | None = None
+    """The MLP's parameters that train (None: all)."""
+    head_trainable: bool = True
+    """Whether the output head (lm_head) trains: its weight gradient in the loss."""
+
+    @property
+    def trained(self) -> int:
+        return self.params if self.trainable is None else self.trainable
+
+    @property
+    def layer_trained(self) -> int:
+        return self.layer_params if self.layer_trainable is None else self.layer_trainable
+
+    @property
+    def mlp_trained(self) -> int:
+        return self.mlp_params if self.mlp_trainable is None else self.mlp_trainable
 
     @property
     def value_dim(self) -> int:
@@ -84,8 +108,9 @@ class ModelShape:
         return self.params - self.layers * self.layer_params
 
 
-def model_shape(model_cfg: Any) -> ModelShape:
-    """The shapes of `model.*` (a ringtrain ModelConfig), from its transformers config, built on the meta device."""
+def model_shape(model_cfg: Any, adapters: Any = None) -> ModelShape:
+    """The shapes of `model.*` (a ringtrain ModelConfig), from its transformers config, built on the meta device;
+    with `adapters` (a `peft:` section that enables LoRA), the adapted model's counts and what of it trains."""
     import torch
 
     from ringtrain.model.causal_lm import build_meta_model, build_model_config, decoder_layers
@@ -98,6 +123,11 @@ def model_shape(model_cfg: Any) -> ModelShape:
                            "needs its shape: point model.path at a model folder, or set model.arch and model.config"]
                           ) from None
     lm = build_meta_model(model_cfg, config, torch.float32)  # shapes and counts only: the dtype changes neither
+    lora = adapters is not None and adapters.enabled
+    if lora:
+        from ringtrain.model.adapters import apply_adapters
+
+        apply_adapters(lm, adapters)
     layers = decoder_layers(lm)
     layer = layers[0]
     mlp = getattr(layer, "mlp", None)
@@ -113,7 +143,16 @@ def model_shape(model_cfg: Any) -> ModelShape:
         params=sum(p.numel() for p in lm.parameters()), layer_params=sum(p.numel() for p in layer.parameters()),
         mlp_params=0 if mlp is None else sum(p.numel() for p in mlp.parameters()),
         gated_mlp=mlp is not None and hasattr(mlp, "gate_proj"), qk_norm=attn is not None and hasattr(attn, "q_norm"),
+        **(_trainable_counts(lm, layer, mlp) if lora else {}),
     )
+
+
+def _trainable_counts(lm: Any, layer: Any, mlp: Any) -> dict[str, Any]:
+    def trained(module: Any) -> int:
+        return 0 if module is None else sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    return {"trainable": trained(lm), "layer_trainable": trained(layer), "mlp_trainable": trained(mlp),
+            "head_trainable": lm.get_output_embeddings().weight.requires_grad}
 
 
 @dataclass(frozen=True)
@@ -269,9 +308,9 @@ def mlp_transients(shape: ModelShape, setup: Setup) -> dict[str, int]:
         # Backward: d(act * up) replaces act * up, then d(act) and d(up) exist while act and up are still held.
         return {"forward": 0, "backward": 2 * a * i * n}
     t = mlp_tile_tokens(shape, setup)
-    acc = max(a, 4) * shape.mlp_params  # the parameter gradients summed over tiles in fp32
+    acc = max(a, 4) * shape.mlp_trained  # the parameter gradients summed over tiles in fp32
     return {"forward": a * d * n + (inter - 1) * a * i * t,  # the output buffer + one tile's intermediates
-            "backward": a * d * n + t * (inter * a * i + 2 * a * i + a * d) + acc + a * shape.mlp_params}
+            "backward": a * d * n + t * (inter * a * i + 2 * a * i + a * d) + acc + a * shape.mlp_trained}
 
 
 def layer_peak(shape: ModelShape, setup: Setup, checkpointed: bool) -> dict[str, int]:
@@ -303,11 +342,11 @@ def loss_bytes(shape: ModelShape, setup: Setup) -> dict[str, int]:
     chunk = min(setup.loss_chunk or auto_chunk_tokens(v), n)
     acc = max(a, 4)
     logits = (acc + (a if a < acc else 0)) * chunk * v  # fp32 logits, and the low-precision matmul output / probs
-    grad_weight = acc * v * d
+    grad_weight = acc * v * d if shape.head_trainable else 0  # a frozen head gets no weight gradient
     grad_hidden = a * n * d
     return {"forward": logits + grad_weight + grad_hidden,
             # backward: the stored gradients, the scaled weight gradient (+ its cast) and the scaled input gradient
-            "backward": 2 * grad_weight + (a * v * d if a < acc else 0) + 2 * grad_hidden}
+            "backward": 2 * grad_weight + (a * v * d if a < acc and grad_weight else 0) + 2 * grad_hidden}
 
 
 def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
@@ -316,11 +355,13 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
     w = setup.world if setup.fsdp else 1
     ckpt = setup.checkpointed(L)
     params = shape.params * a / w
-    optimizer = 2 * shape.params * a / w
-    grads_accum = shape.params * a if setup.grad_accum > 1 else 0  # earlier micro-batches' unsharded gradients
+    optimizer = 2 * shape.trained * a / w  # AdamW's two states, for what trains only
+    grads_accum = shape.trained * a if setup.grad_accum > 1 else 0  # earlier micro-batches' unsharded gradients
     root = shape.root_params * a if setup.fsdp else 0
-    fsdp_bwd = 4 * shape.layer_params * a if setup.fsdp else 0
-    lm_head_grad = a * shape.vocab * d
+    # A layer in backward: its all-gather output and gathered parameters, its unsharded gradients and the
+    # reduce-scatter input (gradients only of what trains).
+    fsdp_bwd = 2 * (shape.layer_params + shape.layer_trained) * a if setup.fsdp else 0
+    lm_head_grad = a * shape.vocab * d if shape.head_trainable else 0
 
     n_ckpt = sum(ckpt)
     ckpt_device = (min(n_ckpt, 2) if setup.offload else n_ckpt) * a * d * n
@@ -341,7 +382,7 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
     last = layer_peak(shape, setup, ckpt[-1])
     first = layer_peak(shape, setup, ckpt[0])
     # Layer gradients accumulated when the first layer's backward runs: sharded (or replicated without FSDP).
-    grads_before_first = (L - 1) * shape.layer_params * a / w + (lm_head_grad if not setup.fsdp else 0)
+    grads_before_first = (L - 1) * shape.layer_trained * a / w + (lm_head_grad if not setup.fsdp else 0)
     first_acts = {"checkpointed_inputs": (a * d * n if ckpt[0] else 0) - ckpt_device,
                   "stored_layers": (0 if ckpt[0] else sum(layer_saved(shape, a, setup.ulysses, setup.tiled_mlp,
                                                                       False).values()) * n) - stored_layers}
@@ -353,8 +394,8 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
         "backward, first layer": moment(fsdp_buffers=fsdp_bwd + (lm_head_grad if setup.fsdp else 0),
                                         layer_recompute=first["layer"], attention_buffers=first["attention"],
                                         gradients=grads_before_first, **first_acts),
-        "optimizer step": {"parameters": params, "gradients": shape.params * a / w, "optimizer": optimizer,
-                           "optimizer_step_temp": params},
+        "optimizer step": {"parameters": params, "gradients": shape.trained * a / w, "optimizer": optimizer,
+                           "optimizer_step_temp": shape.trained * a / w},
     }
     totals = {k: sum(v.values()) for k, v in moments.items()}
     peak_moment = max(totals, key=totals.get)
@@ -363,11 +404,14 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
     model_per_token = flops_per_token(shape.params, L, d, setup.seq_len)
     recompute_per_token = n_ckpt * (2 * shape.layer_params + 2 * setup.seq_len * d)
     tiled_per_token = 2 * L * shape.mlp_params if setup.tiled_mlp else 0
+    # Frozen decoder weights get no weight-gradient matmul in backward (2 FLOPs per weight and token fewer).
+    frozen_per_token = -2 * L * (shape.layer_params - shape.layer_trained)
     return {
         "peak_bytes": totals[peak_moment], "peak_moment": peak_moment, "components": moments[peak_moment],
         "moments": totals, "offload_host_bytes": n_ckpt * a * d * n * setup.offload,
         "flops_per_step": model_per_token * tokens_per_step,
-        "hardware_flops_per_step": (model_per_token + recompute_per_token + tiled_per_token) * tokens_per_step,
+        "hardware_flops_per_step": (model_per_token + recompute_per_token + tiled_per_token + frozen_per_token)
+        * tokens_per_step,
         "offload_bytes_per_step": 2 * n_ckpt * a * d * n * setup.grad_accum * setup.offload,
     }
 
@@ -467,7 +511,7 @@ def plan(cfg: Any, gpus: str | None = None, gpu_memory_gib: str | None = None, d
                         f"--gpus among multiples of {cfg.parallel.sp_size}, or set parallel.sp_size")
     if problems:
         raise ConfigError(problems)
-    shape = model_shape(cfg.model)
+    shape = model_shape(cfg.model, cfg.peft)
     setup = setup_from_config(cfg, world, device)
     peak_tflops = (cfg.logging.peak_tflops or DEFAULT_PEAK_TFLOPS) if device == "cuda" else None
     pred = predict(shape, setup)
@@ -479,6 +523,7 @@ def plan(cfg: Any, gpus: str | None = None, gpu_memory_gib: str | None = None, d
         "offload_host_gib_per_rank": pred["offload_host_bytes"] / GIB,
         "flops_per_step": pred["flops_per_step"], "hardware_flops_per_step": pred["hardware_flops_per_step"],
         "step_time_s": step_time_s(pred, setup, peak_tflops), "parameters": shape.params,
+        "trainable_parameters": shape.trained,
     }
     rc = 0
     if memory is not None:
@@ -504,7 +549,9 @@ def plan(cfg: Any, gpus: str | None = None, gpu_memory_gib: str | None = None, d
 
 
 def format_plan(result: dict[str, Any], setup: Setup) -> str:
-    lines = [f"{result['model']} ({result['parameters'] / 1e9:.2f}B parameters) on {result['gpus']} "
+    trainable = "" if result["trainable_parameters"] == result["parameters"] else \
+        f", {result['trainable_parameters'] / 1e6:.1f}M of them training"
+    lines = [f"{result['model']} ({result['parameters'] / 1e9:.2f}B parameters{trainable}) on {result['gpus']} "
              f"{result['device']} rank(s): {setup.describe()}; {setup.seq_len:,} tokens x {setup.micro_batch} per "
              f"micro-batch ({setup.local_tokens:,} per rank), {setup.dtype_bytes}-byte parameters",
              f"predicted peak per rank: {result['peak_memory_gib_per_rank']:.2f} GiB, at the {result['peak_moment']}",

@@ -348,3 +348,21 @@ def test_frozen_output_head_gets_no_weight_gradient():
     assert w.grad is None
     assert math.isclose(out.item(), ref.item(), rel_tol=1e-6)
     assert (h.grad - ref_grad).abs().max() <= 1e-12 * ref_grad.abs().max()
+
+
+def test_planner_counts_only_what_trains(tmp_path):
+    """`ringtrain plan` with LoRA: the adapters join the parameters, AdamW's states and the gradients count only what
+    trains (as the built model has it), and the frozen head's loss gradient is gone."""
+    from ringtrain.model.build import build_model
+    from ringtrain.planner import model_shape, predict, setup_from_config
+
+    cfg, full = _cfg(tmp_path, "parallel.sp_size=2"), _cfg(tmp_path, "parallel.sp_size=2", "peft.method=none")
+    shape, full_shape = model_shape(cfg.model, cfg.peft), model_shape(full.model, full.peft)
+    built = build_model(cfg, None, "train")
+    assert shape.params == sum(p.numel() for p in built.parameters())
+    assert shape.trained == sum(p.numel() for p in built.parameters() if p.requires_grad) < full_shape.params / 3
+    setup = setup_from_config(cfg, 2, "cpu")
+    lora, ft = predict(shape, setup), predict(full_shape, setup)
+    step = lora["moments"]["optimizer step"]
+    assert step == (shape.params + 4 * shape.trained) * 4 / 2  # params, grads, 2 states, step temp: fp32 over 2
+    assert lora["peak_bytes"] < ft["peak_bytes"]
