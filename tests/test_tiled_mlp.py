@@ -166,3 +166,36 @@ def test_a_family_without_an_mlp_submodule_is_refused():
                                          r"set train\.tiled_mlp=false for Model"):
         apply_tiled_mlp(Model(), cfg, sp_size=1)
     assert apply_tiled_mlp(Model(), load_validated_config(None, ["model.arch=llama", "train.output_dir=unused"]).train, 1) == 0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_tiled_moe_block_equals_untiled_and_the_balancing_loss_is_not_left_without_gradient(family):
+    """An MoE block routes each token on its own, so its tiles are the block (fp32: the grouped expert matmul has no
+    fp64 CPU kernel). With the balancing loss on, the router logits of a tiled block carry no gradient: refused."""
+    from transformers import AutoConfig
+
+    from ringtrain.model.causal_lm import CausalLMWithChunkedLoss
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **{**COMMON, "intermediate_size": 64}, num_local_experts=4,
+                                  num_experts_per_tok=2, router_aux_loss_coef=0.0,
+                                  **({"moe_intermediate_size": 24, "head_dim": 8} if family == "qwen3_moe" else {}))
+    ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    tiled = copy.deepcopy(ref)
+    for layer in decoder_layers(tiled):
+        tile_mlp(layer.mlp, 3)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 20))
+    labels, positions = torch.roll(ids, -1, 1), torch.arange(20).expand(2, -1)
+    losses = []
+    for model in (ref, tiled):
+        loss = CausalLMWithChunkedLoss(model, 0)(ids, positions, labels)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for (name, p), q in zip(ref.named_parameters(), tiled.parameters(), strict=True):
+        assert q.grad is not None, name
+        err = float((q.grad - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30))
+        assert err <= 1e-5, (name, err)  # relative to the gradient's largest entry (fp32 sums in another order)
+    tiled.config.router_aux_loss_coef = 0.01
+    with pytest.raises(ValueError, match="router logits carry no gradient .* set train.tiled_mlp=false"):
+        CausalLMWithChunkedLoss(tiled, 0)(ids, positions, labels)

@@ -206,6 +206,11 @@ class CausalLMWithChunkedLoss(nn.Module):
         hidden = out[0]
         if self.balancing is not None:
             self.router_stats = self.balancing.stats(out.router_logits)
+            if torch.is_grad_enabled() and not self.router_stats.probs.requires_grad:
+                raise ValueError(
+                    f"{type(self.lm).__name__}: the router logits carry no gradient (train.tiled_mlp recomputes each MoE "
+                    "block per tile), so the balancing loss would not train the router: set train.tiled_mlp=false, "
+                    "or model.config.router_aux_loss_coef=0.0 to train without the balancing loss")
         if self.logit_scale not in (None, 1.0):
             hidden = hidden * self.logit_scale
         weight = self.lm.get_output_embeddings().weight

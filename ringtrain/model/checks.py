@@ -158,6 +158,7 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
 
     from ringtrain.hf.attention import sequence_parallel_problems
     from ringtrain.hf.rope import apply_rope_scaling
+    from ringtrain.model.moe import balancing_loss
     from ringtrain.model.weights import checkpoint_shapes, unique_state
     from ringtrain.ring.ulysses import ulysses_head_problems
 
@@ -176,9 +177,13 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
         CausalLMWithChunkedLoss(lm, 0)  # what the trainer and the evaluation's loss support
     except Exception as e:  # noqa: BLE001
         return [f"{where}: transformers cannot build {type(config).__name__} with this model.config ({_reason(e)})"]
-    refused = sequence_parallel_problems(lm)  # the family's refusal, before any rank builds or packs anything
+    refused = [f"{where}: {problem}" for problem in sequence_parallel_problems(lm)]  # before any rank works
+    if cfg.train is not None and cfg.train.tiled_mlp and balancing_loss(config) is not None:
+        refused.append(f"train.tiled_mlp=true with {type(config).__name__}: each MoE block would be recomputed per tile "
+                       "and its router logits would carry no gradient, so the balancing loss would not train the "
+                       "router: set train.tiled_mlp=false, or model.config.router_aux_loss_coef=0.0")
     if refused:
-        return [f"{where}: {problem}" for problem in refused]
+        return refused
     problems = adapter_problems(cfg, lm)
     if model.path is not None and Path(model.path).expanduser().is_dir():
         shapes = checkpoint_shapes(Path(model.path).expanduser())

@@ -68,7 +68,7 @@ class RouterStats:
 
 def balancing_loss(model_config: Any) -> BalancingLoss | None:
     """The model's balancing loss, or None when it has none (no `router_aux_loss_coef`, or 0: e.g. DeepSeek V3's
-    bias-based balancing; set model.config.router_aux_loss_coef=0 to train without it)."""
+    bias-based balancing; set model.config.router_aux_loss_coef=0.0 to train without it)."""
     coef = getattr(model_config, "router_aux_loss_coef", None)
     experts = getattr(model_config, "num_local_experts", None) or getattr(model_config, "num_experts", None)
     top_k = getattr(model_config, "num_experts_per_tok", None)

@@ -54,7 +54,7 @@ def _tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n_
             out = y.new_empty(flat.shape[0], y.shape[-1])  # [N, d_out]
         out[rows] = y
     if out is None:  # no tokens at all
-        return _check_output(fn(x), fn)
+        return _check_output(fn(flat), fn).view(*x.shape[:-1], -1)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -99,12 +99,25 @@ class _TiledFunction(torch.autograd.Function):
         return None, None, None if grad_x is None else grad_x.view_as(x), *param_grads
 
 
+class _TokenRows:
+    """A module's forward called on a [tokens, d] tile as the [1, tokens, d] batch modules expect (an MoE block unpacks
+    batch, sequence and hidden; a per-token MLP does not mind), returning [tokens, d_out]. Tokens are routed one by
+    one, so an MoE block over tiles is the block over the whole shard."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.__self__ = fn, fn.__self__
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fn(x[None])
+        return y[0] if isinstance(y, torch.Tensor) else y
+
+
 class TiledForward:
     """A module's forward over `n_tiles` tiles of its input's tokens (all leading dimensions flattened), recomputed
     per tile in backward. Set as the module instance's `forward`; calls the class's forward, never the hooks again."""
 
     def __init__(self, module: nn.Module, n_tiles: int):
-        self.inner = type(module).forward.__get__(module)  # the class's forward, bound: what the module ran before
+        self.inner = _TokenRows(type(module).forward.__get__(module))  # the class's forward: what the module ran
         self.module = module
         self.n_tiles = n_tiles
 
