@@ -252,3 +252,9 @@ def test_rope_none_keeps_per_layer_type_parameters():
         assert getattr(config, "rope_parameters", None) == before, arch
     with pytest.raises(ValueError, match="per-layer-type"):  # rewriting them is still refused, in one line
         apply_rope_scaling(AutoConfig.for_model("gemma3_text"), RopeConfig(method="yarn", factor=2.0))
+    from ringtrain.hf import describe_rope  # `ringtrain rope`: one report per layer type, or a line without RoPE
+
+    report = describe_rope(AutoConfig.for_model("gemma3_text"), RopeConfig(method="none"))
+    assert "layer type sliding_attention:" in report and "layer type full_attention:" in report
+    assert "'rope_theta': 1000000.0" in report and "'rope_theta': 10000.0" in report
+    assert "nothing to report" in describe_rope(AutoConfig.for_model("nemotron_h"), RopeConfig(method="none"))

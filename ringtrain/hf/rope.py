@@ -299,6 +299,17 @@ def describe_rope(model_config: Any, rope_cfg: RopeConfig, target_length: int | 
     tabulate it. `target_length` defaults to the scaled context length.
     """
     model_config = copy.deepcopy(model_config)
+    params = getattr(model_config, "rope_parameters", None)
+    if _keeps_model_rope(rope_cfg) and not params:
+        return f"{type(model_config).__name__} has no rotary position embedding: nothing to report"
+    if _keeps_model_rope(rope_cfg) and "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
+        # Per-layer-type parameters (Gemma 3, OLMo 3): one report per layer type, each on its own parameters.
+        reports = []
+        for layer_type, own in params.items():
+            one = copy.deepcopy(model_config)
+            one.rope_parameters = dict(own)
+            reports.append(f"layer type {layer_type}:\n{describe_rope(one, rope_cfg, target_length)}")
+        return "\n\n".join(reports)
     pretrained_theta = _current_params(model_config).get("rope_theta")
     original = rope_cfg.original_max_position_embeddings or pretraining_length(model_config)
     apply_rope_scaling(model_config, rope_cfg)
