@@ -258,3 +258,17 @@ def test_rope_none_keeps_per_layer_type_parameters():
     assert "layer type sliding_attention:" in report and "layer type full_attention:" in report
     assert "'rope_theta': 1000000.0" in report and "'rope_theta': 10000.0" in report
     assert "nothing to report" in describe_rope(AutoConfig.for_model("nemotron_h"), RopeConfig(method="none"))
+
+
+def test_planner_counts_both_head_dims_of_mla():
+    """`ringtrain plan` on DeepSeek V3: q/k head dim nope + rope (24), v head dim 12, each where it belongs."""
+    from ringtrain.config import ModelConfig
+    from ringtrain.planner import Setup, attention_saved, attention_transients, model_shape
+
+    shape = model_shape(ModelConfig(arch="deepseek_v3", config={**COMMON, **FAMILIES["deepseek_v3"]}))
+    assert (shape.head_dim, shape.value_dim, shape.heads, shape.kv_heads) == (24, 12, 4, 4)
+    h, kv, qk, vd, a = 4, 4, 24, 12, 2
+    assert attention_saved(shape, a, 1) == a * (qk * (h + kv) + vd * kv) + a * vd * h + 4 * h
+    q, o, k_v = qk * h, vd * h, (qk + vd) * kv
+    assert attention_transients(shape, Setup(world=2, sp=2, ulysses=1, seq_len=128)) == {
+        "forward": 2 * a * k_v + 4 * o + a * o, "backward": 2 * a * k_v + (a + 4) * (q + k_v) + 2 * 4 * k_v + 4 * q}
