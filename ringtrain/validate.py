@@ -59,6 +59,9 @@ def arch_problems(cfg: TrainConfig) -> list[str]:
 def runtime_problems(cfg: TrainConfig, world_size: int | None = None, *, weights: bool = True) -> list[str]:
     """Every problem of a structurally sound `cfg` that only the runtime can see, one line each."""
     problems = parallel_problems(cfg, world_size)
+    if cfg.train is not None and cfg.train.loss_weighting == "sequence" and not cfg.data.document_mask:
+        problems.append("train.loss_weighting='sequence' averages each document's loss, and data.document_mask=false "
+                        "keeps no documents: set data.document_mask=true or train.loss_weighting=token")
     arch = arch_problems(cfg)
     # The model checks build the model: only worth it (and only meaningful) when transformers knows the type.
     return problems + (arch or model_problems(cfg, weights=weights))

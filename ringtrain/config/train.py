@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ringtrain.config.rules import at_least
 
 NONFINITE_ACTIONS = ("skip", "stop")
+LOSS_WEIGHTINGS = ("token", "sequence")
 NONFINITE_FRACTION_FROM_STEP = 20  # max_nonfinite_fraction is judged from this step on: earlier, one step is 5%+
 
 
@@ -53,6 +54,11 @@ class TrainLoopConfig:
     max_nonfinite_fraction: float = 0.1
     """With on_nonfinite=skip: stop the run (exit 1, one line) when more than this fraction of its steps (from step 1,
     across resumes) were skipped, checked from step 20 on; 1 = never."""
+    loss_weighting: str = "token"
+    """How target tokens are averaged into the loss: 'token' (the mean over every target token of the global batch)
+    or 'sequence' (each document's / conversation's own mean loss, the documents weighted equally: LongAlign's loss
+    weighting, so that long conversations packed with short ones do not dominate). Exact under SP, DP, packing and
+    gradient accumulation. A document split over two sequences counts once per sequence. Needs data.document_mask."""
     fsdp: bool = True
     """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (fully_shard)."""
     threads: int = 0
@@ -71,6 +77,9 @@ class TrainLoopConfig:
         if not 0 < self.max_nonfinite_fraction <= 1:
             problems.append(("max_nonfinite_fraction", f"max_nonfinite_fraction={self.max_nonfinite_fraction} must be "
                                                        "in (0, 1] (1 = never stop on the fraction of skipped steps)"))
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            problems.append(("loss_weighting", f"loss_weighting={self.loss_weighting!r} is not one of "
+                                               f"{', '.join(LOSS_WEIGHTINGS)}"))
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             problems.append(("on_nonfinite", f"on_nonfinite={self.on_nonfinite!r} is not one of skip, stop"))
         policy = recompute_policy(self.activation_checkpointing)

@@ -130,6 +130,30 @@ def ignore_cross_document_labels(
     predicted[boundary] = ignore_index
 
 
+def sequence_token_weights(
+    labels: torch.Tensor, document_ids: torch.Tensor, token_weights: torch.Tensor | None = None,
+    *, ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """[B, S] float32 per-label weights that make each document's loss its own mean (LongAlign's loss weighting).
+
+    Computed on full-sequence, unshifted labels (after `ignore_cross_document_labels`; a row's first label, which
+    shifting drops, counts for nothing), before sharding: a label's
+    weight is its token weight (1 without `token_weights`) over the sum of those of its document's valid labels, so
+    each document with a target sums to 1. The trainer divides the summed weighted loss by the global sum of the
+    weights, the number of documents with a target in the whole step, on every rank alike: the loss is the mean of
+    the documents' mean losses, and every rank's partial sums add up to it under any SP / DP split and accumulation.
+    """
+    b, s = labels.shape
+    valid = labels != ignore_index
+    valid[:, 0] = False  # no position predicts a row's first token: shifting drops its label
+    base = valid.to(torch.float64) if token_weights is None else token_weights.to(torch.float64) * valid
+    rows = torch.arange(b, device=labels.device)[:, None] * s
+    group = (rows + (document_ids - document_ids[:, :1])).reshape(-1)  # one id per (sequence, document)
+    totals = torch.zeros(b * s, dtype=torch.float64, device=labels.device).index_add_(0, group, base.reshape(-1))
+    weights = base.reshape(-1) / totals[group].clamp(min=torch.finfo(torch.float64).tiny)
+    return weights.reshape(b, s).to(torch.float32)
+
+
 def answer_token_weights(
     valid: np.ndarray, answer: np.ndarray, segment_ids: np.ndarray, fraction: float
 ) -> np.ndarray:

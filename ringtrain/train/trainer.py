@@ -166,6 +166,10 @@ class Trainer:
 
         tcfg, dims = self.cfg.train, self.dims
         dcfg = self.cfg.data
+        if tcfg.loss_weighting == "sequence":
+            # Per-label weights from the full sequence's documents, before sharding: each document then sums to 1 and
+            # the global normaliser below counts documents, so the loss is the mean of the documents' mean losses.
+            micro = [with_sequence_weights(b) for b in micro]
         local = [shard_batch(b, self.dims.sp,
                              document_positions=dcfg.document_positions if dcfg.document_mask else "global")
                  for b in micro]
@@ -354,6 +358,14 @@ class Trainer:
         if self.cfg.checkpoint.export_merged:
             export_hf_folder(self.lm, out_dir.with_name(out_dir.name + "_merged"), self.tokenizer, shard_bytes,
                              state=merged_state(self.lm), record=record)
+
+
+def with_sequence_weights(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` with `token_weights` that weigh each document's mean loss equally (train.loss_weighting=sequence)."""
+    from ringtrain.data.packing import sequence_token_weights
+
+    weights = sequence_token_weights(batch["labels"], batch["document_ids"], batch.get("token_weights"))
+    return {**batch, "token_weights": weights}
 
 
 def describe_nonfinite(loss: float, grad_norm: float) -> str:
