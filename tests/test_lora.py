@@ -113,14 +113,14 @@ def test_lora_sp_ring_ulysses_equal_single_process(tmp_path):
 # Export and evaluation of an adapter, and the inputs refused before any rank trains
 
 
-def _base_folder(path, seed):
+def _base_folder(path, seed, tied=False):
     """A tiny Llama saved as a plain transformers folder (the base model LoRA adapts)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(LlamaConfig(
         vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256)).save_pretrained(path)
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied)).save_pretrained(path)
     return str(path)
 
 
@@ -188,6 +188,28 @@ def test_exported_adapter_and_merged_model_reproduce_the_trained_logits(tmp_path
     evaluated, _ = load_model_for_eval(_cfg(tmp_path / "eval", *overrides[:3], f"model.adapter={out}"), None)
     with torch.no_grad():
         assert _rel(evaluated.lm(x).logits, reference) < 1e-5
+
+
+def test_tied_embeddings_export(tmp_path):
+    """A tied output head trains with the embedding: the adapter folder saves it as a module of its own, so peft's
+    copy of the trained embedding does not leave the head behind (one process, no FSDP)."""
+    from ringtrain.model.build import build_model
+
+    base = _base_folder(tmp_path / "base", 0, tied=True)
+    cfg = _cfg(tmp_path / "run", f"model.path={base}", "model.arch=null", "model.config={}", "train.fsdp=false")
+    out = tmp_path / "run" / "final_model"
+    trained = run_distributed(_train_and_export, 1, cfg, str(out), timeout=300)[0]
+    model = build_model(cfg, None, "eval")
+    model.lm.load_state_dict(trained, strict=False)
+    assert model.lm.lm_head.weight is model.lm.model.embed_tokens.weight
+    x = torch.randint(0, 384, (2, 64))
+    torch.save(x, tmp_path / "ids.pt")
+    with torch.no_grad():
+        reference = model.lm(x).logits
+    fresh = FRESH.replace("plain = AutoModelForCausalLM.from_pretrained(merged).eval()", "plain = model")
+    subprocess.run([sys.executable, "-c", fresh, base, str(out), "-", str(tmp_path / "ids.pt"),
+                    str(tmp_path / "logits.pt")], check=True, timeout=300)
+    assert _rel(torch.load(tmp_path / "logits.pt")["peft"], reference) < 1e-5
 
 
 def _problems(tmp, *overrides):
