@@ -193,9 +193,10 @@ class CpuFlashKernel:
     name = "cpu_flash"
     supports_mask = True
     causal_block = 128
-    """Document pieces split causal squares longer than this (pieces.split_causal): the op computes a causal call
-    shorter than its 512-key block as the whole square, so a 680-token document costs 158 ns per visible pair
-    whole and 130 split (one thread, H=8, D=64; 300 tokens: 181 vs 145)."""
+    """Document pieces split causal squares longer than this, up to pieces.CAUSAL_SPLIT_MAX_BLOCKS of it
+    (pieces.split_causal): the op computes a causal call shorter than its 512-key block as the whole square, so a
+    680-token document costs 158 ns per visible pair whole and 130 split (one thread, H=8, D=64; 300 tokens: 181 vs
+    145); longer pieces stay whole."""
 
     @staticmethod
     def _bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

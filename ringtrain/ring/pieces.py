@@ -75,12 +75,20 @@ class Piece:
         return shift - self.offset + self.window - 1, self.offset - shift
 
 
+CAUSAL_SPLIT_MAX_BLOCKS = 8
+"""`split_causal` leaves a piece longer than this many blocks whole: the kernel's gain from splitting shrinks with the
+length (one thread, H=8, D=64: 18 -> 14 ns per visible pair at 1024 tokens, 15 -> 14 at 2048) while the driver's
+merges and dK/dV accumulations over every earlier key grow with it (a 3000 + 5192-token pack took 25% longer split
+into 128-token squares than whole; docs/benchmarks.md)."""
+
+
 def split_causal(piece: Piece, block: int) -> list[Piece]:
-    """A CAUSAL piece longer than `block` as causal squares of `block` tokens on the diagonal plus, for each, one
-    FULL piece of its queries against every key before it: the same pairs, for kernels whose causal call computes
-    masked work per row up to a fixed key block (the CPU flash op computes a short causal square whole)."""
+    """A CAUSAL piece longer than `block` (and at most CAUSAL_SPLIT_MAX_BLOCKS blocks long) as causal squares of
+    `block` tokens on the diagonal plus, for each, one FULL piece of its queries against every key before it: the
+    same pairs, for kernels whose causal call computes masked work per row up to a fixed key block (the CPU flash op
+    computes a short causal square whole)."""
     n = piece.q_stop - piece.q_start
-    if piece.kind != PieceKind.CAUSAL or n <= block:
+    if piece.kind != PieceKind.CAUSAL or n <= block or n > CAUSAL_SPLIT_MAX_BLOCKS * block:
         return [piece]
     out = []
     for lo in range(0, n, block):
