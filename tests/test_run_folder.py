@@ -171,3 +171,16 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path: Path, monkeypatc
             f"train.output_dir={str(tmp_path)!r} is in use by the run started yesterday (pid 4321 on host node7, SLURM "
             f"job 4242): wait for that run to end or stop it, or choose another train.output_dir (if that run is gone, "
             f"delete {tmp_path / LOCK_FILE})"]
+
+
+def test_a_dead_runs_temporary_folder_is_cleared_before_a_save(tmp_path: Path) -> None:
+    from test_training_state import _lines, _train
+
+    out = tmp_path / "run"
+    debris = out / "checkpoints" / "step_00000001.tmp-deadbeef0000-1a2b3c4d"  # a save the dead run never finished
+    (debris / "rng").mkdir(parents=True)
+    (debris / "__0_0.distcp").write_bytes(b"partial")
+    code, err = _train(out, "train.max_steps=1", "checkpoint.export_final=false")
+    assert code == 0, err
+    assert _lines(err, "deleted incomplete checkpoint folder")[0].endswith(debris.name), err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
