@@ -184,3 +184,21 @@ def test_a_dead_runs_temporary_folder_is_cleared_before_a_save(tmp_path: Path) -
     assert code == 0, err
     assert _lines(err, "deleted incomplete checkpoint folder")[0].endswith(debris.name), err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_saving(tmp_path: Path) -> None:
+    """A run judged gone and taken over (a lock deleted by hand, a pid check fooled) must not write beside the new
+    holder: its next save refuses, naming the folder."""
+    import pytest
+
+    from ringtrain.config import CheckpointConfig
+    from ringtrain.train.checkpoint import CheckpointManager
+    from ringtrain.train.runlock import acquire
+
+    mine = acquire(tmp_path, "mine")
+    manager = CheckpointManager(CheckpointConfig(), tmp_path, mesh=None, run_id="mine")
+    assert manager._before_save(tmp_path / "checkpoints" / "step_00000001")[0] == "mine"
+    mine.release()
+    acquire(tmp_path, "other")
+    with pytest.raises(RuntimeError, match=f"this run \\(id mine\\) no longer holds {tmp_path}: another run took it over"):
+        manager._before_save(tmp_path / "checkpoints" / "step_00000001")
