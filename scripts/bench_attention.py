@@ -7,6 +7,8 @@ CPU (default): spawns P=1 and P=2 gloo ranks, one thread each, and compares agai
     python scripts/bench_attention.py --quick         # small sizes, seconds
     python scripts/bench_attention.py --masks         # packed documents and sliding windows
     python scripts/bench_attention.py --ulysses 1,2,4 # world 4: ring x Ulysses splits
+    python scripts/bench_attention.py --peers [...]   # against DeepSpeed Ulysses and PyTorch's CP ring
+                                                      # (scripts/bench_peers.py, its flags)
     python scripts/bench_attention.py --balance --world 8 --seq 131072 --doc-lengths 65536,1000,... [--json F]
                                                       # work balance of each layout, no attention run
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -497,6 +500,11 @@ def ulysses_local(args) -> tuple[str, dict]:
 
 
 def main() -> None:
+    if "--peers" in sys.argv[1:]:  # the peer benchmark has its own flags (scripts/bench_peers.py)
+        from bench_peers import main as peers_main
+
+        peers_main([a for a in sys.argv[1:] if a != "--peers"])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--batch", type=int, default=1)
