@@ -104,9 +104,9 @@ def all_reduce_gradients(model: nn.Module, dims: ParallelDims) -> None:
 def parallelize_model(lm: nn.Module, cfg: TrainLoopConfig, dims: ParallelDims | None, mode: str = "train",
                       adapters: AdapterConfig | None = None) -> CausalLMWithChunkedLoss:
     """`lm` with LoRA adapters (when `adapters` enables them), sequence-parallel attention, tiled MLP, recompute, the
-    chunked loss, offload and FSDP2, as `cfg` asks. `mode='eval'` leaves out what only a backward needs (recompute, offload) and puts the model in eval mode;
-    `dims=None` is one process without torch.distributed: the model's own attention, nothing sharded (the
-    reference that sharded evaluation is tested against)."""
+    chunked loss, offload and FSDP2, as `cfg` asks. `mode='eval'` leaves out what only a backward needs (recompute,
+    offload) and puts the model in eval mode; `dims=None` is one process without torch.distributed: the model's own
+    attention, nothing sharded (the reference that sharded evaluation is tested against)."""
     from ringtrain.hf import apply_ring_attention
     from ringtrain.model.offload import LayerInputOffload
 
