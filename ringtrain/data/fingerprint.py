@@ -30,11 +30,15 @@ def data_fingerprint(cfg: DataConfig, dataset: PackedDataset) -> dict[str, Any]:
         "source": cfg.source, "path": cfg.path or None, "num_sequences": len(dataset), "seq_len": dataset.seq_len,
         "head_digest": hashlib.sha256(f"{head.shape}".encode() + head.tobytes()).hexdigest(),
     }
-    if cfg.source == "files":
-        from ringtrain.data.files import resolve_files
+    from ringtrain.config.data import source_config, source_name
+    from ringtrain.data.files import resolve_files
 
-        out["files"] = [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns]
-                        for f in resolve_files(cfg)[1]]
+    parts = [source_config(cfg, e) for e in cfg.sources] if cfg.sources else [cfg]
+    if cfg.sources:
+        out["sources"] = [[source_name(e), float(e.get("weight", 1.0))] for e in cfg.sources]
+    files = [f for part in parts if part.source == "files" for f in resolve_files(part)[1]]
+    if files:
+        out["files"] = [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
     return out
 
 

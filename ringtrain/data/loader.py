@@ -46,6 +46,7 @@ class PackedDataLoader:
         self.epoch = 0
         self.index = 0  # sequences of this epoch's order already consumed by all DP ranks together
         self._order_cache: tuple[int, np.ndarray] | None = None
+        self.last_global_indices = np.zeros(0, dtype=np.int64)
         if self.steps_per_epoch == 0:
             raise ConfigError([
                 f"the dataset packs into {len(dataset)} sequences of {dataset.seq_len} tokens, fewer than one "
@@ -79,6 +80,8 @@ class PackedDataLoader:
             logger.info("data epoch %d begins", self.epoch)
         start = self.index + self.dp_rank * self.batch_size
         indices = self.order(self.epoch)[start: start + self.batch_size]
+        # The sequences of every DP rank in this step: what each source contributed can be counted without talking.
+        self.last_global_indices = self.order(self.epoch)[self.index: self.index + self.global_batch]
         self.index += self.global_batch
         return self.dataset.batch(indices)
 

@@ -184,7 +184,7 @@ def pack_documents(
     answer_masks: Sequence[np.ndarray] | None = None,
     answer_loss_fraction: float = 0.0,
     loss_masks: Sequence[np.ndarray] | np.ndarray | None = None,
-    eos_loss: bool = True,
+    eos_loss: bool | np.ndarray = True,
     document_sources: np.ndarray | None = None,
 ) -> PackedDataset:
     """Pack token documents into `seq_len` sequences: each document then EOS, cut every `seq_len` tokens.
@@ -225,6 +225,7 @@ def pack_documents(
         raise ValueError(f"document lengths sum to {lengths.sum()} but {flat.size} tokens were given")
     if document_sources is not None:
         document_sources = np.asarray(document_sources, dtype=np.int64)[lengths > 0]
+    eos_loss = np.broadcast_to(np.asarray(eos_loss, dtype=bool), lengths.shape)[lengths > 0]
     lengths = lengths[lengths > 0]  # empty documents contribute no tokens, so `flat` is unchanged
     if lengths.size == 0:
         raise ValueError("no tokens to pack: every document is empty (check data.text_field and the files)")
@@ -242,6 +243,7 @@ def pack_documents(
             flat_loss = flat_loss[token_order]
         if document_sources is not None:
             document_sources = document_sources[order]
+        eos_loss = eos_loss[order]
         with_eos = lengths + 1
     n_docs, total = lengths.size, int(with_eos.sum())
     stream_start = np.concatenate([[0], np.cumsum(with_eos)[:-1]])
@@ -272,7 +274,8 @@ def pack_documents(
         answer = answer.reshape(num_sequences, seq_len)
     loss_mask = None
     if flat_loss is not None:
-        stream_loss = np.full(total, eos_loss, dtype=bool)
+        stream_loss = np.empty(total, dtype=bool)
+        stream_loss[is_eos] = eos_loss
         stream_loss[~is_eos] = flat_loss
         loss_mask = np.zeros(num_sequences * seq_len, dtype=bool)
         loss_mask[dest] = stream_loss

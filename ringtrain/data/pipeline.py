@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from ringtrain.config.data import RECORD_FORMATS, DataConfig, check_data_config
+from ringtrain.config.data import RECORD_FORMATS, DataConfig, check_data_config, source_config, source_name
 from ringtrain.data.checks import data_file_problems
 from ringtrain.data.files import non_empty_files, resolve_files
 from ringtrain.data.loader import PackedDataLoader
@@ -218,6 +218,8 @@ def build_packed_dataset(
     """
     check_data_config(cfg)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer)
+    if cfg.sources:
+        return build_mixture(cfg, seq_len, tokenizer, mesh)
     split_documents = cfg.split_documents if cfg.split_documents is not None else cfg.source != "passkey"
     eos_id, pad_id = tokenizer.eos_token_id, pad_id_of(tokenizer)
     if cfg.source == "passkey":
@@ -233,25 +235,112 @@ def build_packed_dataset(
         return pack_documents(docs, seq_len, eos_id, pad_id, split_documents=split_documents,
                               document_mask=cfg.document_mask, answer_masks=masks,
                               answer_loss_fraction=cfg.answer_loss_fraction)
+    docs = source_documents(cfg, seq_len, tokenizer, mesh)
+    # Records (chat, instruction) stay whole (validated), placed best-fit.
+    return pack_documents((docs.flat, docs.lengths), seq_len, eos_id, pad_id,
+                          split_documents=split_documents and cfg.format not in RECORD_FORMATS,
+                          document_mask=cfg.document_mask, loss_masks=docs.loss, eos_loss=docs.eos_loss)
+
+
+class SourceDocuments:
+    """One source's documents: flat tokens, lengths, the flat loss mask (None: every token) and whether the EOS
+    after a document carries loss."""
+
+    def __init__(self, flat: np.ndarray, lengths: np.ndarray, loss: np.ndarray | None, eos_loss: bool) -> None:
+        self.flat, self.lengths, self.loss, self.eos_loss = flat, lengths, loss, eos_loss
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def source_documents(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelDims | None) -> SourceDocuments:
+    """The documents of one files / hub source, in file order (records checked, over-long ones per data.overlong)."""
+    log = mesh is None or mesh.rank == 0
     if cfg.format in RECORD_FORMATS:
         encoded = rank_zero_first(lambda: encode_records(load_documents(cfg), tokenizer, cfg), mesh,
-                                  what="loading and encoding the records")
-        flat, lengths, loss = record_documents(encoded, cfg, seq_len, log=mesh is None or mesh.rank == 0)
-        # Records stay whole (validated), placed best-fit; the EOS after an instruction's completion carries loss.
-        return pack_documents((flat, lengths), seq_len, eos_id, pad_id, split_documents=False,
-                              document_mask=cfg.document_mask, loss_masks=loss, eos_loss=cfg.format == "instruction")
+                                  what=f"loading and encoding {cfg.path}")
+        flat, lengths, loss = record_documents(encoded, cfg, seq_len, log=log)
+        return SourceDocuments(flat, lengths, loss, cfg.format == "instruction")
 
     def load_and_tokenize() -> tuple[Dataset, Dataset]:
         documents = load_documents(cfg)
         return documents, tokenize_documents(documents, tokenizer, cfg)
 
-    documents, tokenized = rank_zero_first(load_and_tokenize, mesh, what="loading and tokenizing the data")
+    documents, tokenized = rank_zero_first(load_and_tokenize, mesh, what=f"loading and tokenizing {cfg.path}")
     skipped = records_without_text(documents, text_column(documents, cfg))
-    if skipped and (mesh is None or mesh.rank == 0):  # every rank loads the same records: one line for the job
+    if skipped and log:
         logger.warning("data: %d of %d records of %s have no text in data.text_field=%r (missing, null or empty): "
                        "they are skipped", skipped, len(documents), cfg.path, cfg.text_field)
-    return pack_documents(_documents_from_tokenized(tokenized), seq_len, eos_id, pad_id,
-                          split_documents=split_documents, document_mask=cfg.document_mask)
+    flat, lengths = _documents_from_tokenized(tokenized)
+    return SourceDocuments(flat, lengths, None, True)
+
+
+def mixture_counts(weights: np.ndarray, total: int) -> np.ndarray:
+    """Documents per source out of `total`, proportional to `weights` (largest remainders: the counts sum to
+    `total` and each is within one of its exact share)."""
+    exact = weights / weights.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    short = total - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+    return counts
+
+
+def mixture_draws(counts: np.ndarray, sizes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source, document index) of each drawn document, in a seeded order that depends only on (seed, counts,
+    sizes): the sources interleaved by a permutation, each source's documents taken in passes over seeded
+    permutations of it (a small source with a large weight repeats its documents, each once per pass)."""
+    rng = np.random.default_rng([seed, 26])
+    source = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+    index = np.empty(len(source), dtype=np.int64)
+    for s, (n, size) in enumerate(zip(counts.tolist(), sizes.tolist(), strict=True)):
+        if n == 0:
+            continue
+        passes = -(-n // size)
+        perm = np.concatenate([np.random.default_rng([seed, 26, s, p]).permutation(size) for p in range(passes)])
+        index[source == s] = perm[:n]
+    return source, index
+
+
+def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelDims | None) -> PackedDataset:
+    """data.sources: data.num_samples documents drawn from the sources by weight (`mixture_draws`), then packed.
+
+    Sources with records (chat, instruction) keep every document whole (the whole mixture is then placed best-fit);
+    text sources follow data.split_documents. Batches of the packed dataset count each source's tokens.
+    """
+    names = [source_name(e) for e in cfg.sources]
+    weights = np.asarray([float(e.get("weight", 1.0)) for e in cfg.sources])
+    subs = [source_config(cfg, e) for e in cfg.sources]
+    docs = [source_documents(sub, seq_len, tokenizer, mesh) for sub in subs]
+    counts = mixture_counts(weights, cfg.num_samples)
+    sizes = np.asarray([len(d.lengths) for d in docs], dtype=np.int64)
+    empty = [n for n, c, z in zip(names, counts, sizes, strict=True) if c and not z]
+    if empty:
+        raise ConfigError([f"data.sources {n!r} has no document left (all dropped or empty): give it data, or "
+                           "weight 0" for n in empty], agreed=True)
+    source, index = mixture_draws(counts, sizes, cfg.seed)
+    pieces, losses, lengths, eos_loss = [], [], [], np.empty(len(source), dtype=bool)
+    any_loss = any(d.loss is not None for d in docs)
+    for k, (s, i) in enumerate(zip(source.tolist(), index.tolist(), strict=True)):
+        d = docs[s]
+        a, b = d.offsets[i], d.offsets[i + 1]
+        pieces.append(d.flat[a:b])
+        lengths.append(b - a)
+        if any_loss:
+            losses.append(d.loss[a:b] if d.loss is not None else np.ones(b - a, dtype=bool))
+        eos_loss[k] = d.eos_loss
+    whole = any(sub.format in RECORD_FORMATS for sub in subs)
+    split_documents = False if whole else (cfg.split_documents if cfg.split_documents is not None else True)
+    flat = np.concatenate(pieces).astype(np.int32)
+    packed = pack_documents((flat, np.asarray(lengths, dtype=np.int64)), seq_len, tokenizer.eos_token_id,
+                            pad_id_of(tokenizer), split_documents=split_documents, document_mask=cfg.document_mask,
+                            loss_masks=np.concatenate(losses) if any_loss else None, eos_loss=eos_loss,
+                            document_sources=source)
+    packed.source_names = names
+    if mesh is None or mesh.rank == 0:
+        tokens = packed.source_tokens(np.arange(len(packed)))
+        total = max(sum(tokens.values()), 1)
+        logger.info("data mixture of %d documents: %s", cfg.num_samples, "; ".join(
+            f"{n}: weight {w:g}, {c} documents ({z} distinct), {tokens[n]} tokens ({100 * tokens[n] / total:.1f}%)"
+            for n, w, c, z in zip(names, weights, counts, sizes, strict=True)))
+    return packed
 
 
 def build_dataloader(

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -61,11 +62,13 @@ class Trainer:
         self.stopped_by_signal: int | None = None
         self.skipped_steps = 0  # steps whose update a non-finite loss or gradient norm skipped, across resumes
         self.skipped_in_a_row = 0
+        self.source_tokens: dict[str, int] = {}  # data.sources: tokens seen per source, across resumes
 
     # -- state ---------------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         return {"step": self.step, "data": self.loader.state_dict(), "wandb_run_id": self.wandb_run_id,
-                "skipped_steps": self.skipped_steps, "skipped_in_a_row": self.skipped_in_a_row}
+                "skipped_steps": self.skipped_steps, "skipped_in_a_row": self.skipped_in_a_row,
+                "source_tokens": self.source_tokens}
 
     def resume(self) -> Path | None:
         """Continue the checkpoint checkpoint.resume names under this config's settings (collective).
@@ -101,6 +104,7 @@ class Trainer:
             self.wandb_run_id = None
         self.skipped_steps = extra.get("skipped_steps", 0)
         self.skipped_in_a_row = extra.get("skipped_in_a_row", 0)
+        self.source_tokens = dict(extra.get("source_tokens") or {})
         self.scheduler = apply_resumed_settings(meta, self.cfg, self.optimizer, self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return path
@@ -215,7 +219,11 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         tcfg, dims = self.cfg.train, self.dims
         t0 = time.perf_counter()
-        loss = self.forward_backward([next(self.loader) for _ in range(tcfg.grad_accum_steps)])
+        micro, seen = [], []
+        for _ in range(tcfg.grad_accum_steps):
+            micro.append(next(self.loader))
+            seen.append(getattr(self.loader, "last_global_indices", None))  # None: a loader of another kind
+        loss = self.forward_backward(micro)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         # The norm of what trains (with LoRA: the adapters and peft.trainable_modules; frozen weights have no grad).
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm)
@@ -251,6 +259,13 @@ class Trainer:
             record["mfu"] = tflops / self.peak_tflops
         if self.aux_loss is not None:
             record["aux_loss"] = self.aux_loss
+        # data.sources: each source's tokens in this step's global batch and since the run began (padding excluded).
+        dataset = getattr(self.loader, "dataset", None)
+        counts = dataset.source_tokens(np.concatenate(seen)) if hasattr(dataset, "source_tokens") else {}
+        for name, count in counts.items():
+            self.source_tokens[name] = self.source_tokens.get(name, 0) + count
+            record[f"tokens/{name}"] = count
+            record[f"tokens_seen/{name}"] = self.source_tokens[name]
         return record
 
     # -- the loop ------------------------------------------------------------------------------------
