@@ -124,8 +124,9 @@ def _base_folder(path, seed, tied=False):
     return str(path)
 
 
-def _train_and_export(dims, cfg, out):
-    """Train 3 steps, export (adapter + merged); the trained tensors in full (rank 0: what the reference loads)."""
+def _train_and_export(dims, cfg, out, evaluate=False):
+    """Train 3 steps, export (adapter + merged); the trained tensors in full (rank 0: what the reference loads), and
+    with `evaluate` those of the model `ringtrain eval` builds with model.adapter on this mesh."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from ringtrain.train.trainer import build_trainer
@@ -134,8 +135,18 @@ def _train_and_export(dims, cfg, out):
     for _ in range(3):
         trainer.train_step()
     trainer.export(Path(out))
-    return get_model_state_dict(trainer.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                     ignore_frozen_params=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    trained = get_model_state_dict(trainer.lm, options=options)
+    if not evaluate:
+        return trained
+    # `ringtrain eval`'s loader on this mesh: the adapter's tensors land in the sharded eval model.
+    import dataclasses
+
+    from ringtrain.eval.entry import load_model_for_eval
+
+    eval_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adapter=str(out)))
+    model, _ = load_model_for_eval(eval_cfg, dims)
+    return trained, get_model_state_dict(model.lm, options=options)
 
 
 FRESH = """
@@ -166,7 +177,9 @@ def test_exported_adapter_and_merged_model_reproduce_the_trained_logits(tmp_path
                  "checkpoint.export_merged=true", "peft.target_modules=[q_proj, v_proj, down_proj]"]
     cfg = _cfg(tmp_path / "run", *overrides)
     out = tmp_path / "run" / "final_model"
-    trained = run_distributed(_train_and_export, 2, cfg, str(out), timeout=300)[0]
+    trained, evaluated_sp = run_distributed(_train_and_export, 2, cfg, str(out), True, timeout=300)[0]
+    assert evaluated_sp.keys() == trained.keys()
+    assert all(torch.equal(evaluated_sp[k], trained[k]) for k in trained)
     assert {"adapter_config.json", "adapter_model.safetensors", "base_model.json"} <= {p.name for p in out.iterdir()}
     assert not list(out.glob("model*.safetensors"))  # no base weights in an adapter folder
     # The trained model in one process: the base from its folder, the trained tensors over it.
