@@ -1,4 +1,4 @@
-"""The `ringtrain` command: validate, train, eval, rope, plan. A user mistake prints a message and exits 2, no traceback."""
+"""The `ringtrain` command: validate, train, eval, rope, plan, data. A user mistake prints a message and exits 2, no traceback."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", default="cuda", help="cuda (default) or cpu: the dtype 'auto' resolves to and the "
                                                      "kernels' buffers")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
+    d = add("data", "print the first packed sequences of rank 0's stream with the loss-bearing tokens marked, and "
+                    "each source's samples and tokens (no model is built)")
+    d.add_argument("--show", type=int, default=2, metavar="N", help="sequences to print (default 2)")
+    d.add_argument("--samples", type=int, default=100, metavar="M",
+                   help="sequences over which each source's samples and tokens are counted (default 100)")
+    d.add_argument("--json", default=None, metavar="FILE", help="also write {samples: [{text, loss_spans, "
+                                                                "document_ids}], sources: {name: {samples, tokens}}}")
     return parser
 
 
@@ -49,7 +56,9 @@ def _load(args: argparse.Namespace, world_size: int | None):
     from ringtrain.validate import load_validated_config
 
     # plan reads shapes only: a model folder with just its config.json (not downloaded yet) can be planned.
-    return load_validated_config(args.config, args.overrides, world_size=world_size, weights=args.command != "plan")
+    # `data` builds no model: its weights need not be there either.
+    return load_validated_config(args.config, args.overrides, world_size=world_size,
+                                 weights=args.command not in ("plan", "data"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +104,27 @@ def main(argv: list[str] | None = None) -> int:
                             host_memory_gib=args.host_memory_gib)
             sys.stdout.write(text)
             return rc
+        if args.command == "data":
+            import json
+
+            from ringtrain.data.view import data_view
+            from ringtrain.log import setup_logging
+
+            if args.show < 0 or args.samples < 0:
+                raise ConfigError([f"--show={args.show} and --samples={args.samples} must be >= 0"])
+            from ringtrain.data.checks import data_file_problems
+
+            cfg = _load(args, None)
+            problems = data_file_problems(cfg.data)  # as `train` checks the files before it loads them
+            if problems:
+                raise ConfigError(problems)
+            setup_logging()
+            text, report = data_view(cfg, args.show, args.samples, color=sys.stdout.isatty())
+            sys.stdout.write(text)
+            if args.json:
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump(report, f, ensure_ascii=False)
+            return 0
         if args.command == "train":
             from ringtrain.train.trainer import train
 

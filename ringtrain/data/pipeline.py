@@ -305,6 +305,9 @@ def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelD
     Sources with records (chat, instruction) keep every document whole (the whole mixture is then placed best-fit);
     text sources follow data.split_documents. Batches of the packed dataset count each source's tokens.
     """
+    if (cfg.path or cfg.format != "auto" or cfg.source != "passkey") and (mesh is None or mesh.rank == 0):
+        logger.info("data.sources is set: data.source=%r, data.path=%r and data.format=%r are ignored (each source "
+                    "names its own)", cfg.source, cfg.path, cfg.format)
     names = [source_name(e) for e in cfg.sources]
     weights = np.asarray([float(e.get("weight", 1.0)) for e in cfg.sources])
     subs = [source_config(cfg, e) for e in cfg.sources]
