@@ -379,6 +379,24 @@ def _write_side_files(lm: nn.Module, folder: Path, tokenizer: Any, dtype: torch.
         custom_object_save(lm, folder, config=config)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+        apply_special_tokens(folder, tokenizer)
+
+
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def apply_special_tokens(folder: Path, tokenizer: Any) -> None:
+    """Make config.json and generation_config.json name the tokenizer's own bos / eos / pad ids (null where it has
+    none). A model built from a config alone keeps its family's defaults (Llama's bos=1, eos=2), which another
+    tokenizer gives other meanings: the byte tokenizer's 2 is <unk>, so generate() would never stop at EOS."""
+    ids = {key: getattr(tokenizer, key, None) for key in SPECIAL_TOKEN_KEYS}
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        data.update(ids)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _export_gathered(lm: nn.Module, out_dir: Path, tokenizer: Any, rank: int, record: dict[str, Any] | None) -> None:
@@ -395,6 +413,7 @@ def _export_gathered(lm: nn.Module, out_dir: Path, tokenizer: Any, rank: int, re
         lm.save_pretrained(tmp, state_dict=full)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            apply_special_tokens(tmp, tokenizer)
         if record is not None:
             (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         replace_folder(tmp, out_dir)
