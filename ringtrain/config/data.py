@@ -105,6 +105,10 @@ class DataConfig:
     """source='passkey': share of documents whose needle sits exactly at depth 0 or 1 (half each), the rest at
     uniform depths. Uniform depths almost never put the needle right before the question (the shortest
     needle-question distance), which is where a RoPE-scaled model has the most to relearn. 0: all uniform."""
+    streaming: bool = False
+    """Read the files / hub dataset as a datasets IterableDataset and pack on the fly: no converted or tokenized
+    copy on disk, and a resume continues from the reader's saved position. Sequences come in stream order (needs
+    shuffle=false: shuffle the corpus on disk); records are placed whole in order rather than best-fit. One source."""
     sources: list[dict[str, Any]] = field(default_factory=list)
     """A weighted mixture instead of data.source/path/format: a list of {name, weight, path, ...} mappings, each
     taking any of source, path, subset, split, format, text_field, text_sample_by, messages_field, prompt_field,
@@ -167,6 +171,8 @@ class DataConfig:
         for name, allowed in (("loss_on", LOSS_ON), ("overlong", OVERLONG)):
             if getattr(self, name) not in allowed:
                 problems.append((name, f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"))
+        if self.streaming:
+            problems += _streaming_problems(self)
         if self.sources:
             problems += self._source_problems()
         elif self.format in RECORD_FORMATS:
@@ -212,6 +218,21 @@ class DataConfig:
             problems.append(("sources", f"sources weights are all zero ({weights}): give at least one source a "
                                         "weight > 0"))
         return problems
+
+
+def _streaming_problems(cfg: DataConfig) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if cfg.sources:
+        problems.append(("streaming", "streaming=true reads one source: mixtures (data.sources) are drawn in memory; "
+                                      "set streaming=false or give one data.path"))
+    elif cfg.source == "passkey":
+        problems.append(("streaming", "streaming=true reads files or a hub dataset; source='passkey' is generated"))
+    if cfg.shuffle:
+        problems.append(("shuffle", "shuffle=true cannot be streamed (the order of all sequences is drawn at once): "
+                                    "set data.shuffle=false and shuffle the corpus on disk, or data.streaming=false"))
+    if "[" in cfg.split:
+        problems.append(("split", f"split={cfg.split!r}: a streamed split cannot be sliced; give the split name"))
+    return problems
 
 
 def _record_format_problems(cfg: DataConfig) -> list[tuple[str, str]]:

@@ -349,8 +349,16 @@ def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelD
 def build_dataloader(
     cfg: DataConfig, *, seq_len: int, batch_size: int, mesh: ParallelDims | None = None, tokenizer: Any | None = None,
     dataset: PackedDataset | None = None,
-) -> PackedDataLoader:
-    """The loader of this rank: `batch_size` sequences per step, DP slice from `mesh` (dp_rank, dp_size)."""
+) -> PackedDataLoader | Any:
+    """The loader of this rank: `batch_size` sequences per step, DP slice from `mesh` (dp_rank, dp_size); with
+    data.streaming a `StreamingLoader` (data/streaming.py)."""
+    if cfg.streaming and dataset is None:
+        from ringtrain.data.streaming import StreamingLoader
+
+        check_data_config(cfg)
+        dp_rank, dp_size = (mesh.dp_rank, mesh.dp_size) if mesh is not None else (0, 1)
+        return StreamingLoader(cfg, tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer), seq_len,
+                               batch_size, dp_rank=dp_rank, dp_size=dp_size)
     dataset = dataset if dataset is not None else build_packed_dataset(cfg, seq_len, tokenizer, mesh)
     dp_rank, dp_size = (mesh.dp_rank, mesh.dp_size) if mesh is not None else (0, 1)
     return PackedDataLoader(dataset, batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed,

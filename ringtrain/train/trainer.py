@@ -261,7 +261,8 @@ class Trainer:
             record["aux_loss"] = self.aux_loss
         # data.sources: each source's tokens in this step's global batch and since the run began (padding excluded).
         dataset = getattr(self.loader, "dataset", None)
-        counts = dataset.source_tokens(np.concatenate(seen)) if hasattr(dataset, "source_tokens") else {}
+        known = hasattr(dataset, "source_tokens") and all(s is not None for s in seen)
+        counts = dataset.source_tokens(np.concatenate(seen)) if known else {}
         for name, count in counts.items():
             self.source_tokens[name] = self.source_tokens.get(name, 0) + count
             record[f"tokens/{name}"] = count
