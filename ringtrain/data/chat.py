@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from ringtrain.config.data import DataConfig
 from ringtrain.data.tokenizer import encode, is_byte_tokenizer
+from ringtrain.errors import ConfigError
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -149,3 +151,20 @@ class EncodeRecords:
         if not completion:
             return None, f"have an empty {completion_field!r} field (nothing to train on)"
         return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
+
+
+def chat_template_of(cfg: DataConfig, tokenizer: Any) -> str | None:
+    """The chat template format='chat' renders with: data.chat_template's file, else the tokenizer's own (refused
+    in one line when neither exists)."""
+    if cfg.chat_template:
+        try:
+            with open(cfg.chat_template, encoding="utf-8") as f:
+                return f.read()
+        except OSError as err:
+            raise ConfigError([f"data.chat_template={cfg.chat_template!r}: cannot read it ({err.strerror}): give a "
+                               "Jinja template file, or '' for the tokenizer's own"]) from None
+    if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError([f"data.format='chat' needs a chat template, and data.tokenizer={cfg.tokenizer!r} has none: "
+                           "set data.chat_template to a Jinja template file, or use a tokenizer that ships one "
+                           "(an instruct model's)"])
+    return None

@@ -124,26 +124,9 @@ def _flat_column(ds: Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
     return arr.flatten().to_numpy(zero_copy_only=False), lengths
 
 
-def chat_template_of(cfg: DataConfig, tokenizer: Any) -> str | None:
-    """The chat template format='chat' renders with: data.chat_template's file, else the tokenizer's own (refused
-    in one line when neither exists)."""
-    if cfg.chat_template:
-        try:
-            with open(cfg.chat_template, encoding="utf-8") as f:
-                return f.read()
-        except OSError as err:
-            raise ConfigError([f"data.chat_template={cfg.chat_template!r}: cannot read it ({err.strerror}): give a "
-                               "Jinja template file, or '' for the tokenizer's own"]) from None
-    if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError([f"data.format='chat' needs a chat template, and data.tokenizer={cfg.tokenizer!r} has none: "
-                           "set data.chat_template to a Jinja template file, or use a tokenizer that ships one "
-                           "(an instruct model's)"])
-    return None
-
-
 def encode_records(ds: Dataset, tokenizer: Any, cfg: DataConfig) -> Dataset:
     """format chat / instruction: each record -> input_ids, loss_mask, problem (data/chat.py), cached by datasets."""
-    from ringtrain.data.chat import EncodeRecords
+    from ringtrain.data.chat import EncodeRecords, chat_template_of
 
     template = chat_template_of(cfg, tokenizer)
     fields = (cfg.messages_field,) if cfg.format == "chat" else (cfg.prompt_field, cfg.completion_field)

@@ -53,8 +53,7 @@ class StreamingLoader:
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, seq_len: int, batch_size: int, *, dp_rank: int = 0,
                  dp_size: int = 1) -> None:
-        from ringtrain.data.chat import EncodeRecords
-        from ringtrain.data.pipeline import chat_template_of
+        from ringtrain.data.chat import EncodeRecords, chat_template_of
 
         self.cfg, self.tokenizer, self.seq_len = cfg, tokenizer, seq_len
         self.batch_size, self.dp_rank, self.dp_size = batch_size, dp_rank, dp_size
