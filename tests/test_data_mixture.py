@@ -132,3 +132,37 @@ def test_mixture_order_is_the_same_after_sigterm_and_resume(tmp_path):
     ref = [tuple(r[k] for k in keys) for r in _records(tmp_path / "ref")]
     got = [tuple(r[k] for k in keys) for r in _records(tmp_path / "stop")]
     assert len(ref) == 60 and got == ref  # the same sequences step by step (and so the same losses, bitwise)
+
+
+def test_long_documents_upsampled_within_their_source(tmp_path, caplog):
+    from ringtrain.data.pipeline import build_packed_dataset
+
+    chat_lengths = []
+    for line in open(SOURCES[0]["path"]):
+        chat_lengths.append(len("".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n"
+                                        for m in __import__("json").loads(line)["messages"]).encode()))
+    threshold = int(np.median(chat_lengths))
+    n_long = sum(n >= threshold for n in chat_lengths)
+    sources = [{**SOURCES[0], "weight": 1, "long_tokens": threshold, "long_upsample": 3}, {**SOURCES[1], "weight": 1}]
+    per_pass = 3 * n_long + (24 - n_long)  # documents in one pass over the chat source
+    cfg = DataConfig(sources=sources, num_samples=2 * 4 * per_pass, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level("INFO"):
+        packed = build_packed_dataset(cfg, 1024)
+    # 4 whole passes over chat: each long conversation drawn exactly 12 times, each short one 4 times.
+    ends = (packed.input_ids == 1) & (packed.source_ids == 0)
+    rows, cols = np.nonzero(ends)
+    lengths = []
+    for r, c in zip(rows, cols, strict=True):
+        start = c
+        while start > 0 and packed.segments[r, start - 1] == packed.segments[r, c]:
+            start -= 1
+        lengths.append(c - start)
+    lengths = np.asarray(lengths)
+    assert len(lengths) == 4 * per_pass
+    assert int((lengths >= threshold).sum()) == 12 * n_long
+    lines = [m for m in caplog.messages if m.startswith("data upsampling: chat: documents of >=")]
+    assert len(lines) == 1 and f"({n_long} of 24) upsampled x3" in lines[0]
+
+    single = DataConfig(source="files", path=SOURCES[0]["path"], format="chat", long_tokens=threshold,
+                        long_upsample=2, cache_dir=str(tmp_path / "cache"))
+    assert build_packed_dataset(single, 1024).num_documents == 24 + n_long

@@ -16,7 +16,7 @@ LOSS_ON = ("assistant", "all")
 OVERLONG = ("drop", "error")
 # Keys a data.sources entry may set: its own name and weight, and the per-source subset of DataConfig's keys.
 SOURCE_KEYS = ("name", "weight", "source", "path", "subset", "split", "format", "text_field", "text_sample_by",
-               "messages_field", "prompt_field", "completion_field")
+               "messages_field", "prompt_field", "completion_field", "long_tokens", "long_upsample")
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 FILLERS = ("repeat", "random")
 # The synthetic tasks: the one list of their names, here so that loading a config does not import the generators
@@ -105,6 +105,13 @@ class DataConfig:
     """source='passkey': share of documents whose needle sits exactly at depth 0 or 1 (half each), the rest at
     uniform depths. Uniform depths almost never put the needle right before the question (the shortest
     needle-question distance), which is where a RoPE-scaled model has the most to relearn. 0: all uniform."""
+    long_tokens: int = 0
+    """Length-aware sampling (Fu et al., 2024: upsample long documents within each source, keep the source mix):
+    documents of at least this many tokens enter each pass over their source long_upsample times. 0: off.
+    The effect on the token mix is logged at start."""
+    long_upsample: float = 1.0
+    """With long_tokens: how many times a long document is drawn per pass over its source (a fraction is a seeded
+    coin per document and pass: 2.5 = 2 or 3 times)."""
     streaming: bool = False
     """Read the files / hub dataset as a datasets IterableDataset and pack on the fly: no converted or tokenized
     copy on disk, and a resume continues from the reader's saved position. Sequences come in stream order (needs
@@ -112,7 +119,7 @@ class DataConfig:
     sources: list[dict[str, Any]] = field(default_factory=list)
     """A weighted mixture instead of data.source/path/format: a list of {name, weight, path, ...} mappings, each
     taking any of source, path, subset, split, format, text_field, text_sample_by, messages_field, prompt_field,
-    completion_field (the rest of data.* is shared). name defaults to the path; weight (default 1) is the source's
+    completion_field, long_tokens, long_upsample (the rest of data.* is shared). name defaults to the path; weight (default 1) is the source's
     share of the data.num_samples documents drawn, in a seeded order. Empty: the single source data.source."""
     answer_loss_fraction: float = 0.0
     """source='passkey': share of each document's loss carried by its answer tokens, through per-token
@@ -168,6 +175,11 @@ class DataConfig:
         if not 0.0 <= self.answer_loss_fraction < 1.0:
             problems.append(("answer_loss_fraction", f"answer_loss_fraction={self.answer_loss_fraction} must be in "
                                                      "[0, 1): e.g. 0.5 for half of the loss on the answer"))
+        if self.long_tokens < 0:
+            problems.append(("long_tokens", f"long_tokens={self.long_tokens} must be >= 0 (0 = no upsampling)"))
+        if not self.long_upsample > 0:
+            problems.append(("long_upsample", f"long_upsample={self.long_upsample} must be > 0 (e.g. 3 draws each long "
+                                              "document three times per pass)"))
         for name, allowed in (("loss_on", LOSS_ON), ("overlong", OVERLONG)):
             if getattr(self, name) not in allowed:
                 problems.append((name, f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"))
@@ -232,6 +244,9 @@ def _streaming_problems(cfg: DataConfig) -> list[tuple[str, str]]:
                                     "set data.shuffle=false and shuffle the corpus on disk, or data.streaming=false"))
     if "[" in cfg.split:
         problems.append(("split", f"split={cfg.split!r}: a streamed split cannot be sliced; give the split name"))
+    if cfg.long_tokens > 0 and cfg.long_upsample != 1.0:
+        problems.append(("long_upsample", "long_upsample cannot be streamed (a pass over the source is drawn at "
+                                          "once): set data.streaming=false, or long_tokens=0"))
     return problems
 
 

@@ -219,10 +219,17 @@ def build_packed_dataset(
                               document_mask=cfg.document_mask, answer_masks=masks,
                               answer_loss_fraction=cfg.answer_loss_fraction)
     docs = source_documents(cfg, seq_len, tokenizer, mesh)
+    flat, lengths, loss, eos_loss = docs.flat, docs.lengths, docs.loss, docs.eos_loss
+    if cfg.long_tokens > 0 and cfg.long_upsample != 1.0:  # long documents repeated in place, file order kept
+        index = np.repeat(np.arange(len(docs.lengths)), long_repeats(docs.lengths, cfg, [cfg.seed, 26, 0, 0]))
+        flat, lengths, loss, eos_loss = gather_documents([docs], np.zeros_like(index), index)
+        if mesh is None or mesh.rank == 0:
+            logger.info("data upsampling: " + describe_upsampling(cfg.path, cfg, docs, index, 1.0)
+                        .replace("; 100.0% -> %s of all tokens", ""))
     # Records (chat, instruction) stay whole (validated), placed best-fit.
-    return pack_documents((docs.flat, docs.lengths), seq_len, eos_id, pad_id,
+    return pack_documents((flat, lengths), seq_len, eos_id, pad_id,
                           split_documents=split_documents and cfg.format not in RECORD_FORMATS,
-                          document_mask=cfg.document_mask, loss_masks=docs.loss, eos_loss=docs.eos_loss)
+                          document_mask=cfg.document_mask, loss_masks=loss, eos_loss=eos_loss)
 
 
 class SourceDocuments:
@@ -266,20 +273,68 @@ def mixture_counts(weights: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
-def mixture_draws(counts: np.ndarray, sizes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def long_repeats(lengths: np.ndarray, cfg: DataConfig, key: list[int]) -> np.ndarray:
+    """How many times each document enters one pass over its source: data.long_upsample for documents of at least
+    data.long_tokens tokens (a fraction is a seeded coin per document and pass), 1 for the others."""
+    repeats = np.ones(len(lengths), dtype=np.int64)
+    if cfg.long_tokens <= 0 or cfg.long_upsample == 1.0:
+        return repeats
+    long = lengths >= cfg.long_tokens
+    whole, frac = int(cfg.long_upsample), cfg.long_upsample - int(cfg.long_upsample)
+    coins = np.random.default_rng([*key, 7]).random(len(lengths)) < frac
+    repeats[long] = whole + coins[long]
+    return repeats
+
+
+def mixture_draws(counts: np.ndarray, sizes: np.ndarray, seed: int,
+                  lengths: list[np.ndarray] | None = None, cfgs: list[DataConfig] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """(source, document index) of each drawn document, in a seeded order that depends only on (seed, counts,
     sizes): the sources interleaved by a permutation, each source's documents taken in passes over seeded
-    permutations of it (a small source with a large weight repeats its documents, each once per pass)."""
+    permutations of it (a small source with a large weight repeats its documents, each once per pass; with
+    `lengths` and `cfgs`, long documents enter a pass `long_repeats` times)."""
     rng = np.random.default_rng([seed, 26])
     source = rng.permutation(np.repeat(np.arange(len(counts)), counts))
     index = np.empty(len(source), dtype=np.int64)
     for s, (n, size) in enumerate(zip(counts.tolist(), sizes.tolist(), strict=True)):
         if n == 0:
             continue
-        passes = -(-n // size)
-        perm = np.concatenate([np.random.default_rng([seed, 26, s, p]).permutation(size) for p in range(passes)])
-        index[source == s] = perm[:n]
+        order, p = [], 0
+        while sum(len(o) for o in order) < n:
+            pass_ = np.arange(size)
+            if lengths is not None and cfgs is not None:
+                pass_ = np.repeat(pass_, long_repeats(lengths[s], cfgs[s], [seed, 26, s, p]))
+            order.append(np.random.default_rng([seed, 26, s, p]).permutation(pass_))
+            p += 1
+        index[source == s] = np.concatenate(order)[:n]
     return source, index
+
+
+def gather_documents(docs: list[SourceDocuments], source: np.ndarray, index: np.ndarray,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """(flat tokens, lengths, flat loss mask or None, EOS loss per document) of the documents (source, index)."""
+    pieces, losses, lengths, eos_loss = [], [], [], np.empty(len(source), dtype=bool)
+    any_loss = any(d.loss is not None for d in docs)
+    for k, (s, i) in enumerate(zip(source.tolist(), index.tolist(), strict=True)):
+        d = docs[s]
+        a, b = d.offsets[i], d.offsets[i + 1]
+        pieces.append(d.flat[a:b])
+        lengths.append(b - a)
+        if any_loss:
+            losses.append(d.loss[a:b] if d.loss is not None else np.ones(b - a, dtype=bool))
+        eos_loss[k] = d.eos_loss
+    flat = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+    return flat, np.asarray(lengths, dtype=np.int64), np.concatenate(losses) if any_loss else None, eos_loss
+
+
+def describe_upsampling(name: str, cfg: DataConfig, docs: SourceDocuments, index: np.ndarray, before: float) -> str:
+    """One line: the share of a source's tokens in long documents, and the source's share of all tokens, without and
+    with data.long_upsample (`before`: the source's expected share without it)."""
+    long = docs.lengths >= cfg.long_tokens
+    share = lambda idx: docs.lengths[idx][long[idx]].sum() / max(docs.lengths[idx].sum(), 1)  # noqa: E731
+    return (f"{name}: documents of >= {cfg.long_tokens} tokens ({int(long.sum())} of {len(long)}) upsampled "
+            f"x{cfg.long_upsample:g}: {100 * share(np.arange(len(long))):.1f}% -> {100 * share(index):.1f}% of its "
+            f"tokens; {100 * before:.1f}% -> %s of all tokens")
 
 
 def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelDims | None) -> PackedDataset:
@@ -301,24 +356,13 @@ def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelD
     if empty:
         raise ConfigError([f"data.sources {n!r} has no document left (all dropped or empty): give it data, or "
                            "weight 0" for n in empty], agreed=True)
-    source, index = mixture_draws(counts, sizes, cfg.seed)
-    pieces, losses, lengths, eos_loss = [], [], [], np.empty(len(source), dtype=bool)
-    any_loss = any(d.loss is not None for d in docs)
-    for k, (s, i) in enumerate(zip(source.tolist(), index.tolist(), strict=True)):
-        d = docs[s]
-        a, b = d.offsets[i], d.offsets[i + 1]
-        pieces.append(d.flat[a:b])
-        lengths.append(b - a)
-        if any_loss:
-            losses.append(d.loss[a:b] if d.loss is not None else np.ones(b - a, dtype=bool))
-        eos_loss[k] = d.eos_loss
+    source, index = mixture_draws(counts, sizes, cfg.seed, [d.lengths for d in docs], subs)
+    flat, lengths, loss, eos_loss = gather_documents(docs, source, index)
     whole = any(sub.format in RECORD_FORMATS for sub in subs)
     split_documents = False if whole else (cfg.split_documents if cfg.split_documents is not None else True)
-    flat = np.concatenate(pieces).astype(np.int32)
-    packed = pack_documents((flat, np.asarray(lengths, dtype=np.int64)), seq_len, tokenizer.eos_token_id,
-                            pad_id_of(tokenizer), split_documents=split_documents, document_mask=cfg.document_mask,
-                            loss_masks=np.concatenate(losses) if any_loss else None, eos_loss=eos_loss,
-                            document_sources=source)
+    packed = pack_documents((flat, lengths), seq_len, tokenizer.eos_token_id, pad_id_of(tokenizer),
+                            split_documents=split_documents, document_mask=cfg.document_mask, loss_masks=loss,
+                            eos_loss=eos_loss, document_sources=source)
     packed.source_names = names
     if mesh is None or mesh.rank == 0:
         tokens = packed.source_tokens(np.arange(len(packed)))
@@ -326,6 +370,12 @@ def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelD
         logger.info("data mixture of %d documents: %s", cfg.num_samples, "; ".join(
             f"{n}: weight {w:g}, {c} documents ({z} distinct), {tokens[n]} tokens ({100 * tokens[n] / total:.1f}%)"
             for n, w, c, z in zip(names, weights, counts, sizes, strict=True)))
+        # What long-document upsampling did to the mix, against the tokens expected from uniform draws.
+        expected = np.asarray([c * d.lengths.mean() for c, d in zip(counts, docs, strict=True)])
+        for s, (n, sub) in enumerate(zip(names, subs, strict=True)):
+            if sub.long_tokens > 0 and sub.long_upsample != 1.0:
+                line = describe_upsampling(n, sub, docs[s], index[source == s], expected[s] / expected.sum())
+                logger.info("data upsampling: " + line.replace("%s", f"{100 * tokens[n] / total:.1f}%"))
     return packed
 
 
