@@ -43,7 +43,9 @@ def test_a_diverged_run_gives_up_with_one_line(tmp_path: Path) -> None:
         # The loss is finite here: the warning must not call it non-finite.
         assert re.fullmatch(rf"step {n}: non-finite gradient norm \(nan\); the loss [\d.]+ is finite: update skipped "
                             rf"\({n - 1} in a row, {n - 1} of {n} steps so far\)", line), line
-    assert re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", log) == ["1", "1"], log
+    # Every rank exits 1, except that torchrun SIGTERMs (-15) a rank still exiting once the first has.
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", log)
+    assert len(codes) == 2 and "1" in codes and set(codes) <= {"1", "-15"}, log
     assert "Traceback" not in log.split("error: ")[0], log
     assert not (out / "checkpoints").exists() and not (out / "final_model").exists()
     assert not (out / ".ringtrain.lock").exists()
