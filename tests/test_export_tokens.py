@@ -45,3 +45,19 @@ def test_export_names_the_tokenizers_special_tokens(tmp_path, family):
         loaded.lm_head.weight[tokenizer.eos_token_id] = hidden.sign() * 10
         out_ids = loaded.generate(prompt, max_new_tokens=5, do_sample=False)
     assert out_ids[0, 3:].tolist() == [tokenizer.eos_token_id]
+
+
+def test_tokenizer_auto_is_the_models_own(tmp_path, caplog):
+    from ringtrain.data.tokenizer import tokenizer_name
+
+    folder = save_chat_tokenizer("qwen2", tmp_path / "model")
+    assert tokenizer_name("auto", folder) == folder
+    assert tokenizer_name("auto", None) == "bytes"
+    assert tokenizer_name("auto", "Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # a hub name: its own tokenizer
+    assert tokenizer_name("bytes", folder) == "bytes" and tokenizer_name(folder, None) == folder
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with caplog.at_level("WARNING"):
+        assert tokenizer_name("auto", str(bare)) == "bytes"
+    assert any("holds no tokenizer files: using the byte tokenizer" in m for m in caplog.messages)
+    assert len(build_tokenizer(tokenizer_name("auto", folder))) == 400

@@ -65,8 +65,9 @@ class DataConfig:
     counted) is 'drop'ped and counted in one warning line, or is an 'error' (exit 2). Records are never cut."""
     text_sample_by: str = "paragraph"
     """Text files: what one document is: a 'line', a blank-line separated 'paragraph', or the whole 'document'."""
-    tokenizer: str = "bytes"
-    """'bytes' (transformers' ByT5Tokenizer: 1 byte = 1 token, 384 ids, needs no files) or a tokenizer folder / name."""
+    tokenizer: str = "auto"
+    """'auto' (the model's own tokenizer when model.path is set, else 'bytes'), 'bytes' (transformers' ByT5Tokenizer:
+    1 byte = 1 token, 384 ids, needs no files, with a chat template) or a tokenizer folder / hub name."""
     num_proc: int = 1
     """Worker processes for tokenization (datasets' map); results are cached, so only the first run pays."""
     cache_dir: str | None = None
@@ -150,7 +151,7 @@ class DataConfig:
         if not self.text_field:
             problems.append(("text_field", "text_field='' must name the column holding the text, e.g. 'text'"))
         if not self.tokenizer:
-            problems.append(("tokenizer", "tokenizer='' must be 'bytes' or a tokenizer folder / name"))
+            problems.append(("tokenizer", "tokenizer='' must be 'auto', 'bytes' or a tokenizer folder / name"))
         if self.num_proc < 1:
             problems.append(("num_proc", f"num_proc={self.num_proc} must be >= 1 (1 = tokenize in this process)"))
         if self.num_samples < 1:

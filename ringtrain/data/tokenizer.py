@@ -20,12 +20,32 @@ BYTES_CHAT_TEMPLATE = (
 )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_name(data_tokenizer: str, model_path: str | None) -> str:
+    """data.tokenizer resolved against model.path: 'auto' is the model's own tokenizer when model.path is set (a
+    folder holding tokenizer files, or a hub name), else 'bytes'; any other value is itself."""
+    import os
+
+    if data_tokenizer != "auto":
+        return data_tokenizer
+    if model_path and (not os.path.isdir(model_path) or
+                       any(os.path.exists(os.path.join(model_path, f)) for f in TOKENIZER_FILES)):
+        return model_path
+    if model_path:
+        logger.warning("data.tokenizer=auto: model.path=%s holds no tokenizer files: using the byte tokenizer (set "
+                       "data.tokenizer to the model's tokenizer folder)", model_path)
+    return "bytes"
+
+
 def build_tokenizer(name: str = "bytes") -> Any:
-    """'bytes' -> transformers' ByT5Tokenizer() (no files needed); otherwise AutoTokenizer from a folder or name.
+    """'bytes' (or 'auto' without a model: see `tokenizer_name`) -> transformers' ByT5Tokenizer() (no files needed),
+    with a chat template; otherwise AutoTokenizer from a folder or name.
 
     The returned tokenizer must define an EOS token: the packer separates documents with it.
     """
-    if name == "bytes":
+    if name in ("bytes", "auto"):
         from transformers import ByT5Tokenizer
 
         tok = ByT5Tokenizer()

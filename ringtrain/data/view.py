@@ -93,9 +93,9 @@ def rank_zero_stream(cfg: TrainConfig, tokenizer: Any) -> PackedDataLoader:
 def data_view(cfg: TrainConfig, show: int, samples: int, *, color: bool = False) -> tuple[str, dict[str, Any]]:
     """(the printed view, the JSON report) of the first `show` sequences of rank 0's stream and the sources' counts
     over its first `samples` sequences."""
-    from ringtrain.data.tokenizer import build_tokenizer
+    from ringtrain.data.tokenizer import build_tokenizer, tokenizer_name
 
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    tokenizer = build_tokenizer(tokenizer_name(cfg.data.tokenizer, cfg.model.path))
     loader = rank_zero_stream(cfg, tokenizer)
     indices: list[int] = []
     while len(indices) < max(show, samples):

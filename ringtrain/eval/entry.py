@@ -186,7 +186,9 @@ def run_eval(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.threads)
     dims = init_distributed(cfg.parallel)  # no documents in evaluation: layout auto is zigzag
     try:
-        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        from ringtrain.data.tokenizer import tokenizer_name
+
+        tokenizer = build_tokenizer(tokenizer_name(cfg.data.tokenizer, cfg.model.path))
         model, step = load_model_for_eval(cfg, dims)
         results = Evaluator(cfg, tokenizer, dims).run(model.lm, step=step, fsdp_root=model)
         results["model"] = cfg.model.path or cfg.model.arch

@@ -429,7 +429,10 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = Non
     from ringtrain.train.optim import build_optimizer, build_scheduler
 
     tcfg = cfg.train
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    from ringtrain.data.tokenizer import tokenizer_name
+
+    tokenizer_id = tokenizer_name(cfg.data.tokenizer, cfg.model.path)  # 'auto': the model's own
+    tokenizer = build_tokenizer(tokenizer_id)
     # Parallelised on the meta device, then each rank materialises and loads only its shards.
     model = build_model(cfg, dims, "train")
     lm = model.lm
@@ -440,7 +443,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = Non
                               tokenizer=tokenizer)
     # What the run trains on, recorded in every checkpoint: a resume on other data or tokens is refused.
     fingerprints = {"data": data_fingerprint(cfg.data, loader.dataset),
-                    "tokenizer": tokenizer_fingerprint(cfg.data.tokenizer, tokenizer)}
+                    "tokenizer": tokenizer_fingerprint(tokenizer_id, tokenizer)}
     checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, dims, run_id=run_id,
                                     run_meta={"fingerprints": fingerprints})
     return Trainer(cfg, dims, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
