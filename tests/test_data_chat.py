@@ -206,3 +206,17 @@ def test_bad_chat_records_are_counted_one_line_each(tmp_path):
     plain.save_pretrained(tmp_path / "plain")  # a base model's tokenizer: no template
     with pytest.raises(ConfigError, match=r"data.format='chat' needs a chat template, and data.tokenizer=.* has none"):
         _packed(tmp_path, str(tmp_path / "plain"), 1024)
+
+
+def test_records_a_template_refuses_are_counted(tmp_path):
+    """Templates that raise (Mistral-style alternation checks) make a record problem, not a traceback."""
+    template = tmp_path / "alternating.jinja"
+    template.write_text(
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    with pytest.raises(ConfigError) as err:  # every sample conversation with a system prompt breaks alternation
+        _packed(tmp_path, "bytes", 1024, chat_template=str(template))
+    assert err.value.problems == [
+        f"data.path='{CHAT}': 16 of 24 records are refused by the chat template (Conversation roles must alternate "
+        "user/assistant/user/assistant/...) (record 0 first, counting from 0): fix or remove them"]

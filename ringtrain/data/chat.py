@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from jinja2.exceptions import TemplateError
 
 from ringtrain.config.data import DataConfig
 from ringtrain.data.tokenizer import encode, is_byte_tokenizer
@@ -112,7 +113,7 @@ class EncodeRecords:
         for i in range(n):
             try:
                 text, spans = self.record(batch, i)
-            except (ValueError, TypeError) as err:  # a record the template refuses (raise_exception), or not prefix
+            except (ValueError, TypeError, TemplateError) as err:  # refused by the template (raise_exception)
                 text, spans = None, str(err) if isinstance(err, TemplateNotPrefixError) else \
                     f"are refused by the chat template ({err})"
             if text is None:
