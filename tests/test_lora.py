@@ -275,6 +275,18 @@ def test_adapter_of_another_base_is_refused_before_any_rank_works(tmp_path):
     # The base it was trained on validates.
     assert load_validated_config(str(ROOT / "configs" / "tiny_lora.yaml"), [
         *cmd[5:], f"model.path={base_a}"]).model.adapter == str(out)
+    # An adapter with options the `peft:` section cannot express (another scale) is refused, not applied wrongly.
+    import json
+    import shutil
+
+    other = tmp_path / "rslora"
+    shutil.copytree(out, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    assert _problems(tmp_path / "x", f"model.path={base_a}", "model.arch=null", "model.config={}",
+                     f"model.adapter={other}") == [
+        f"model.adapter='{other}' uses use_rslora, which ringtrain does not apply: evaluate it with peft directly, "
+        "or export it merged (merge_and_unload) and point model.path at that folder"]
 
 
 # --------------------------------------------------------------------------------------------------

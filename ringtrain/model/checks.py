@@ -243,7 +243,7 @@ def _lora_problems(peft: Any, lm: torch.nn.Module) -> list[str]:
     except Exception as e:  # noqa: BLE001 - whatever peft raises, the user gets one line
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if message.startswith("peft.trainable_modules"):
-            own = [n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if n and any(m.parameters(recurse=False))]
+            own = [n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if n and next(m.parameters(False), None) is not None]
             return [f"{message}: use embeddings, norms, or its modules' names ({', '.join(dict.fromkeys(own))})"]
         module = re.match(r"Target module (\w+)", message)
         what = f"its {module.group(1)} modules" if module else "these modules"
@@ -276,6 +276,14 @@ def _adapter_folder_problems(cfg: TrainConfig, lm: torch.nn.Module) -> list[str]
         return [f"{where}: its {ADAPTER_CONFIG} cannot be read ({_reason(e)})"]
     if peft_config.get("peft_type") != "LORA":
         return [f"{where} holds a {peft_config.get('peft_type')} adapter: only LoRA adapters are supported"]
+    # What the `peft:` section cannot express would be applied wrongly (another scale, other ranks): refused.
+    unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                               "target_parameters", "trainable_token_indices") if peft_config.get(k)]
+    if peft_config.get("bias", "none") != "none":
+        unsupported.append(f"bias={peft_config['bias']}")
+    if unsupported:
+        return [f"{where} uses {', '.join(unsupported)}, which ringtrain does not apply: evaluate it with peft "
+                "directly, or export it merged (merge_and_unload) and point model.path at that folder"]
     trained_on = peft_config.get("base_model_name_or_path")
     fix = f"point model.path at the base model it was trained on{f' ({trained_on})' if trained_on else ''}"
     if identity is not None:
