@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,14 +52,15 @@ def test_streaming_resume_is_exact_and_starts_at_the_saved_record(tmp_path):
     for _ in range(3):
         next(first)
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint keeps survives JSON too
-    assert state["reader"] is not None and "shard_example_idx" in json.dumps(state["reader"])
+    assert state["readers"] is not None and "shard_example_idx" in json.dumps(state["readers"])
     expected = [next(first) for _ in range(12)]  # across the end of the stream
     assert first.epoch >= 1
     resumed = _loader(tmp_path, True, path="chat.jsonl", fmt="chat", seq_len=1024)
     resumed.load_state_dict(state)
     read = []
-    original = resumed._encode
-    resumed._encode = lambda record, k: (read.append(record["id"]), original(record, k))[1]
+    source = resumed.sources[0]
+    original = source._encode
+    source._encode = lambda record, k: (read.append(record["id"]), original(record, k))[1]
     for want in expected:
         _equal(next(resumed), want)
     # The resumed reader starts at the saved document, not at the stream's beginning.
@@ -83,3 +85,34 @@ def test_streamed_chat_carries_loss_on_assistant_turns_only(tmp_path):
                     assert bytes(run).decode() in expected
                     run, seen = [], seen + 1
     assert seen > 10
+
+
+def test_streamed_mixture_shares_and_resume(tmp_path):
+    from ringtrain.data import build_tokenizer
+    from ringtrain.data.streaming import StreamingLoader
+
+    sources = [{"name": "chat", "path": os.path.join(SAMPLES, "chat.jsonl"), "format": "chat", "weight": 3},
+               {"name": "instruction", "path": os.path.join(SAMPLES, "instruction.jsonl"), "format": "instruction",
+                "weight": 1}]
+    cfg = DataConfig(sources=sources, num_samples=40, shuffle=False, streaming=True)
+
+    def loader():
+        return StreamingLoader(cfg, build_tokenizer("bytes"), 1024, 2, dp_rank=1, dp_size=2)
+
+    first = loader()
+    documents, tokens = np.zeros(2, dtype=np.int64), {"chat": 0, "instruction": 0}
+    while first.draws < 400:  # ten blocks of 40 draws, every source read several times over
+        next(first)
+        part = first.last_part
+        ends = (part.input_ids == 1) & (part.source_ids >= 0)
+        documents += np.bincount(part.source_ids[ends].astype(np.int64), minlength=2)
+        for name, n in first.last_source_tokens().items():
+            tokens[name] += n
+    np.testing.assert_allclose(documents / documents.sum(), [0.75, 0.25], atol=0.02)
+    assert tokens["chat"] > tokens["instruction"] > 0
+    state = json.loads(json.dumps(first.state_dict()))
+    expected = [next(first) for _ in range(6)]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    for want in expected:
+        _equal(next(resumed), want)

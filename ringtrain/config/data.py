@@ -116,7 +116,8 @@ class DataConfig:
     streaming: bool = False
     """Read the files / hub dataset as a datasets IterableDataset and pack on the fly: no converted or tokenized
     copy on disk, and a resume continues from the reader's saved position. Sequences come in stream order (needs
-    shuffle=false: shuffle the corpus on disk); records are placed whole in order rather than best-fit. One source."""
+    shuffle=false: shuffle the corpus on disk); records are placed whole in order rather than best-fit. With
+    data.sources each source is a stream, drawn in blocks of num_samples documents with the weights' exact shares."""
     sources: list[dict[str, Any]] = field(default_factory=list)
     """A weighted mixture instead of data.source/path/format: a list of {name, weight, path, ...} mappings, each
     taking any of source, path, subset, split, format, text_field, text_sample_by, messages_field, prompt_field,
@@ -235,20 +236,23 @@ class DataConfig:
 
 def _streaming_problems(cfg: DataConfig) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    if cfg.sources:
-        problems.append(("streaming", "streaming=true reads one source: mixtures (data.sources) are drawn in memory; "
-                                      "set streaming=false or give one data.path"))
-    elif cfg.source == "passkey":
+    if not cfg.sources and cfg.source == "passkey":
         problems.append(("streaming", "streaming=true reads files or a hub dataset; source='passkey' is generated"))
     if cfg.shuffle:
         problems.append(("shuffle", "shuffle=true cannot be streamed (the order of all sequences is drawn at once): "
                                     "set data.shuffle=false and shuffle the corpus on disk, or data.streaming=false"))
     if "[" in cfg.split:
         problems.append(("split", f"split={cfg.split!r}: a streamed split cannot be sliced; give the split name"))
-    if cfg.long_tokens > 0 and cfg.long_upsample != 1.0:
+    upsampled = [cfg] + [e for e in cfg.sources if isinstance(e, dict)]
+    if any(_get(e, "long_tokens", 0) > 0 and _get(e, "long_upsample", 1.0) != 1.0 for e in upsampled):
         problems.append(("long_upsample", "long_upsample cannot be streamed (a pass over the source is drawn at "
                                           "once): set data.streaming=false, or long_tokens=0"))
     return problems
+
+
+def _get(obj: Any, key: str, default: Any) -> Any:
+    value = obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
 def _record_format_problems(cfg: DataConfig) -> list[tuple[str, str]]:
@@ -277,7 +281,7 @@ def source_config(cfg: DataConfig, entry: dict[str, Any]) -> DataConfig:
 
     keys = {k: v for k, v in entry.items() if k not in ("name", "weight")}
     keys.setdefault("source", "files")
-    return replace(cfg, sources=[], **keys)
+    return replace(cfg, sources=[], streaming=False, **keys)  # streaming is the mixture's, checked on it
 
 
 def split_paths(path: str) -> list[str]:

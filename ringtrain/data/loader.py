@@ -85,6 +85,10 @@ class PackedDataLoader:
         self.index += self.global_batch
         return self.dataset.batch(indices)
 
+    def last_source_tokens(self) -> dict[str, int]:
+        """Each source's tokens in the last step's global batch (every DP rank's sequences); {} without a mixture."""
+        return self.dataset.source_tokens(self.last_global_indices)
+
     def state_dict(self) -> dict[str, Any]:
         """The exact position, identical on every rank: the next batch is the one after these."""
         return {

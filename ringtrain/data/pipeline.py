@@ -11,6 +11,7 @@ from ringtrain.config.data import RECORD_FORMATS, DataConfig, check_data_config,
 from ringtrain.data.checks import data_file_problems
 from ringtrain.data.files import non_empty_files, resolve_files
 from ringtrain.data.loader import PackedDataLoader
+from ringtrain.data.mixture import long_repeats, mixture_counts, mixture_draws
 from ringtrain.data.packing import PackedDataset, pack_documents
 from ringtrain.data.synthetic import generate_passkey_documents
 from ringtrain.data.tokenizer import build_tokenizer, encode_bytes, is_byte_tokenizer, pad_id_of
@@ -263,53 +264,6 @@ def source_documents(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: Parall
     return SourceDocuments(flat, lengths, None, True)
 
 
-def mixture_counts(weights: np.ndarray, total: int) -> np.ndarray:
-    """Documents per source out of `total`, proportional to `weights` (largest remainders: the counts sum to
-    `total` and each is within one of its exact share)."""
-    exact = weights / weights.sum() * total
-    counts = np.floor(exact).astype(np.int64)
-    short = total - int(counts.sum())
-    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
-    return counts
-
-
-def long_repeats(lengths: np.ndarray, cfg: DataConfig, key: list[int]) -> np.ndarray:
-    """How many times each document enters one pass over its source: data.long_upsample for documents of at least
-    data.long_tokens tokens (a fraction is a seeded coin per document and pass), 1 for the others."""
-    repeats = np.ones(len(lengths), dtype=np.int64)
-    if cfg.long_tokens <= 0 or cfg.long_upsample == 1.0:
-        return repeats
-    long = lengths >= cfg.long_tokens
-    whole, frac = int(cfg.long_upsample), cfg.long_upsample - int(cfg.long_upsample)
-    coins = np.random.default_rng([*key, 7]).random(len(lengths)) < frac
-    repeats[long] = whole + coins[long]
-    return repeats
-
-
-def mixture_draws(counts: np.ndarray, sizes: np.ndarray, seed: int,
-                  lengths: list[np.ndarray] | None = None, cfgs: list[DataConfig] | None = None,
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(source, document index) of each drawn document, in a seeded order that depends only on (seed, counts,
-    sizes): the sources interleaved by a permutation, each source's documents taken in passes over seeded
-    permutations of it (a small source with a large weight repeats its documents, each once per pass; with
-    `lengths` and `cfgs`, long documents enter a pass `long_repeats` times)."""
-    rng = np.random.default_rng([seed, 26])
-    source = rng.permutation(np.repeat(np.arange(len(counts)), counts))
-    index = np.empty(len(source), dtype=np.int64)
-    for s, (n, size) in enumerate(zip(counts.tolist(), sizes.tolist(), strict=True)):
-        if n == 0:
-            continue
-        order, p = [], 0
-        while sum(len(o) for o in order) < n:
-            pass_ = np.arange(size)
-            if lengths is not None and cfgs is not None:
-                pass_ = np.repeat(pass_, long_repeats(lengths[s], cfgs[s], [seed, 26, s, p]))
-            order.append(np.random.default_rng([seed, 26, s, p]).permutation(pass_))
-            p += 1
-        index[source == s] = np.concatenate(order)[:n]
-    return source, index
-
-
 def gather_documents(docs: list[SourceDocuments], source: np.ndarray, index: np.ndarray,
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """(flat tokens, lengths, flat loss mask or None, EOS loss per document) of the documents (source, index)."""
@@ -381,18 +335,18 @@ def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelD
 
 def build_dataloader(
     cfg: DataConfig, *, seq_len: int, batch_size: int, mesh: ParallelDims | None = None, tokenizer: Any | None = None,
-    dataset: PackedDataset | None = None,
+    dataset: PackedDataset | None = None, dp_size: int | None = None,
 ) -> PackedDataLoader | Any:
-    """The loader of this rank: `batch_size` sequences per step, DP slice from `mesh` (dp_rank, dp_size); with
-    data.streaming a `StreamingLoader` (data/streaming.py)."""
+    """The loader of this rank: `batch_size` sequences per step, DP slice from `mesh` (dp_rank, dp_size; without a
+    mesh DP rank 0 of `dp_size`, default 1); with data.streaming a `StreamingLoader` (data/streaming.py)."""
     if cfg.streaming and dataset is None:
         from ringtrain.data.streaming import StreamingLoader
 
         check_data_config(cfg)
-        dp_rank, dp_size = (mesh.dp_rank, mesh.dp_size) if mesh is not None else (0, 1)
+        dp_rank, dp_size = (mesh.dp_rank, mesh.dp_size) if mesh is not None else (0, dp_size or 1)
         return StreamingLoader(cfg, tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer), seq_len,
                                batch_size, dp_rank=dp_rank, dp_size=dp_size)
     dataset = dataset if dataset is not None else build_packed_dataset(cfg, seq_len, tokenizer, mesh)
-    dp_rank, dp_size = (mesh.dp_rank, mesh.dp_size) if mesh is not None else (0, 1)
+    dp_rank, dp_size = (mesh.dp_rank, mesh.dp_size) if mesh is not None else (0, dp_size or 1)
     return PackedDataLoader(dataset, batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed,
                             shuffle=cfg.shuffle)

@@ -77,17 +77,25 @@ def source_counts(dataset: PackedDataset, indices: np.ndarray, default_name: str
     return out
 
 
-def rank_zero_stream(cfg: TrainConfig, tokenizer: Any) -> PackedDataLoader:
+def rank_zero_stream(cfg: TrainConfig, tokenizer: Any) -> Any:
     """The loader rank 0 of a run of this config reads (DP rank 0 of parallel.dp_size, 1 when automatic)."""
-    from ringtrain.data.pipeline import build_dataloader, build_packed_dataset
+    from ringtrain.data.pipeline import build_dataloader
 
-    dataset = build_packed_dataset(cfg.data, cfg.train.seq_len, tokenizer)
-    loader = build_dataloader(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch_size,
-                              dataset=dataset)
-    if cfg.parallel.dp_size > 1:
-        loader = PackedDataLoader(dataset, cfg.train.micro_batch_size, dp_rank=0, dp_size=cfg.parallel.dp_size,
-                                  seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    return loader
+    return build_dataloader(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch_size,
+                            tokenizer=tokenizer, dp_size=max(cfg.parallel.dp_size, 1))
+
+
+def rank_zero_sequences(loader: Any, n: int) -> list[tuple[PackedDataset, int]]:
+    """(packed data, row) of the first `n` sequences rank 0 takes from `loader`, cached or streamed."""
+    out: list[tuple[PackedDataset, int]] = []
+    while len(out) < n:
+        next(loader)
+        if isinstance(loader, PackedDataLoader):
+            start = loader.index - loader.global_batch  # rank 0's slice of the step just taken
+            out += [(loader.dataset, int(i)) for i in loader.order(loader.epoch)[start: start + loader.batch_size]]
+        else:  # streamed: the step's global batch, whose first rows are rank 0's
+            out += [(loader.last_part, i) for i in range(loader.batch_size)]
+    return out[:n]
 
 
 def data_view(cfg: TrainConfig, show: int, samples: int, *, color: bool = False) -> tuple[str, dict[str, Any]]:
@@ -96,15 +104,9 @@ def data_view(cfg: TrainConfig, show: int, samples: int, *, color: bool = False)
     from ringtrain.data.tokenizer import build_tokenizer, tokenizer_name
 
     tokenizer = build_tokenizer(tokenizer_name(cfg.data.tokenizer, cfg.model.path))
-    loader = rank_zero_stream(cfg, tokenizer)
-    indices: list[int] = []
-    while len(indices) < max(show, samples):
-        next(loader)
-        start = loader.index - loader.global_batch  # rank 0's slice of the step just taken
-        indices += loader.order(loader.epoch)[start: start + loader.batch_size].tolist()
-    dataset = loader.dataset
+    sequences = rank_zero_sequences(rank_zero_stream(cfg, tokenizer), max(show, samples))
     lines, shown = [], []
-    for k, i in enumerate(indices[:show]):
+    for k, (dataset, i) in enumerate(sequences[:show]):
         batch = dataset.batch([i])
         ids = batch["input_ids"][0].tolist()
         real = int(batch["attention_mask"][0].sum())
@@ -113,11 +115,16 @@ def data_view(cfg: TrainConfig, show: int, samples: int, *, color: bool = False)
         spans = loss_spans(valid, starts)
         docs = batch["document_ids"][0].tolist()
         shown.append({"text": text, "loss_spans": spans, "document_ids": docs[:real]})
-        lines.append(f"--- sequence {k} (#{i} of {len(dataset)}): {real} tokens, {int(valid.sum())} with loss, "
+        lines.append(f"--- sequence {k}: {real} tokens, {int(valid.sum())} with loss, "
                      f"{len(set(docs[:real]))} document(s), {len(ids) - real} padding")
         lines.append(mark(text, spans, color))
     default = cfg.data.path or cfg.data.source
-    counts = source_counts(dataset, np.asarray(indices[:samples], dtype=np.int64), default)
+    counts: dict[str, dict[str, int]] = {}
+    for dataset, i in sequences[:samples]:
+        for name, c in source_counts(dataset, np.asarray([i]), default).items():
+            mine = counts.setdefault(name, {"samples": 0, "tokens": 0})
+            mine["samples"] += c["samples"]
+            mine["tokens"] += c["tokens"]
     total = max(sum(c["tokens"] for c in counts.values()), 1)
     lines.append(f"--- sources over the first {samples} sequences of rank 0's stream:")
     for name, c in counts.items():

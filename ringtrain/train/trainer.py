@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -219,10 +218,12 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         tcfg, dims = self.cfg.train, self.dims
         t0 = time.perf_counter()
-        micro, seen = [], []
+        micro, counts = [], {}
         for _ in range(tcfg.grad_accum_steps):
             micro.append(next(self.loader))
-            seen.append(getattr(self.loader, "last_global_indices", None))  # None: a loader of another kind
+            # data.sources: each source's tokens in this global batch (a loader of another kind counts none).
+            for name, n in getattr(self.loader, "last_source_tokens", dict)().items():
+                counts[name] = counts.get(name, 0) + n
         loss = self.forward_backward(micro)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         # The norm of what trains (with LoRA: the adapters and peft.trainable_modules; frozen weights have no grad).
@@ -260,9 +261,6 @@ class Trainer:
         if self.aux_loss is not None:
             record["aux_loss"] = self.aux_loss
         # data.sources: each source's tokens in this step's global batch and since the run began (padding excluded).
-        dataset = getattr(self.loader, "dataset", None)
-        known = hasattr(dataset, "source_tokens") and all(s is not None for s in seen)
-        counts = dataset.source_tokens(np.concatenate(seen)) if known else {}
         for name, count in counts.items():
             self.source_tokens[name] = self.source_tokens.get(name, 0) + count
             record[f"tokens/{name}"] = count
