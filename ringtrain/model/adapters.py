@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -207,7 +208,8 @@ def peft_key(name: str) -> str:
 def export_adapter(lm: nn.Module, cfg: AdapterConfig, out_dir: str | os.PathLike, identity: dict[str, Any],
                    base_path: str | None, tokenizer: Any = None) -> None:
     """Write the trained adapters and trainable modules of `lm` (sharded or not) as a peft adapter folder;
-    collective. Only the trainable tensors are gathered (on rank 0, one at a time, to CPU), never the base model.
+    collective. Only the trainable tensors are gathered, into rank 0's host memory (one tensor on the device at a
+    time); the base model never is.
 
     Trainable base modules become peft's `modules_to_save`. With a tied output head (lm_head = embed_tokens), a
     trained embedding also trains the head: the head is saved as a module of its own, so peft, which gives the
@@ -230,8 +232,6 @@ def export_adapter(lm: nn.Module, cfg: AdapterConfig, out_dir: str | os.PathLike
             tensors[peft_key(f"{head_name}.weight")] = tensors[peft_key(f"{embed_name}.weight")].clone()
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -240,8 +240,6 @@ def export_adapter(lm: nn.Module, cfg: AdapterConfig, out_dir: str | os.PathLike
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out_dir.exists():
-            import shutil
-
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
         logger.info("exported the adapter (%d tensors, %d modules trained in full) to %s", len(tensors),
