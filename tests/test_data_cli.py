@@ -67,3 +67,18 @@ def test_bad_data_is_one_line_each_exit_2(tmp_path, capsys):
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")] == [
         f"error: data.sources[0] ({nothing}): data.messages_field='messages' is not in any of the first 100 records of "
         f"{nothing}: choose one of text, or leave the file out of data.path"]
+
+
+def test_template_less_tokenizer_with_chat_is_one_line_exit_2(tmp_path, capsys):
+    from chat_tokenizers import save_chat_tokenizer
+
+    folder = tmp_path / "base"
+    save_chat_tokenizer("qwen2", folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)  # a base model's tokenizer: no template
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert _run(tmp_path, f"data.tokenizer={folder}", f"data.sources=[{{path: {CHAT}, format: chat}}]") == 2
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")] == [
+        f"error: data.format='chat' needs a chat template, and data.tokenizer='{folder}' has none: set "
+        "data.chat_template to a Jinja template file, or use a tokenizer that ships one (an instruct model's)"]
