@@ -116,3 +116,13 @@ def test_streamed_mixture_shares_and_resume(tmp_path):
     resumed.load_state_dict(state)
     for want in expected:
         _equal(next(resumed), want)
+
+
+def test_a_streamed_position_is_not_resumed_by_the_cached_loader_or_back(tmp_path):
+    streamed, cached = _loader(tmp_path, True), _loader(tmp_path, False)
+    next(streamed)
+    next(cached)
+    with pytest.raises(ValueError, match=r"a stream's \(data.streaming=true\): resume with the data.streaming"):
+        cached.load_state_dict(streamed.state_dict())
+    with pytest.raises(ValueError, match="of the cached pipeline, not data.streaming=true"):
+        streamed.load_state_dict(cached.state_dict())

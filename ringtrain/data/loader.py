@@ -98,6 +98,9 @@ class PackedDataLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; refuses a dataset or seed that would make the position mean other sequences."""
+        if state.get("streaming"):
+            raise ValueError("the checkpoint's data position is a stream's (data.streaming=true): resume with the "
+                             "data.streaming it was written with")
         problems = []
         for key, mine in (("seed", self.seed), ("shuffle", self.shuffle), ("num_sequences", len(self.dataset))):
             if state[key] != mine:
