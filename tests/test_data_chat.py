@@ -73,12 +73,14 @@ def _check_documents(tok, family, batch, valid_of_token, expected) -> int:
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama3"])
-def test_loss_mask_equals_assistant_spans_of_a_real_template(tmp_path, family):
+def test_loss_mask_equals_assistant_spans_of_a_real_template(tmp_path, family, caplog):
     from ringtrain.data import build_tokenizer
 
     folder = save_chat_tokenizer(family, tmp_path / family)
     tok = build_tokenizer(folder)
-    packed = _packed(tmp_path, folder, 512)
+    with caplog.at_level("WARNING"):
+        packed = _packed(tmp_path, folder, 512)
+    assert not [m for m in caplog.messages if "cross an assistant turn's boundary" in m]  # no token straddles
     batch = packed.batch(range(len(packed)))
     valid = batch["labels"] != IGNORE_INDEX
     assert _check_documents(tok, family, batch, valid, _expected(tok, family)) == 24
