@@ -1,7 +1,7 @@
 """The shipped family configs train through `ringtrain train` under torchrun (2 ranks, SP=2, gloo, FSDP2): gpt-oss
 (sinks, windows, MoE balancing loss), DeepSeek V3 (MLA, as Ulysses) and Gemma 2 (attention and final-logit
-soft-capping) match the same config in one process step by step (loss, gradient norm, aux_loss); Gemma 3 and OLMo 3
-(per-layer-type RoPE kept by rope.method=none) train two steps.
+soft-capping) match the same config in one process step by step (loss, gradient norm, aux_loss), and so does gpt-oss
+at DP=2; Gemma 3 and OLMo 3 (per-layer-type RoPE kept by rope.method=none) train two steps.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ COMPARED = ("gpt_oss", "deepseek_v3", "gemma2")
 RTOL = 1e-5  # measured: <= 3.7e-7 over both steps
 
 
-def _torchrun(name: str, out: Path) -> list[dict]:
+def _torchrun(name: str, out: Path, *overrides: str, run: str | None = None) -> list[dict]:
+    run_dir = out / (run or name)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ringtrain.cli",
-           "train",
-           str(ROOT / "configs" / "families" / f"{name}_tiny.yaml"), f"train.output_dir={out / name}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+           "train", str(ROOT / "configs" / "families" / f"{name}_tiny.yaml"), f"train.output_dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return _metrics(out / name)
+    return _metrics(run_dir)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -37,18 +37,23 @@ import sys
 from ringtrain.train.trainer import train
 from ringtrain.validate import load_validated_config
 
-for name in sys.argv[2:]:
-    cfg = load_validated_config(f"configs/families/{name}_tiny.yaml", [f"train.output_dir={sys.argv[1]}/{name}_one",
-                                "parallel.sp_size=1", "parallel.ulysses_size=1"], world_size=1)
+out, names, extra = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
+for name in names:
+    cfg = load_validated_config(f"configs/families/{name}_tiny.yaml", [f"train.output_dir={out}/{name}_one",
+                                "parallel.sp_size=1", "parallel.ulysses_size=1", *extra], world_size=1)
     train(cfg)
 """
 
 
-def test_families_train_under_torchrun_as_in_one_process(tmp_path: Path):
-    # The references share one interpreter (one import of torch and transformers for the three).
-    proc = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(tmp_path), *COMPARED], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+def _one_process(out: Path, names: tuple[str, ...], *overrides: str) -> None:
+    # The references share one interpreter (one import of torch and transformers for all of them).
+    proc = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(out), ",".join(names), *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_families_train_under_torchrun_as_in_one_process(tmp_path: Path):
+    _one_process(tmp_path, COMPARED)
     for name in COMPARED:
         sp, one = _torchrun(name, tmp_path), _metrics(tmp_path / f"{name}_one")
         assert [r["step"] for r in sp] == [r["step"] for r in one] == [1, 2], name
@@ -58,6 +63,16 @@ def test_families_train_under_torchrun_as_in_one_process(tmp_path: Path):
             for key in keys:
                 assert math.isclose(a[key], b[key], rel_tol=RTOL), (name, a["step"], key, a[key], b[key])
         assert sp[1]["loss"] < sp[0]["loss"], name
+
+
+def test_balancing_loss_over_data_parallel_ranks_equals_one_process(tmp_path: Path):
+    """DP=2 (micro-batch 2 each) against one process with micro-batch 4: the balancing loss is over the whole global
+    micro-batch, so its counts are summed over the data-parallel ranks too (aux_loss and grad norm equal)."""
+    _one_process(tmp_path, ("gpt_oss",), "train.micro_batch_size=4")
+    dp = _torchrun("gpt_oss", tmp_path, "parallel.sp_size=1", "train.micro_batch_size=2", run="gpt_oss_dp")
+    for a, b in zip(dp, _metrics(tmp_path / "gpt_oss_one"), strict=True):
+        for key in ("loss", "grad_norm", "aux_loss"):
+            assert math.isclose(a[key], b[key], rel_tol=RTOL), (a["step"], key, a[key], b[key])
 
 
 @pytest.mark.parametrize("name", ["gemma3", "olmo3"])
