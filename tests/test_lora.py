@@ -292,9 +292,9 @@ def test_adapter_of_another_base_is_refused_before_any_rank_works(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # SIGTERM and resume through real torchrun; the checkpoint's size against full fine-tuning
 
-RESUME_STEPS = 8
+RESUME_STEPS = 16  # long enough that the signal lands before the end on a fast machine too
 RESUME = [f"train.max_steps={RESUME_STEPS}", "train.seq_len=256", "train.micro_batch_size=2", "data.num_samples=64",
-          "checkpoint.every_steps=2", "checkpoint.export_merged=false", "logging.progress_bar=false"]
+          "checkpoint.every_steps=4", "checkpoint.export_merged=false", "logging.progress_bar=false"]
 
 
 def _torchrun(out: Path, *extra: str) -> subprocess.Popen:
