@@ -620,8 +620,10 @@ def _capped_kernel(q: torch.Tensor, kernel: str | LocalKernel | None, softcap: f
         chosen = KERNELS["reference"]  # the one kernel that computes the cap on every device
         if q.device.type not in _warned_softcap:
             _warned_softcap.add(q.device.type)
-            logger.info("attention soft-capping on %s: kernel 'reference' (the only one here that computes it)",
-                        q.device.type)
+            # On an accelerator this is the slow path (each block's scores materialised in fp32): say so loudly.
+            log = logger.info if q.device.type == "cpu" else logger.warning
+            log("attention soft-capping on %s: kernel 'reference' (the only one here that computes it; it holds each "
+                "block's [S_q, S_k] scores in fp32)", q.device.type)
     else:
         chosen = _select_kernel(q, kernel)
     if not hasattr(chosen, "capped"):
