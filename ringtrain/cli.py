@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             from ringtrain.data.checks import data_file_problems
 
             cfg = _load(args, None)
-            problems = data_file_problems(cfg.data)  # as `train` checks the files before it loads them
+            problems = data_file_problems(cfg.data, cfg.model.path)  # as `train` checks before it loads them
             if problems:
                 raise ConfigError(problems)
             setup_logging()

@@ -82,3 +82,9 @@ def test_template_less_tokenizer_with_chat_is_one_line_exit_2(tmp_path, capsys):
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")] == [
         f"error: data.format='chat' needs a chat template, and data.tokenizer='{folder}' has none: set "
         "data.chat_template to a Jinja template file, or use a tokenizer that ships one (an instruct model's)"]
+    # ringtrain validate finds it too, before anything is built.
+    assert main(["validate", CONFIG, f"train.output_dir={tmp_path}/run", f"data.tokenizer={folder}",
+                 f"data.sources=[{{path: {CHAT}, format: chat}}]"]) == 2
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")] == [
+        f"error: data.format='chat' needs a chat template, and data.tokenizer='{folder}' has none: set "
+        "data.chat_template to a Jinja template file, or use a tokenizer that ships one (an instruct model's)"]

@@ -8,6 +8,7 @@ file first. Each problem is one line naming the key, the value and the fix.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from ringtrain.config.data import DataConfig, source_config, source_name
 from ringtrain.data.files import non_empty_files, resolve_files
@@ -68,15 +69,42 @@ def _sampled_json_fields(path: str) -> list[str] | None:
     return list(fields)
 
 
-def data_file_problems(cfg: DataConfig) -> list[str]:
+def data_file_problems(cfg: DataConfig, model_path: str | None = None) -> list[str]:
     """What stops source='files' data from loading, found by reading the start of each file; [] otherwise.
 
     Empty files among others are fine (they are skipped); all of them empty is a problem, as is a json or parquet
-    file without data.text_field.
+    file without data.text_field, and chat data without a chat template (the tokenizer data.tokenizer names, resolved
+    against `model_path`, is loaded to see: a problem found before any model is built).
     """
+    return [*_file_problems(cfg), *chat_template_problems(cfg, model_path)]
+
+
+def chat_template_problems(cfg: DataConfig, model_path: str | None) -> list[str]:
+    """format='chat' (in data or a source) without data.chat_template needs a tokenizer with a template."""
+    from ringtrain.config.data import source_config
+
+    parts = [source_config(cfg, e) for e in cfg.sources if isinstance(e, dict)] if cfg.sources else [cfg]
+    if cfg.chat_template or not any(p.format == "chat" for p in parts):
+        return []
+    from ringtrain.data.chat import chat_template_of
+    from ringtrain.data.tokenizer import build_tokenizer, tokenizer_name
+    from ringtrain.errors import ConfigError
+
+    try:
+        tokenizer = build_tokenizer(tokenizer_name(cfg.tokenizer, model_path))
+    except Exception:  # noqa: BLE001 - a tokenizer that does not load is reported where it is built
+        return []
+    try:
+        chat_template_of(replace(cfg, format="chat"), tokenizer)
+    except ConfigError as err:
+        return err.problems
+    return []
+
+
+def _file_problems(cfg: DataConfig) -> list[str]:
     if cfg.sources:
         return [f"data.sources[{i}] ({source_name(e)}): {p}" for i, e in enumerate(cfg.sources)
-                for p in data_file_problems(source_config(cfg, e))]
+                for p in _file_problems(source_config(cfg, e))]
     if cfg.source != "files":
         return []
     try:

@@ -51,7 +51,7 @@ def path_problems(cfg: TrainConfig) -> list[str]:
     """What `ringtrain validate` checks beyond the config itself, changing nothing: output folder, local data."""
     from ringtrain.data.checks import data_file_problems
 
-    return [*output_dir_problems(cfg.train.output_dir, write=False), *data_file_problems(cfg.data)]
+    return [*output_dir_problems(cfg.train.output_dir, write=False), *data_file_problems(cfg.data, cfg.model.path)]
 
 
 def check_before_training(cfg: TrainConfig, mesh: ParallelDims) -> str:
@@ -76,7 +76,7 @@ def check_before_training(cfg: TrainConfig, mesh: ParallelDims) -> str:
             raise ConfigError(problems)
         lock = acquire(cfg.train.output_dir, new_run_id())
         try:
-            problems += [*data_file_problems(cfg.data),
+            problems += [*data_file_problems(cfg.data, cfg.model.path),
                          *CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh).run_folder_problems()]
             if problems:
                 raise ConfigError(problems)
