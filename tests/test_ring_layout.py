@@ -122,7 +122,8 @@ def _qkv(b=1, s=8, h=4, hkv=2, d=16, **kw):
     [
         (lambda: _qkv(s=7), r"sequence length 7 x world 1 = 7 is not a multiple of 2 .*pad the sequence to 8"),
         (lambda: _qkv(h=4, hkv=3), r"q heads \(4\) are not a multiple of k/v heads \(3\)"),
-        (lambda: (_qkv()[0], _qkv()[1], _qkv(d=8)[2]), r"k shape \(1, 8, 2, 16\) != v shape \(1, 8, 2, 8\)"),
+        (lambda: (_qkv()[0], _qkv()[1], _qkv(hkv=1)[2]),
+         r"k shape \(1, 8, 2, 16\) and v shape \(1, 8, 1, 16\) differ in \[B, S_local, H_kv\]"),
         (lambda: (_qkv(d=8)[0], *_qkv()[1:]), r"head_dim of q \(8\) != head_dim of k \(16\)"),
         (lambda: (_qkv(b=2)[0], *_qkv()[1:]), r"batch size of q \(2\) != batch size of k \(1\)"),
         (lambda: (_qkv(s=4)[0], *_qkv()[1:]), r"local sequence length of q \(4\) != local sequence length of k \(8\)"),

@@ -215,5 +215,5 @@ def test_killed_rank_fails_the_job_fast_and_is_named(slurm_cluster: SlurmCluster
     log = job.log_text()
     # torchrun's summary names the rank that died first; the survivor names itself and the collective error.
     assert re.search(r"Root Cause.*?rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", log, re.S), log
-    assert re.search(r"\[rank 0\] ERROR ringtrain\.trainer: rank 0 failed: \w+Error: .*gloo", log), log
+    assert re.search(r"\[rank 0\] ERROR ringtrain\.train\.trainer: rank 0 failed: \w+Error: .*gloo", log), log
     assert not (job.out / "final_model").exists()
