@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ("gpt_oss", "deepseek_v3", "gemma2")
 RTOL = 1e-5  # measured: <= 3.7e-7 over both steps
+EXIT_RACE = "terminate called without an active exception"
 
 
 def _torchrun(name: str, out: Path, *overrides: str, run: str | None = None) -> list[dict]:
@@ -24,6 +27,15 @@ def _torchrun(name: str, out: Path, *overrides: str, run: str | None = None) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ringtrain.cli",
            "train", str(ROOT / "configs" / "families" / f"{name}_tiny.yaml"), f"train.output_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0 and EXIT_RACE in log and "done: step 2/2" in log:
+        # A rank aborted at interpreter exit after the run had finished: the gloo exit race that
+        # parallel.distributed.teardown_distributed describes, seen here twice in about twenty runs under load. Not what
+        # this test is about, so it runs once more (with a warning); any other failure fails it.
+        warnings.warn(f"{name}: a rank aborted at exit after finishing ({EXIT_RACE!r}); running it once more",
+                      stacklevel=2)
+        shutil.rmtree(run_dir)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return _metrics(run_dir)
 
