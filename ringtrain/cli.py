@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             from ringtrain.train.trainer import train
 
             cfg = _load(args, env_world)
+            if cfg.model.adapter is not None:  # never ignored silently: training would start from the base alone
+                raise ConfigError([f"model.adapter={cfg.model.adapter!r} is read by `ringtrain eval` only: training "
+                                   "does not continue from a saved adapter; unset it (model.adapter=null)"])
             trainer = train(cfg)
             return EXIT_STOPPED if trainer.stopped_by_signal else 0
     except ConfigError as e:

@@ -413,3 +413,19 @@ def test_planner_counts_only_what_trains(tmp_path):
     step = lora["moments"]["optimizer step"]
     assert step == (shape.params + 4 * shape.trained) * 4 / 2  # params, grads, 2 states, step temp: fp32 over 2
     assert lora["peak_bytes"] < ft["peak_bytes"]
+
+
+def test_training_refuses_model_adapter_instead_of_ignoring_it(tmp_path, monkeypatch, capsys):
+    """model.adapter is read by `ringtrain eval`; a training run would start from the base alone: refused, exit 2."""
+    import dataclasses
+
+    from ringtrain import cli
+    from ringtrain.validate import load_validated_config
+
+    cfg = load_validated_config(ROOT / "configs" / "tiny_lora.yaml", [f"train.output_dir={tmp_path}"])
+    with_adapter = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adapter=str(tmp_path / "adapter")))
+    monkeypatch.setattr(cli, "_load", lambda args, world: with_adapter)  # the folder checks are validate's own tests
+    assert cli.main(["train", str(ROOT / "configs" / "tiny_lora.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is read by `ringtrain eval` only" in err[0], err
+    assert not (tmp_path / "checkpoints").exists()
