@@ -4,8 +4,9 @@
 # ranks: intra-node) gives it the U x S/(R x U) = S/R tokens of its ring shard for H/U heads (USP's layout, see
 # layout.py), the ring driver attends over the R ring ranks exactly as it does without Ulysses (R = 1: one plain
 # kernel call over the whole sequence), and a second all-to-all returns the output to the sequence shards. Backward
-# is the same two all-to-alls in reverse. Q, K and V travel in one all-to-all (their heads packed per destination),
-# and dQ, dK, dV in one; the buffers are the only copies (with micro-batch 1; B > 1 adds one transpose copy).
+# is the same two all-to-alls in reverse. Q, K and V travel in three all-to-alls posted at once (each then reaches
+# the kernel contiguous), dQ, dK, dV in one (their heads packed per destination); the buffers are the only copies
+# (with micro-batch 1; B > 1 adds one transpose copy).
 #
 # K/V heads: with H_kv % U == 0 each rank gets H_kv/U of them, matching its H/U query heads. With U > H_kv (few KV
 # heads, the peers' most common complaint) each KV head is replicated only U/H_kv times (not H/H_kv) before the
@@ -113,7 +114,10 @@ def _fold_replicas(g: torch.Tensor, copies: int) -> torch.Tensor:
 
 
 class _QKVToHeads(torch.autograd.Function):
-    """Sequence shards -> whole ring shard for this rank's heads: one all-to-all for q, k and v."""
+    """Sequence shards -> whole ring shard for this rank's heads: q, k and v in three all-to-alls posted together, so
+    that each arrives as its own contiguous [B, S_ring, H_i / U, D_i] tensor (with B == 1: the receive buffer itself)
+    rather than as a strided view of one packed (q, k, v) row: the CPU flash op read a 1-head K/V 2% slower that
+    way (docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, q, k, v, comm: AllToAllComm):
@@ -121,10 +125,9 @@ class _QKVToHeads(torch.autograd.Function):
         copies = kv_replicas(k.shape[2], u)
         sizes = [q.shape[2], k.shape[2] * copies, v.shape[2] * copies]
         dims = [q.shape[3], k.shape[3], v.shape[3]]
-        x = _as_sequence(comm.exchange(_pack([q, k, v], u, [1, copies, copies])))  # [B, S_ring, T]
+        recv = comm.exchange_all([_pack([t], u, [c]) for t, c in zip((q, k, v), (1, copies, copies), strict=True)])
         ctx.comm, ctx.sizes, ctx.dims, ctx.copies = comm, sizes, dims, copies
-        qh, kh, vh = _split_heads(x, [n // u for n in sizes], dims)  # [B, S_ring, H_i / U, D_i]
-        return qh, kh, vh
+        return tuple(_as_sequence(x).unflatten(-1, (n // u, d)) for x, n, d in zip(recv, sizes, dims, strict=True))
 
     @staticmethod
     @once_differentiable
