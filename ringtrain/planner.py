@@ -86,17 +86,10 @@ class ModelShape:
     head_trainable: bool = True
     """Whether the output head (lm_head) trains: its weight gradient in the loss."""
 
-    @property
-    def trained(self) -> int:
-        return self.params if self.trainable is None else self.trainable
-
-    @property
-    def layer_trained(self) -> int:
-        return self.layer_params if self.layer_trainable is None else self.layer_trainable
-
-    @property
-    def mlp_trained(self) -> int:
-        return self.mlp_params if self.mlp_trainable is None else self.mlp_trainable
+    # What trains: everything (None), or the counts an adapter run gave.
+    trained = property(lambda self: self.params if self.trainable is None else self.trainable)
+    layer_trained = property(lambda self: self.layer_params if self.layer_trainable is None else self.layer_trainable)
+    mlp_trained = property(lambda self: self.mlp_params if self.mlp_trainable is None else self.mlp_trainable)
 
     @property
     def value_dim(self) -> int:

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ringtrain.config.rules import one_of
+
 SOURCES = ("passkey", "files", "hub")
 FORMATS = ("auto", "json", "parquet", "text", "chat", "instruction")
 # Record formats: each record is one conversation / one prompt-completion pair, read from json or parquet files (or
@@ -129,8 +131,7 @@ class DataConfig:
 
     def _validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
-        if self.source not in SOURCES:
-            problems.append(("source", f"source={self.source!r} is not one of {', '.join(SOURCES)}"))
+        problems += one_of(self, "source", SOURCES)
         if self.source == "hub" and not self.path:
             problems.append(("path", "source='hub' needs data.path: a hub dataset name (or use source='files')"))
         if self.source == "files":
@@ -141,14 +142,9 @@ class DataConfig:
                 if missing:
                     problems.append(("path", f"path={self.path!r}: nothing matches {', '.join(missing)}; "
                                              "give an existing file, glob or directory"))
-        if self.document_positions not in DOCUMENT_POSITIONS:
-            problems.append(("document_positions", f"document_positions={self.document_positions!r} is not one of "
-                                                   f"{', '.join(DOCUMENT_POSITIONS)}"))
-        if self.format not in FORMATS:
-            problems.append(("format", f"format={self.format!r} is not one of {', '.join(FORMATS)}"))
-        if self.text_sample_by not in TEXT_SAMPLE_BY:
-            problems.append(("text_sample_by", f"text_sample_by={self.text_sample_by!r} is not one of "
-                                               f"{', '.join(TEXT_SAMPLE_BY)}"))
+        problems += one_of(self, "document_positions", DOCUMENT_POSITIONS)
+        problems += one_of(self, "format", FORMATS)
+        problems += one_of(self, "text_sample_by", TEXT_SAMPLE_BY)
         if not self.text_field:
             problems.append(("text_field", "text_field='' must name the column holding the text, e.g. 'text'"))
         if not self.tokenizer:
@@ -165,9 +161,7 @@ class DataConfig:
                                                    f"passkey_min_tokens={self.passkey_min_tokens}: raise it"))
         if not 1 <= self.passkey_digits <= 18:
             problems.append(("passkey_digits", f"passkey_digits={self.passkey_digits} must be in 1..18"))
-        if self.passkey_filler not in FILLERS:
-            problems.append(("passkey_filler", f"passkey_filler={self.passkey_filler!r} is not one of "
-                                               f"{', '.join(FILLERS)}"))
+        problems += one_of(self, "passkey_filler", FILLERS)
         if not self.passkey_tasks or any(t not in PASSKEY_TASKS for t in self.passkey_tasks):
             problems.append(("passkey_tasks", f"passkey_tasks={self.passkey_tasks} must be a non-empty list of "
                                               f"{', '.join(PASSKEY_TASKS)}"))
@@ -182,9 +176,7 @@ class DataConfig:
         if not self.long_upsample > 0:
             problems.append(("long_upsample", f"long_upsample={self.long_upsample} must be > 0 (e.g. 3 draws each long "
                                               "document three times per pass)"))
-        for name, allowed in (("loss_on", LOSS_ON), ("overlong", OVERLONG)):
-            if getattr(self, name) not in allowed:
-                problems.append((name, f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"))
+        problems += one_of(self, "loss_on", LOSS_ON) + one_of(self, "overlong", OVERLONG)
         if self.streaming:
             problems += _streaming_problems(self)
         if self.sources:

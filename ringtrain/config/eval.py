@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ringtrain.config.data import PASSKEY_TASKS
-from ringtrain.config.rules import at_least
+from ringtrain.config.rules import at_least, one_of
 
 # The passkey sentence in a haystack of seeded random sentences instead of the repeated filler (eval/tasks.py).
 NEEDLE_TASK = "needle"
@@ -84,14 +84,12 @@ class EvalConfig:
             problems.append(("samples_per_cell", f"samples_per_cell={self.samples_per_cell} must be >= 1"))
         if not 0 <= self.digits <= 18:
             problems.append(("digits", f"digits={self.digits} must be in 1..18, or 0 for data.passkey_digits"))
-        if self.mode not in EVAL_MODES:
-            problems.append(("mode", f"mode={self.mode!r} is not one of {', '.join(EVAL_MODES)}"))
+        problems += one_of(self, "mode", EVAL_MODES)
         if self.batch_size < 1:
             problems.append(("batch_size", f"batch_size={self.batch_size} must be >= 1"))
         if self.checkpoint is not None and not self.checkpoint.strip():
             problems.append(("checkpoint", "checkpoint='' must be a step_* folder, 'latest', or unset (null)"))
-        if self.ppl_source not in PPL_SOURCES:
-            problems.append(("ppl_source", f"ppl_source={self.ppl_source!r} is not one of {', '.join(PPL_SOURCES)}"))
+        problems += one_of(self, "ppl_source", PPL_SOURCES)
         if "perplexity" in self.tasks and not self.ppl_path:
             problems.append(("ppl_path", "ppl_path is empty but tasks includes perplexity: set eval.ppl_path to a "
                                          "text file, glob or directory (or a hub name with eval.ppl_source=hub)"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ringtrain.config.rules import one_of
+
 WANDB_MODES = ("disabled", "offline", "online")
 
 
@@ -33,8 +35,7 @@ class LoggingConfig:
 
     def _validate(self) -> list[tuple[str, str]]:
         problems = []
-        if self.wandb_mode not in WANDB_MODES:
-            problems.append(("wandb_mode", f"wandb_mode={self.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}"))
+        problems += one_of(self, "wandb_mode", WANDB_MODES)
         if self.log_every < 1:
             problems.append(("log_every", f"log_every={self.log_every} must be >= 1"))
         if self.peak_tflops < 0:

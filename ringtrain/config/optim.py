@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ringtrain.config.rules import one_of
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -40,8 +42,7 @@ class OptimConfig:
             problems.append(("eps", f"eps={self.eps} must be > 0"))
         if self.warmup_steps < 0:
             problems.append(("warmup_steps", f"warmup_steps={self.warmup_steps} must be >= 0"))
-        if self.schedule not in SCHEDULES:
-            problems.append(("schedule", f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}"))
+        problems += one_of(self, "schedule", SCHEDULES)
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(("min_lr_ratio", f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"))
         if self.grad_clip < 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ringtrain.config.rules import at_least
+from ringtrain.config.rules import at_least, one_of
 
 NONFINITE_ACTIONS = ("skip", "stop")
 LOSS_WEIGHTINGS = ("token", "sequence")
@@ -77,11 +77,8 @@ class TrainLoopConfig:
         if not 0 < self.max_nonfinite_fraction <= 1:
             problems.append(("max_nonfinite_fraction", f"max_nonfinite_fraction={self.max_nonfinite_fraction} must be "
                                                        "in (0, 1] (1 = never stop on the fraction of skipped steps)"))
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            problems.append(("loss_weighting", f"loss_weighting={self.loss_weighting!r} is not one of "
-                                               f"{', '.join(LOSS_WEIGHTINGS)}"))
-        if self.on_nonfinite not in NONFINITE_ACTIONS:
-            problems.append(("on_nonfinite", f"on_nonfinite={self.on_nonfinite!r} is not one of skip, stop"))
+        problems += one_of(self, "loss_weighting", LOSS_WEIGHTINGS)
+        problems += one_of(self, "on_nonfinite", NONFINITE_ACTIONS)
         policy = recompute_policy(self.activation_checkpointing)
         if policy is None:
             problems.append(("activation_checkpointing", f"activation_checkpointing={self.activation_checkpointing!r} "

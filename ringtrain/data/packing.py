@@ -265,21 +265,18 @@ def pack_documents(
     padding = segments < 0
     # Padding inherits the id of the document before it, +1: odd, and still below the next document's 2k + 2.
     segments = np.maximum.accumulate(segments) + padding
-    answer = None
-    if flat_answer is not None:
-        stream_answer = np.zeros(total, dtype=bool)
-        stream_answer[~is_eos] = flat_answer
-        answer = np.zeros(num_sequences * seq_len, dtype=bool)
-        answer[dest] = stream_answer
-        answer = answer.reshape(num_sequences, seq_len)
-    loss_mask = None
-    if flat_loss is not None:
-        stream_loss = np.empty(total, dtype=bool)
-        stream_loss[is_eos] = eos_loss
-        stream_loss[~is_eos] = flat_loss
-        loss_mask = np.zeros(num_sequences * seq_len, dtype=bool)
-        loss_mask[dest] = stream_loss
-        loss_mask = loss_mask.reshape(num_sequences, seq_len)
+    def to_sequences(on_tokens: np.ndarray, on_eos: bool | np.ndarray) -> np.ndarray:
+        """A flag per document token and per EOS (`on_eos`: one value, or one per document) laid out like the packed
+        sequences (False on padding)."""
+        stream = np.zeros(total, dtype=bool)
+        stream[is_eos] = on_eos
+        stream[~is_eos] = on_tokens
+        out = np.zeros(num_sequences * seq_len, dtype=bool)
+        out[dest] = stream
+        return out.reshape(num_sequences, seq_len)
+
+    answer = None if flat_answer is None else to_sequences(flat_answer, False)
+    loss_mask = None if flat_loss is None else to_sequences(flat_loss, eos_loss)
     source_ids = None
     if document_sources is not None:
         source_ids = np.full(num_sequences * seq_len, -1, dtype=np.int16)
