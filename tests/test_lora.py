@@ -248,6 +248,9 @@ def test_bad_inputs_are_one_line_each(tmp_path):
     assert line.startswith("peft.target_modules=['experts']: peft's LoRA cannot adapt its MixtralExperts modules in "
                            "MixtralForCausalLM (ValueError: Target module MixtralExperts"), line
     assert line.endswith("choose among its linear layers q_proj, k_proj, v_proj, o_proj, lm_head"), line
+    # A merged export of a model whose tensor names transformers converts: refused before training, not at its end.
+    (line,) = _problems(tmp_path, *moe[:2], "checkpoint.export_merged=true")
+    assert line.startswith("checkpoint.export_merged=true: MixtralForCausalLM converts its tensor names when saved"), line
 
 
 def _export_adapter(dims, cfg, out):

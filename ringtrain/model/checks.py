@@ -210,6 +210,13 @@ def adapter_problems(cfg: TrainConfig, lm: torch.nn.Module) -> list[str]:
     problems = []
     if cfg.peft is not None and cfg.peft.enabled and not cfg.peft._validate():
         problems += _lora_problems(cfg.peft, lm)
+        from ringtrain.model.weights import uses_key_conversion
+
+        if cfg.checkpoint.export_merged and uses_key_conversion(lm):
+            # Known before training, not after it: the export would refuse at the end of the run.
+            problems.append(f"checkpoint.export_merged=true: {type(lm).__name__} converts its tensor names when saved, "
+                            "so a merged LoRA export is not supported for it: set checkpoint.export_merged=false "
+                            "(the adapter folder is exported either way)")
     if cfg.model.adapter is not None:
         problems += _adapter_folder_problems(cfg, lm)
     return problems

@@ -295,7 +295,7 @@ def _shard_plan(state: dict[str, torch.Tensor], max_shard_bytes: int) -> dict[st
     return plan
 
 
-def _uses_key_conversion(lm: nn.Module) -> bool:
+def uses_key_conversion(lm: nn.Module) -> bool:
     """Whether transformers renames or converts this model's tensors when it saves (fused MoE experts, ...)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
 
@@ -330,10 +330,10 @@ def export_hf_folder(lm: nn.Module, out_dir: str | os.PathLike, tokenizer: Any =
     """
     out_dir = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if _uses_key_conversion(lm):
-        if state is not None:
-            raise NotImplementedError(f"{type(lm).__name__} converts its tensor names when saved: a merged LoRA "
-                                      "export is not supported for it; export the adapter (the default)")
+    if uses_key_conversion(lm):
+        if state is not None:  # `validate` refuses checkpoint.export_merged for such a model first
+            raise ValueError(f"{type(lm).__name__} converts its tensor names when saved: a merged LoRA "
+                             "export is not supported for it; export the adapter (the default)")
         _export_gathered(lm, out_dir, tokenizer, rank, record)
         return
     import torch.distributed.checkpoint as dcp
