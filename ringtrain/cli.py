@@ -149,5 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {args.command}")  # argparse guarantees a known command
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def exit_now(code: int) -> None:
+    """End a rank's process with `code` once its work is done and written: flush, then skip interpreter finalisation.
+
+    gloo's worker threads free finished collectives' tensors (broadcast_object_list's, created in Python) after the
+    caller has moved on; when one does so while the interpreter finalises, it takes the GIL from a dying runtime and
+    the process aborts ("terminate called without an active exception", -6) after a run that succeeded or a refusal
+    that every rank agreed on. teardown's barrier narrows that window; leaving without finalisation closes it. Files,
+    checkpoints and W&B are closed by then (the trainer and evaluation close them on every exit path)."""
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+if __name__ == "__main__":  # how torchrun, srun and the launch scripts start each rank
+    exit_now(main())
