@@ -8,13 +8,18 @@ entry point loads its config through `load_validated_config`, so every problem i
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 from ringtrain.config import TrainConfig, parse_config, resolve_layout, resolve_parallel_sizes
 from ringtrain.errors import ConfigError
+from ringtrain.log import get_logger
+from ringtrain.model.causal_lm import resolve_dtype
 from ringtrain.model.checks import model_problems
 from ringtrain.ring.kernels import KERNELS
 from ringtrain.ring.layout import LAYOUT_NAMES, padded_length, required_multiple
+
+logger = get_logger(__name__)
 
 
 def parallel_problems(cfg: TrainConfig, world_size: int | None = None) -> list[str]:
@@ -27,6 +32,8 @@ def parallel_problems(cfg: TrainConfig, world_size: int | None = None) -> list[s
         problems.append(f"parallel.attention_kernel={par.attention_kernel!r} is not one of auto, {', '.join(KERNELS)}")
     sp, u = par.sp_size, par.ulysses_size
     layout = resolve_layout(par, cfg.data.document_mask)
+    if u == 0:  # auto: resolve_sequence_plan chose a size unless the model could not be read (reported elsewhere)
+        return problems
     if sp >= 1 and u >= 1 and sp % u == 0 and seq_len >= 1 and layout in LAYOUT_NAMES:
         multiple = required_multiple(sp // u, layout, u)
         if seq_len % multiple:
@@ -67,6 +74,55 @@ def runtime_problems(cfg: TrainConfig, world_size: int | None = None, *, weights
     return problems + (arch or model_problems(cfg, weights=weights))
 
 
+def ranks_per_node(default: int) -> int:
+    """Ranks on this node, from torchrun or SLURM; `default` outside a launcher."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return default
+
+
+def resolve_sequence_plan(cfg: TrainConfig) -> str | None:
+    """parallel.ulysses_size=0 (auto): set it, and with parallel.layout=auto the layout too, to the cheapest exact
+    plan of the cost model (`ringtrain.ring.cost`) for the model's heads, train.seq_len, the device and the ranks per
+    node; with data.document_mask, for a typical log-normal pack (the batches are not known yet). Returns what it
+    chose and why, one line (None when there was nothing to choose, or the model cannot be read: its problem is
+    reported by the model checks)."""
+    par = cfg.parallel
+    if par.ulysses_size != 0 or cfg.train is None or par.sp_size < 1:
+        return None
+    import torch
+
+    from ringtrain.planner import model_shape
+    from ringtrain.ring.cost import DEVICE_COSTS, AttentionShape, rank_plans, typical_documents
+
+    try:
+        shape = model_shape(cfg.model)
+    except Exception:  # noqa: BLE001 - the model checks report it, with the fix
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    per_node = ranks_per_node(par.sp_size)
+    mb, seq_len = cfg.train.micro_batch_size, cfg.train.seq_len
+    docs = typical_documents(seq_len, mb) if cfg.data.document_mask else None
+    dtype_bytes = 4 if resolve_dtype(cfg.model.dtype, device) == torch.float32 else 2
+    attn = AttentionShape(mb, seq_len, shape.heads, shape.kv_heads, shape.head_dim, shape.v_head_dim or shape.head_dim,
+                          dtype_bytes)
+    layouts = None if par.layout == "auto" else (par.layout,)
+    plans = rank_plans(attn, par.sp_size, DEVICE_COSTS[device], document_ids=docs, ranks_per_node=per_node,
+                       layouts=layouts)
+    best = plans[0]
+    if best.refused:
+        return None  # no plan can run: the ulysses=1 checks name the constraint
+    par.ulysses_size = best.ulysses
+    if par.layout == "auto" and best.layout != "-":
+        par.layout = best.layout
+    others = "; ".join(p.describe() for p in plans[1:3])
+    return (f"parallel.ulysses_size=0 (auto) -> {best.ulysses}, layout {par.layout} on {par.sp_size} ranks "
+            f"({per_node} per node, {device} costs, {'a typical document pack' if docs is not None else 'one sequence'}"
+            f" of {seq_len} tokens): {best.describe()}; next: {others or 'none'}")
+
+
 def load_validated_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), world_size: int | None = None,
     *, weights: bool = True,
@@ -77,6 +133,10 @@ def load_validated_config(
     `weights=False` accepts a model.path folder that holds only config.json (`ringtrain plan` needs the shapes, not
     the weights: a model can be planned before it is downloaded)."""
     cfg, problems = parse_config(path, overrides)
+    if cfg is not None and cfg.parallel is not None and cfg.model is not None and cfg.data is not None and not problems:
+        chosen = resolve_sequence_plan(cfg)
+        if chosen:
+            logger.info("%s", chosen)
     if cfg is not None and cfg.parallel is not None and cfg.data is not None and cfg.model is not None:
         # Values are checked even when some keys were rejected (those keep their defaults), so one run of
         # `ringtrain validate` lists every problem.

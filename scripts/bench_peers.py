@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ringtrain.bench import markdown_table, run_stamp, write_json
 from ringtrain.ring import SequenceParallel
+from ringtrain.ring.cost import DEVICE_COSTS, AttentionShape, plan_cost
 from ringtrain.testing import run_distributed
 
 ROTATE_METHODS = ("alltoall", "allgather")
@@ -266,6 +267,22 @@ def summarise(per_rank: list[dict], world: int) -> dict:
     return out
 
 
+def modelled_seconds(args, case: str, name: str) -> float | None:
+    """The cost model's seconds (`ringtrain.ring.cost`, CPU constants) for a ringtrain plan or the one-process
+    baseline, to set beside the measured CPU seconds: the check that `parallel.ulysses_size: 0` chooses by figures
+    that hold."""
+    _, k, _, _, lengths = _case_inputs(args, case)
+    shape = AttentionShape(1, args.seq, args.heads, k.shape[2], args.head_dim, args.head_dim, 4)
+    docs = None if lengths is None else document_ids(lengths)
+    plans = {"SDPA, one process": (1, 1, "zigzag"), "ringtrain ring (zigzag)": (args.world, 1, "zigzag"),
+             "ringtrain ring (balanced)": (args.world, 1, "balanced"),
+             f"ringtrain Ulysses U={args.world}": (args.world, args.world, "zigzag")}
+    if name not in plans:
+        return None
+    sp, u, layout = plans[name]
+    return plan_cost(shape, sp, u, layout, DEVICE_COSTS["cpu"], docs).seconds
+
+
 def report(summary: dict, args, load: tuple[str, str]) -> str:
     lines = [f"P={args.world} gloo ranks, 1 thread each, S={args.seq}, H={args.heads}, D={args.head_dim}, fp32, causal "
              f"fwd+bwd, medians of {args.repeats} interleaved iterations; load average before / after: {load[0]} / "
@@ -273,14 +290,16 @@ def report(summary: dict, args, load: tuple[str, str]) -> str:
     rows = []
     for case, impls in summary.items():
         for name, r in impls.items():
+            model = modelled_seconds(args, case, name)
+            model = "-" if model is None else f"{model:.3f}"
             if "unavailable" in r:
-                rows.append([case, name, "-", "-", "-", "-", r["unavailable"]])
+                rows.append([case, name, "-", "-", model, "-", "-", r["unavailable"]])
             else:
-                rows.append([case, name, f"{r['wall_s']:.3f}", f"{r['cpu_s']:.3f}", f"{r['efficiency']:.3f}",
+                rows.append([case, name, f"{r['wall_s']:.3f}", f"{r['cpu_s']:.3f}", model, f"{r['efficiency']:.3f}",
                              f"{r.get('cpu_efficiency', 1.0 / args.world):.3f}",
                              f"{r['max_error']:.1e}" if "max_error" in r else "-"])
     lines.append(markdown_table(["case", "implementation", "wall s (slowest rank)", "CPU s (busiest rank)",
-                                 "efficiency (wall)", "efficiency (CPU)", "max error vs fp64"], rows))
+                                 "modelled s", "efficiency (wall)", "efficiency (CPU)", "max error vs fp64"], rows))
     return "\n".join(lines)
 
 

@@ -18,7 +18,9 @@ class ParallelConfig:
     """Sequence-parallel degree P: how many ranks share (and shard) one sequence."""
     ulysses_size: int = 1
     """Ulysses degree U (divides sp_size): consecutive ranks that exchange heads by all-to-all, so attention sees the
-    whole ring shard for H/U heads; K/V rotate around a ring of sp_size / U ranks. 1: the pure ring."""
+    whole ring shard for H/U heads; K/V rotate around a ring of sp_size / U ranks. 1: the pure ring. 0: auto, the
+    cheapest exact plan for the model's heads, train.seq_len and the devices by the cost model (ringtrain.ring.cost;
+    with parallel.layout=auto it picks the layout too), said once in the log."""
     dp_size: int = 0
     """Data-parallel degree; 0 means world_size // sp_size."""
     layout: str = "auto"
@@ -38,9 +40,10 @@ class ParallelConfig:
         problems = []
         if self.sp_size < 1:
             problems.append(("sp_size", f"sp_size={self.sp_size} must be >= 1"))
-        if self.ulysses_size < 1:
-            problems.append(("ulysses_size", f"ulysses_size={self.ulysses_size} must be >= 1 (1 = the pure ring)"))
-        elif self.sp_size >= 1 and self.sp_size % self.ulysses_size:
+        if self.ulysses_size < 0:
+            problems.append(("ulysses_size", f"ulysses_size={self.ulysses_size} must be >= 1 (1 = the pure ring), "
+                                             "or 0 for auto"))
+        elif self.ulysses_size and self.sp_size >= 1 and self.sp_size % self.ulysses_size:
             choices = [u for u in range(1, self.sp_size + 1) if self.sp_size % u == 0]
             problems.append(("ulysses_size", f"ulysses_size={self.ulysses_size} does not divide parallel.sp_size="
                                              f"{self.sp_size}: choose ulysses_size among "
@@ -64,7 +67,10 @@ def resolve_parallel_sizes(parallel: ParallelConfig, world_size: int) -> tuple[i
             f"parallel.sp_size={sp} does not divide world size {world_size}: "
             f"choose sp_size among {', '.join(map(str, divisors))}{more}"
         ])
-    if parallel.ulysses_size < 1 or sp % parallel.ulysses_size:
+    if parallel.ulysses_size < 1:
+        raise ConfigError([f"parallel.ulysses_size={parallel.ulysses_size} is not resolved: 0 (auto) is chosen by "
+                           "ringtrain.validate.load_validated_config; pass a config loaded by it, or a size >= 1"])
+    if sp % parallel.ulysses_size:
         raise ConfigError([f"parallel.ulysses_size={parallel.ulysses_size} does not divide parallel.sp_size={sp}"])
     dp = parallel.dp_size or world_size // sp
     if dp * sp != world_size:
