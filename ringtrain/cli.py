@@ -58,7 +58,8 @@ def _load(args: argparse.Namespace, world_size: int | None):
     # plan reads shapes only: a model folder with just its config.json (not downloaded yet) can be planned.
     # `data` builds no model: its weights need not be there either.
     return load_validated_config(args.config, args.overrides, world_size=world_size,
-                                 weights=args.command not in ("plan", "data"))
+                                 weights=args.command not in ("plan", "data"),
+                                 device=args.device if args.command == "plan" else None)
 
 
 def main(argv: list[str] | None = None) -> int:

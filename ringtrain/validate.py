@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from pathlib import Path
 
 from ringtrain.config import TrainConfig, parse_config, resolve_layout, resolve_parallel_sizes
 from ringtrain.errors import ConfigError
-from ringtrain.log import get_logger
 from ringtrain.model.causal_lm import resolve_dtype
 from ringtrain.model.checks import model_problems
 from ringtrain.ring.kernels import KERNELS
 from ringtrain.ring.layout import LAYOUT_NAMES, padded_length, required_multiple
-
-logger = get_logger(__name__)
 
 
 def parallel_problems(cfg: TrainConfig, world_size: int | None = None) -> list[str]:
@@ -75,7 +73,7 @@ def runtime_problems(cfg: TrainConfig, world_size: int | None = None, *, weights
 
 
 def ranks_per_node(default: int) -> int:
-    """Ranks on this node, from torchrun or SLURM; `default` outside a launcher."""
+    """Ranks on this node, from torchrun or SLURM; `default` outside a launcher (`ringtrain plan` on a laptop)."""
     for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
         value = os.environ.get(key, "")
         if value.isdigit() and int(value) > 0:
@@ -83,10 +81,11 @@ def ranks_per_node(default: int) -> int:
     return default
 
 
-def resolve_sequence_plan(cfg: TrainConfig) -> str | None:
+def resolve_sequence_plan(cfg: TrainConfig, device: str | None = None) -> str | None:
     """parallel.ulysses_size=0 (auto): set it, and with parallel.layout=auto the layout too, to the cheapest exact
     plan of the cost model (`ringtrain.ring.cost`) for the model's heads, train.seq_len, the device and the ranks per
-    node; with data.document_mask, for a typical log-normal pack (the batches are not known yet). Returns what it
+    node (`device`: the costs of 'cuda' or 'cpu'; default this machine's); with data.document_mask, for a typical
+    log-normal pack (the batches are not known yet). Returns what it
     chose and why, one line (None when there was nothing to choose, or the model cannot be read: its problem is
     reported by the model checks)."""
     par = cfg.parallel
@@ -101,8 +100,8 @@ def resolve_sequence_plan(cfg: TrainConfig) -> str | None:
         shape = model_shape(cfg.model)
     except Exception:  # noqa: BLE001 - the model checks report it, with the fix
         return None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    per_node = ranks_per_node(par.sp_size)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    per_node = ranks_per_node(min(par.sp_size, 8) if device == "cuda" else par.sp_size)  # 8 GPUs to a node
     mb, seq_len = cfg.train.micro_batch_size, cfg.train.seq_len
     docs = typical_documents(seq_len, mb) if cfg.data.document_mask else None
     dtype_bytes = 4 if resolve_dtype(cfg.model.dtype, device) == torch.float32 else 2
@@ -118,25 +117,28 @@ def resolve_sequence_plan(cfg: TrainConfig) -> str | None:
     if par.layout == "auto" and best.layout != "-":
         par.layout = best.layout
     others = "; ".join(p.describe() for p in plans[1:3])
-    return (f"parallel.ulysses_size=0 (auto) -> {best.ulysses}, layout {par.layout} on {par.sp_size} ranks "
+    layout = f"layout {par.layout}" if best.layout != "-" else "no ring"
+    return (f"parallel.ulysses_size=0 (auto) -> {best.ulysses}, {layout} on {par.sp_size} ranks "
             f"({per_node} per node, {device} costs, {'a typical document pack' if docs is not None else 'one sequence'}"
             f" of {seq_len} tokens): {best.describe()}; next: {others or 'none'}")
 
 
 def load_validated_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), world_size: int | None = None,
-    *, weights: bool = True,
+    *, weights: bool = True, device: str | None = None,
 ) -> TrainConfig:
     """Defaults < YAML at `path` < `overrides`, checked completely (against `world_size` too, when given): the config,
     or one ConfigError listing every problem.
 
     `weights=False` accepts a model.path folder that holds only config.json (`ringtrain plan` needs the shapes, not
-    the weights: a model can be planned before it is downloaded)."""
+    the weights: a model can be planned before it is downloaded). parallel.ulysses_size=0 is resolved here, for
+    `device` ('cuda' or 'cpu'; default this machine's), and rank 0 says the choice on stderr."""
     cfg, problems = parse_config(path, overrides)
     if cfg is not None and cfg.parallel is not None and cfg.model is not None and cfg.data is not None and not problems:
-        chosen = resolve_sequence_plan(cfg)
-        if chosen:
-            logger.info("%s", chosen)
+        chosen = resolve_sequence_plan(cfg, device)
+        if chosen and os.environ.get("RANK", "0") == "0":
+            # Before any logging is set up (this runs first in every entry point): straight to stderr, once per run.
+            print(f"ringtrain: {chosen}", file=sys.stderr, flush=True)
     if cfg is not None and cfg.parallel is not None and cfg.data is not None and cfg.model is not None:
         # Values are checked even when some keys were rejected (those keep their defaults), so one run of
         # `ringtrain validate` lists every problem.
