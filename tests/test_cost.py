@@ -73,7 +73,7 @@ def test_typical_documents_fill_the_sequence():
     assert bool((ids[:, 1:] >= ids[:, :-1]).all()) and int(ids.max()) >= 3
 
 
-def test_ulysses_size_auto_resolves_in_validated_configs():
+def test_ulysses_size_auto_resolves_in_validated_configs(capsys):
     cfg = load_validated_config(None, ["model.arch=llama", "model.config.num_attention_heads=4",
                                        "model.config.num_key_value_heads=2", "model.config.hidden_size=32",
                                        "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
@@ -84,6 +84,8 @@ def test_ulysses_size_auto_resolves_in_validated_configs():
     shape = AttentionShape(1, 256, 4, 2, 8, 8, 4)
     best = rank_plans(shape, 4, CPU)[0]
     assert cfg.parallel.ulysses_size == best.ulysses
+    said = capsys.readouterr().err
+    assert said.count("ringtrain: parallel.ulysses_size=0 (auto) -> ") == 1 and "cpu costs" in said
 
 
 def test_an_unresolved_auto_size_is_refused_by_the_mesh():
