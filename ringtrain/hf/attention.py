@@ -11,7 +11,8 @@ Packed documents: pass `document_ids` (from `shard_batch`) to the model's forwar
 kwargs down to the attention function (public `**kwargs: TransformersKwargs` path), and the input hook gathers
 them once per forward into a `RingDocuments` shared by every layer. What the ring cannot compute (attention
 dropout, KV caches, left padding, positions that do not match the shard layout, chunked attention) raises
-instead of silently computing something else.
+instead of silently computing something else. Token mixers outside the interface (gated DeltaNet, Mamba-2, short
+convolutions) get their head-parallel forward from `hf.mixers`; classes it does not know are refused.
 """
 
 from __future__ import annotations
@@ -305,7 +306,8 @@ def apply_ring_attention(
     binding.hooks["check_inputs"] = base.register_forward_pre_hook(binding.check_inputs, with_kwargs=True)
     binding.hooks["check_called"] = base.register_forward_hook(binding.check_called, with_kwargs=True)
     _applied[model] = binding
-    logger.info("sequence-parallel attention on %s: %s (%s)", type(model).__name__, sp.describe(), binding.name)
+    logger.info("sequence-parallel attention on %s: %s (%s)%s", type(model).__name__, sp.describe(), binding.name,
+                f"; {len(binding.mixers)} head-parallel mixer layer(s)" if binding.mixers else "")
     return model
 
 
