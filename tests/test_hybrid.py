@@ -3,7 +3,8 @@ Nemotron-H and Falcon-H1 (Mamba-2), LFM2 (short conv), each beside softmax layer
 SP=4 with the softmax layers as a ring and as Ulysses (zigzag and balanced layouts): loss and every parameter gradient
 equal each document run on its own. Each mixer alone: output and input gradient equal its own forward per document,
 which differs from running across the boundaries (the test can fail). A DeltaNet whose key heads do not divide the
-group is refused in one line by `apply_ring_attention` and by validate. One spawned world of 4 loops over it all.
+group is refused in one line by `apply_ring_attention` and by validate; `remove_ring_attention` gives the mixers their own
+forward back. One spawned world of 4 loops over the distributed cases.
 """
 
 from __future__ import annotations
@@ -232,3 +233,22 @@ def test_planner_counts_the_mixers_exchange_and_states():
     assert mixer_buffers(shape, setup) == 2 * 2 * 272 * 64 + 4 * 512 // 2 * 2  # buffers of 64 tokens; 2 chunks
     assert predict(shape, setup)["components"]["mixer_buffers"] == mixer_buffers(shape, setup)
     assert {s.sp for s in candidate_setups(shape, setup, 8)} == {1, 2, 4}
+
+
+def test_remove_ring_attention_gives_the_mixers_their_own_forward_back():
+    from ringtrain.hf import remove_ring_attention
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("lfm2")).float()
+    ids = torch.randint(3, VOCAB, (1, 16))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        apply_ring_attention(model, SequenceParallel())  # one process: the mixers' form without exchanges
+        ((module, _),) = mixers(model)
+        assert isinstance(module.__dict__["forward"], MixerBinding)
+        ring = model(input_ids=ids, position_ids=torch.arange(16)[None]).logits
+        remove_ring_attention(model)
+        assert "forward" not in module.__dict__
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(ring, before, rtol=1e-5, atol=1e-6)
+    assert torch.equal(after, before)
