@@ -464,7 +464,8 @@ def candidate_setups(shape: ModelShape, base: Setup, gpus: int) -> list[Setup]:
     from ringtrain.ring.ulysses import ulysses_head_problems
 
     out = []
-    sizes = [s for s in range(1, gpus + 1) if gpus % s == 0 and all(unit_fits(n, rep, s) for n, rep in shape.mixer_units)]
+    sizes = [s for s in range(1, gpus + 1)
+             if gpus % s == 0 and all(unit_fits(n, rep, s) for n, rep in shape.mixer_units)]
     for sp in sizes:
         for u in (u for u in range(1, sp + 1) if sp % u == 0):
             if ulysses_head_problems(shape.heads, shape.kv_heads, u):

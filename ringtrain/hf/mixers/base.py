@@ -121,8 +121,8 @@ class MixerBinding:
                  **kwargs: Any) -> torch.Tensor:
         where = describe(self.module)
         if cache is not None or kwargs.get("cache_params") is not None:
-            raise ValueError(f"{where}: a cache was passed to a sequence-parallel {self.kind.name} layer: it would hold "
-                             "a share of the heads only; train without a cache (use_cache=False)")
+            raise ValueError(f"{where}: a cache was passed to a sequence-parallel {self.kind.name} layer: it would "
+                             "hold a share of the heads only; train without a cache (use_cache=False)")
         if attention_mask is not None:
             raise ValueError(f"{where}: received a padding mask of shape {tuple(attention_mask.shape)}; under "
                              "sequence parallelism pass none (shard_batch turns right padding into ignored labels)")
