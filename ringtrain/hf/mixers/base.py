@@ -1,6 +1,11 @@
 # What a mixer kind is (how to recognise its transformers module, how it splits over an SP group, its SP forward), and
 # the one forward every recognised module gets: refuse caches and masks, find the batch's layout and documents, run
 # the kind's head-parallel form.
+#
+# Why an instance forward: these modules have no interface like AttentionInterface. transformers' kernel seams
+# (`use_kernelized_func`: the conv, the scan) replace the sequence kernels but not the projections around them, and
+# the exchange must sit between the two; the forward installed here calls the module's own submodules and the
+# modeling file's own kernels, so no modeling code is copied and the class is left alone.
 
 from __future__ import annotations
 
