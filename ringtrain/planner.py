@@ -22,6 +22,10 @@ the H200 measurements and CPU runs). The formulas follow what this trainer alloc
   parameter gradients summed in fp32.
 - Loss (fused, chunked): one [chunk, vocab] fp32 logits buffer (plus its bf16 source), the fp32 [vocab, hidden]
   weight gradient and the [tokens, hidden] input gradient it stores for backward.
+- Hybrid models (hf/mixers: gated DeltaNet, Mamba-2, short conv): a rough estimate on top of the Llama-style layer,
+  counted in a layer's backward: the largest mixer's all-to-all send and receive buffers and its fp32 recurrent
+  states at every 64-token chunk boundary for a 1/sp share of the heads (`mixer_buffers`). Their saved tensors are
+  taken as the attention layer's.
 - Offload: checkpointed inputs leave the device; two stay (the one in use and the one being fetched or copied).
 - LoRA (peft.method=lora): the adapters join the parameters; gradients, AdamW's states, the optimizer step's
   temporary, the tiled MLP's gradient sums and FSDP2's gradient buffers count only what trains (frozen base weights
@@ -85,6 +89,15 @@ class ModelShape:
     """The MLP's parameters that train (None: all)."""
     head_trainable: bool = True
     """Whether the output head (lm_head) trains: its weight gradient in the loss."""
+    mixer_layers: int = 0
+    """Layers whose token mixer runs head-parallel outside attention (hf/mixers: gated DeltaNet, Mamba-2, short
+    conv)."""
+    mixer_channels: int = 0
+    """Channels per token the largest of those exchanges by all-to-all, out and back together."""
+    mixer_state: int = 0
+    """Recurrent state elements per sequence of the largest of those (every head)."""
+    mixer_units: tuple[tuple[int, bool], ...] = ()
+    """(count, replicable) of the heads / groups / channels ranks take shares of (`hf.mixers.base.Unit`)."""
 
     # What trains: everything (None), or the counts an adapter run gave.
     trained = property(lambda self: self.params if self.trainable is None else self.trainable)
@@ -125,6 +138,10 @@ def model_shape(model_cfg: Any, adapters: Any = None) -> ModelShape:
     layer = layers[0]
     mlp = getattr(layer, "mlp", None)
     attn = getattr(layer, "self_attn", None)
+    from ringtrain.hf.mixers import mixers
+
+    found = [kind.buffers(m) for m, kind in mixers(lm)]
+    units = tuple(sorted({(n, rep) for m, kind in mixers(lm) for _, n, _, rep in kind.units(m)}))
     heads = config.num_attention_heads
     head_dim = getattr(config, "qk_head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
     v_head_dim = getattr(config, "v_head_dim", None)
@@ -136,6 +153,8 @@ def model_shape(model_cfg: Any, adapters: Any = None) -> ModelShape:
         params=sum(p.numel() for p in lm.parameters()), layer_params=sum(p.numel() for p in layer.parameters()),
         mlp_params=0 if mlp is None else sum(p.numel() for p in mlp.parameters()),
         gated_mlp=mlp is not None and hasattr(mlp, "gate_proj"), qk_norm=attn is not None and hasattr(attn, "q_norm"),
+        mixer_layers=len(found), mixer_channels=max((c for c, _ in found), default=0),
+        mixer_state=max((st for _, st in found), default=0), mixer_units=units,
         **(_trainable_counts(lm, layer, mlp) if lora else {}),
     )
 
@@ -286,6 +305,18 @@ def attention_transients(shape: ModelShape, setup: Setup) -> dict[str, int]:
     return {"forward": fwd, "backward": bwd}
 
 
+def mixer_buffers(shape: ModelShape, setup: Setup) -> int:
+    """Bytes per rank of one head-parallel mixer layer beyond the layer's saved tensors (a rough estimate, hf/mixers):
+    the all-to-all's send and receive buffers (N x channels each: a rank sends its N tokens of every channel group and
+    receives S tokens of one) and the fp32 recurrent states of its share of the heads that the chunked kernels keep
+    at every chunk boundary of 64 tokens for backward."""
+    if not shape.mixer_layers:
+        return 0
+    a, n = setup.dtype_bytes, setup.local_tokens
+    states = 4 * shape.mixer_state // setup.sp * setup.micro_batch * math.ceil(setup.seq_len / 64)
+    return 2 * a * shape.mixer_channels * n + states
+
+
 def mlp_tile_tokens(shape: ModelShape, setup: Setup) -> int:
     from ringtrain.model.tiled_mlp import tile_count
 
@@ -373,6 +404,8 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
         return out
 
     last = layer_peak(shape, setup, ckpt[-1])
+    # A layer with a mixer beside attention (Falcon-H1) holds both; counted in every layer's backward.
+    mixer = {"mixer_buffers": mixer_buffers(shape, setup)} if shape.mixer_layers else {}
     first = layer_peak(shape, setup, ckpt[0])
     # Layer gradients accumulated when the first layer's backward runs: sharded (or replicated without FSDP).
     grads_before_first = (L - 1) * shape.layer_trained * a / w + (lm_head_grad if not setup.fsdp else 0)
@@ -383,9 +416,10 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
         "loss forward": moment(other_activations=final_norm + a * d * n, loss=loss["forward"]),
         "loss backward": moment(other_activations=final_norm, loss=loss["backward"]),
         "backward, last layer": moment(fsdp_buffers=fsdp_bwd + lm_head_grad, layer_recompute=last["layer"],
-                                       attention_buffers=last["attention"]),
+                                       attention_buffers=last["attention"], **mixer),
         "backward, first layer": moment(fsdp_buffers=fsdp_bwd + (lm_head_grad if setup.fsdp else 0),
                                         layer_recompute=first["layer"], attention_buffers=first["attention"],
+                                        **mixer,
                                         gradients=grads_before_first, **first_acts),
         "optimizer step": {"parameters": params, "gradients": shape.trained * a / w, "optimizer": optimizer,
                            "optimizer_step_temp": shape.trained * a / w},
@@ -423,13 +457,16 @@ def step_time_s(prediction: dict[str, Any], setup: Setup, peak_tflops: float | N
 
 
 def candidate_setups(shape: ModelShape, base: Setup, gpus: int) -> list[Setup]:
-    """Every (sp, ulysses, recompute, tiling, offload) on `gpus` ranks that the model's heads and the sequence
-    length allow, sp ascending."""
+    """Every (sp, ulysses, recompute, tiling, offload) on `gpus` ranks that the model's heads (the hybrid mixers'
+    included) and the sequence length allow, sp ascending."""
+    from ringtrain.hf.mixers.base import unit_fits
     from ringtrain.ring.layout import required_multiple
     from ringtrain.ring.ulysses import ulysses_head_problems
 
     out = []
-    for sp in (s for s in range(1, gpus + 1) if gpus % s == 0):
+    sizes = [s for s in range(1, gpus + 1)
+             if gpus % s == 0 and all(unit_fits(n, rep, s) for n, rep in shape.mixer_units)]
+    for sp in sizes:
         for u in (u for u in range(1, sp + 1) if sp % u == 0):
             if ulysses_head_problems(shape.heads, shape.kv_heads, u):
                 continue

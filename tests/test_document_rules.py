@@ -1,7 +1,8 @@
 """The per-document rules, each owned by one function, against plain-Python references on random packs.
 
 Position within a document (`ring.balance.document_position_ids`): the restarting positions of packed batches, the
-causal work of the balanced layout and the plan's visible work all build on it.
+causal work of the balanced layout, the plan's visible work and the documents hybrid layers restart at
+(`document_spans`) all build on it.
 No loss across documents (`data.packing.ignore_cross_document_labels`): packing's unshifted labels and
 `shard_batch`'s shifted ones ignore the same predictions.
 """
@@ -16,7 +17,7 @@ import torch
 
 from ringtrain.data import document_position_ids as data_document_position_ids
 from ringtrain.data.packing import IGNORE_INDEX, ignore_cross_document_labels
-from ringtrain.ring.balance import document_position_ids, token_work
+from ringtrain.ring.balance import document_position_ids, document_spans, token_work
 from ringtrain.ring.layout import rank_positions
 from ringtrain.ring.plan import visible_work
 
@@ -54,6 +55,10 @@ def test_document_position_ids_match_a_token_by_token_count(seed):
     assert data_document_position_ids is document_position_ids  # the data pipeline's is the same function
     # token_work: the causal keys each position sees within its document, summed over rows.
     assert torch.equal(token_work(ids), (expected + 1).sum(0))
+    # document_spans (where recurrent and conv layers restart): runs of equal ids, found one token at a time.
+    for row, spans in zip(ids.tolist(), document_spans(ids), strict=True):
+        starts = [j for j, p in enumerate(_positions_reference(row)) if p == 0]
+        assert spans == list(zip(starts, [*starts[1:], len(row)], strict=True))
 
 
 def _visible_reference(ids: torch.Tensor, world: int, layout: str, causal: bool, window: int | None) -> list[int]:

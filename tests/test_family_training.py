@@ -1,7 +1,8 @@
 """The shipped family configs train through `ringtrain train` under torchrun (2 ranks, SP=2, gloo, FSDP2): gpt-oss
 (sinks, windows, MoE balancing loss), DeepSeek V3 (MLA, as Ulysses) and Gemma 2 (attention and final-logit
 soft-capping) match the same config in one process step by step (loss, gradient norm, aux_loss), and so does gpt-oss
-at DP=2; Gemma 3 and OLMo 3 (per-layer-type RoPE kept by rope.method=none) train two steps.
+at DP=2; Gemma 3 and OLMo 3 (per-layer-type RoPE kept by rope.method=none) train two steps; Qwen3.5 (gated DeltaNet
+beside softmax attention) trains and evaluates as in one process.
 """
 
 from __future__ import annotations
@@ -93,3 +94,18 @@ def test_per_layer_rope_families_train_under_torchrun(tmp_path: Path, name: str)
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in records)
     assert (tmp_path / name / "final_model" / "config.json").is_file()
+
+
+def test_qwen3_5_trains_and_evaluates_under_torchrun_as_in_one_process(tmp_path: Path):
+    """Gated DeltaNet head-parallel over SP=2 (packed passkey documents), the softmax layer as a ring; the in-training
+    evaluation at step 2 (passkey retrieval and perplexity) on the same model."""
+    _one_process(tmp_path, ("qwen3_5",))
+    sp, one = _torchrun("qwen3_5", tmp_path), _metrics(tmp_path / "qwen3_5_one")
+    assert [r["step"] for r in sp] == [r["step"] for r in one] == [1, 2]
+    for a, b in zip(sp, one, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=RTOL), (a["step"], key, a[key], b[key])
+    assert math.isclose(sp[1]["eval/ppl@128"], one[1]["eval/ppl@128"], rel_tol=RTOL)
+    assert sp[1]["eval/passkey/acc"] == one[1]["eval/passkey/acc"]
+    results = json.loads((tmp_path / "qwen3_5" / "eval" / "step_00000002" / "results.json").read_text())
+    assert results["step"] == 2 and math.isfinite(results["perplexity"][0]["ppl"])

@@ -11,7 +11,8 @@ Packed documents: pass `document_ids` (from `shard_batch`) to the model's forwar
 kwargs down to the attention function (public `**kwargs: TransformersKwargs` path), and the input hook gathers
 them once per forward into a `RingDocuments` shared by every layer. What the ring cannot compute (attention
 dropout, KV caches, left padding, positions that do not match the shard layout, chunked attention) raises
-instead of silently computing something else.
+instead of silently computing something else. Token mixers outside the interface (gated DeltaNet, Mamba-2, short
+convolutions) get their head-parallel forward from `hf.mixers`; classes it does not know are refused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from ringtrain.hf.batch import check_right_padding
+from ringtrain.hf.mixers import KINDS as MIXER_KINDS
+from ringtrain.hf.mixers import install_mixers, mixer_kind, mixer_problems, mixers, uninstall_mixers
 from ringtrain.hf.rope import check_rotary_precision
 from ringtrain.log import get_logger
 from ringtrain.ring import RingDocuments, SequenceParallel, ulysses_head_problems
@@ -47,6 +50,10 @@ class _RingBinding:
     validate_inputs: bool
     calls: int = 0
     hooks: dict = field(default_factory=dict)
+    mixers: list = field(default_factory=list)
+    """The mixer modules given a head-parallel forward (`hf.mixers`)."""
+    documents: bool = False
+    """The current forward carries packed documents (every mixer layer must receive them)."""
 
     def attention(
         self,
@@ -106,6 +113,7 @@ class _RingBinding:
                 "pass use_cache=False (or leave it unset)"
             )
         kwargs["use_cache"] = False  # config.use_cache defaults to True, which would build a DynamicCache
+        self.documents = kwargs.get("document_ids") is not None
         tokens = kwargs.get("input_ids", args[0] if args else None)
         tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
         if tokens is None:
@@ -197,8 +205,8 @@ class _RingBinding:
 
 
 # Token mixers that run outside AttentionInterface (their class names in transformers), and what they are: under
-# sequence parallelism each rank would mix its own shard only. Exact SP forms exist (head-parallel all-to-all, or
-# state passing: LASP), not built yet.
+# sequence parallelism each rank would mix its own shard only. The kinds `hf.mixers` registers run head-parallel;
+# any other class these patterns find is refused, by name.
 _FOREIGN_MIXERS = (
     (re.compile(r"Mamba|Mixer$"), "Mamba state-space"),
     (re.compile(r"DeltaNet"), "gated DeltaNet linear-attention"),
@@ -209,25 +217,29 @@ _FOREIGN_MIXERS = (
 _RING_LAYER_TYPES = ("full_attention", "sliding_attention", "attention", "mlp", "moe")
 
 
-def sequence_parallel_problems(model: torch.nn.Module) -> list[str]:
-    """Why `model` (a transformers causal LM, on any device, meta included) cannot run under sequence parallelism,
-    one line each naming the layer kind; empty when it can. `ringtrain validate` and `apply_ring_attention` ask."""
+def sequence_parallel_problems(model: torch.nn.Module, sp_size: int | None = None) -> list[str]:
+    """Why `model` (a transformers causal LM, on any device, meta included) cannot run under sequence parallelism
+    (over `sp_size` ranks, when given: the head-parallel mixers' divisibility), one line each naming the layer kind;
+    empty when it can. `ringtrain validate` and `apply_ring_attention` ask."""
     name, config = type(model).__name__, model.config
     found: dict[str, str] = {}
     for module in model.modules():
         cls = type(module).__name__
+        if mixer_kind(module) is not None:
+            continue
         for pattern, kind in _FOREIGN_MIXERS:
             if pattern.search(cls):
                 found.setdefault(kind, cls)
                 break
     if found:
         kinds = ", ".join(f"{kind} layers ({cls})" for kind, cls in found.items())
+        supported = ", ".join(c for kind in MIXER_KINDS for c in kind.classes)
         return [f"{name} has {kinds}, which run outside transformers' AttentionInterface: each rank would mix only its "
-                "own shard; hybrid linear-attention and state-space models are not supported by sequence parallelism "
-                "yet"]
-    problems = []
+                f"own shard, and sequence parallelism runs only these mixer classes: {supported}"]
+    problems = [] if sp_size is None else mixer_problems(model, sp_size)
     layer_types = getattr(config, "layer_types", None) or []
-    unknown = sorted({t for t in layer_types if t not in _RING_LAYER_TYPES})
+    served = {t for _, kind in mixers(model) for t in kind.layer_types}
+    unknown = sorted({t for t in layer_types if t not in _RING_LAYER_TYPES and t not in served})
     if unknown:
         problems.append(f"{name} has {', '.join(unknown)} layers (config.layer_types): ring attention computes "
                         "full_attention and sliding_attention layers only")
@@ -239,7 +251,7 @@ def sequence_parallel_problems(model: torch.nn.Module) -> list[str]:
 
 def _check_supported(model: torch.nn.Module, sp: SequenceParallel) -> None:
     config = model.config
-    problems = sequence_parallel_problems(model)
+    problems = sequence_parallel_problems(model, sp.world)
     if problems:
         raise ValueError("; ".join(problems))
     check_rotary_precision(model)
@@ -288,11 +300,14 @@ def apply_ring_attention(
             f"{type(model).__name__} cannot switch its attention implementation (its attention does not go through "
             "transformers' AttentionInterface), so ring attention cannot be applied to it"
         )
+    # Mixers outside AttentionInterface (DeltaNet, Mamba-2, short conv) get their head-parallel forward.
+    binding.mixers = install_mixers(model, sp, lambda: binding.documents)
     base = getattr(model, "base_model", model)  # hook the decoder stack: the trainer may call it directly
     binding.hooks["check_inputs"] = base.register_forward_pre_hook(binding.check_inputs, with_kwargs=True)
     binding.hooks["check_called"] = base.register_forward_hook(binding.check_called, with_kwargs=True)
     _applied[model] = binding
-    logger.info("sequence-parallel attention on %s: %s (%s)", type(model).__name__, sp.describe(), binding.name)
+    logger.info("sequence-parallel attention on %s: %s (%s)%s", type(model).__name__, sp.describe(), binding.name,
+                f"; {len(binding.mixers)} head-parallel mixer layer(s)" if binding.mixers else "")
     return model
 
 
@@ -303,5 +318,6 @@ def remove_ring_attention(model: torch.nn.Module, attn_implementation: str = "sd
         raise ValueError("remove_ring_attention: apply_ring_attention was not applied to this model")
     for hook in binding.hooks.values():
         hook.remove()
+    uninstall_mixers(binding.mixers)
     model.set_attn_implementation(attn_implementation)
     return model

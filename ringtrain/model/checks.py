@@ -177,7 +177,8 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
         CausalLMWithChunkedLoss(lm, 0)  # what the trainer and the evaluation's loss support
     except Exception as e:  # noqa: BLE001
         return [f"{where}: transformers cannot build {type(config).__name__} with this model.config ({_reason(e)})"]
-    refused = [f"{where}: {problem}" for problem in sequence_parallel_problems(lm)]  # before any rank works
+    sp_size = cfg.parallel.sp_size if cfg.parallel is not None and not cfg.parallel._validate() else None
+    refused = [f"{where}: {problem}" for problem in sequence_parallel_problems(lm, sp_size)]  # before any rank works
     if cfg.train is not None and cfg.train.tiled_mlp and balancing_loss(config) is not None:
         refused.append(f"train.tiled_mlp=true with {type(config).__name__}: each MoE block would be recomputed per tile "
                        "and its router logits would carry no gradient, so the balancing loss would not train the "

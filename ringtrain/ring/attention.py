@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ringtrain.log import get_logger
+from ringtrain.ring.balance import Spans, document_spans
 from ringtrain.ring.comm import RingComm
 from ringtrain.ring.kernels import LocalKernel, default_scale, mask_fallback, merge_dtype, select_kernel
 from ringtrain.ring.layout import (
@@ -94,6 +95,7 @@ class RingDocuments:
         self.world, self.layout = world, get_layout(layout)
         self._bounds: dict[int | None, tuple] = {}
         self._classes: dict[tuple, RingClassification] = {}
+        self._spans: list[Spans] | None = None
 
     def classification(self, causal: bool, window: int | None, tile_tokens: int | None) -> RingClassification:
         key = (causal, window, tile_tokens)
@@ -106,6 +108,13 @@ class RingDocuments:
 
     def plan(self, rank: int, causal: bool, window: int | None, tile_tokens: int | None) -> RingPlan:
         return self.classification(causal, window, tile_tokens).plan(rank)
+
+    def spans(self) -> list[Spans]:
+        """Per batch row, the (start, stop) of each document: where recurrent and convolution layers restart (one
+        host sync per batch, kept for every layer)."""
+        if self._spans is None:
+            self._spans = document_spans(self.global_ids)
+        return self._spans
 
 
 def batch_layout(layout: Layout, documents: RingDocuments | None) -> Layout:

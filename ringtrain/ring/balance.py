@@ -45,6 +45,20 @@ def document_position_ids(document_ids: torch.Tensor) -> torch.Tensor:
     return pos - start
 
 
+Spans = list[tuple[int, int]]
+
+
+def document_spans(document_ids: torch.Tensor) -> list[Spans]:
+    """Per batch row of ids [B, S], the (start, stop) of each document (where `document_position_ids` restarts)."""
+    starts = document_position_ids(document_ids) == 0
+    s = document_ids.shape[-1]
+    spans = []
+    for row in starts:
+        first = row.nonzero().flatten().tolist()
+        spans.append(list(zip(first, [*first[1:], s], strict=True)))
+    return spans
+
+
 def token_work(document_ids: torch.Tensor) -> torch.Tensor:
     """Causal keys each position sees, summed over batch rows: [S] int64 (its position in its document + 1)."""
     return (document_position_ids(document_ids) + 1).sum(0)

@@ -314,8 +314,15 @@ def unshard_sequence(
     parts = [torch.empty_like(ring_part) for _ in range(world)]
     dist.all_gather(parts, ring_part, group=group)
     gathered = torch.cat(parts, dim=dim)
-    pos = torch.cat([rank_positions(seq_len, layout, world, r) for r in range(world)]).to(x_local.device)
+    pos = gathered_positions(seq_len, layout, world, device=x_local.device)
     return torch.empty_like(gathered).index_copy_(dim, pos, gathered)
+
+
+def gathered_positions(seq_len: int, layout: str | Layout, world: int,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+    """The global position of each token of the ring shards laid end to end in ring-rank order (LongTensor [seq_len]):
+    `full.index_copy_(dim, pos, gathered)` restores the natural order, `full.index_select(dim, pos)` undoes it."""
+    return torch.cat([rank_positions(seq_len, layout, world, r, device=device) for r in range(world)])
 
 
 def sequence_positions(

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ringtrain.ring.attention import RingDocuments, batch_layout, check_document_ids, gather_documents
+from ringtrain.ring.channels import all_reduce_sum, channels_to_sequence, sequence_to_channels
 from ringtrain.ring.comm import AllToAllComm, RingComm
 from ringtrain.ring.kernels import LocalKernel
 from ringtrain.ring.layout import (
@@ -48,7 +49,8 @@ class SequenceParallel:
     """The local attention kernel (`ring.kernels.select_kernel`), unless a call names another."""
     tile_tokens: int | None = None
     """Plan granularity under masks (None: ring.attention.DEFAULT_TILE_TOKENS), unless a call names another."""
-    _comms: tuple[RingComm, AllToAllComm] | None = field(default=None, repr=False)
+    _comms: tuple[RingComm, AllToAllComm, AllToAllComm] | None = field(default=None, repr=False)
+    """The ring's send/recv, the Ulysses all-to-all, and an all-to-all over the ring group (head-parallel mixers)."""
     ring_world: int = field(init=False)
     ring_rank: int = field(init=False)
     ulysses_world: int = field(init=False)
@@ -63,8 +65,9 @@ class SequenceParallel:
                 "rings over every rank)"
             )
         if self._comms is None:
-            object.__setattr__(self, "_comms", (RingComm(self.ring_group), AllToAllComm(self.ulysses_group)))
-        ring, a2a = self._comms
+            object.__setattr__(self, "_comms", (RingComm(self.ring_group), AllToAllComm(self.ulysses_group),
+                                                AllToAllComm(self.ring_group)))
+        ring, a2a, _ = self._comms
         for name, value in (("ring_world", ring.world), ("ring_rank", ring.rank), ("ulysses_world", a2a.world),
                             ("ulysses_rank", a2a.rank)):
             object.__setattr__(self, name, value)
@@ -134,6 +137,14 @@ class SequenceParallel:
                 dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return t
 
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """SUM of `t` over every rank of the SP group, as a new tensor, differentiable (the gradient is the same sum
+        of the gradients): for statistics that span ranks, such as a norm over channels split between them."""
+        for group, size in ((self.ring_group, self.ring_world), (self.ulysses_group, self.ulysses_world)):
+            if size > 1:
+                t = all_reduce_sum(t, group)
+        return t
+
     # --- sharding ----------------------------------------------------------------------------------------------
     def check_seq_len(self, seq_len: int, what: str = "sequence length") -> None:
         problem = seq_len_problem(seq_len, self.ring_world, self.layout, self.ulysses_world)
@@ -170,6 +181,19 @@ class SequenceParallel:
         return gather_documents(local_ids, group=self.ring_group, layout=self.layout,
                                 ulysses_group=self.ulysses_group)
 
+    # --- head-parallel token mixers (ring/channels.py) --------------------------------------------------------------
+    def to_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequence shards [B, S_local, P, c] of P channel groups -> the whole sequence [B, S, c] of this rank's group
+        (SP rank g gets group g), in natural order; differentiable (its backward is `to_sequence`). The layout is
+        this object's: call it on `for_documents(...)` of the batch."""
+        _, ulysses, ring = self._comms
+        return sequence_to_channels(x, ring, ulysses, self.layout)
+
+    def to_sequence(self, y: torch.Tensor) -> torch.Tensor:
+        """The way back from `to_channels`: [B, S, c] of this rank's group -> [B, S_local, P, c]."""
+        _, ulysses, ring = self._comms
+        return channels_to_sequence(y, ring, ulysses, self.layout)
+
     # --- attention ---------------------------------------------------------------------------------------------
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
         """Sequence-parallel attention over this object's communicators, in the batch's layout (`for_documents`).
@@ -180,7 +204,7 @@ class SequenceParallel:
             options["kernel"] = self.kernel
         if options.get("tile_tokens") is None:
             options["tile_tokens"] = self.tile_tokens
-        ring, a2a = self._comms
+        ring, a2a, _ = self._comms
         layout = self.for_documents(docs if isinstance(docs, RingDocuments) else None).layout
         return hybrid_attention(ring, a2a, q, k, v, layout=layout, **options)
 
