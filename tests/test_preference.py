@@ -1,0 +1,329 @@
+"""Preference training (DPO, SimPO, ORPO) on pairs packed as documents: at SP=2 (ring, Ulysses), DP=2 and with
+gradient accumulation the loss and every gradient equal a single-process reference that runs each response as its
+own unpacked sequence and computes the standard losses from full logits; DPO starts at ln 2; the data and config
+checks; SIGTERM and resume exact under torchrun."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ringtrain.errors import ConfigError
+from ringtrain.testing import run_distributed
+from ringtrain.validate import load_validated_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "ringtrain" / "data" / "samples"
+TINY = [
+    "model.arch=llama",
+    "model.config={vocab_size: 384, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+    "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 512}",
+    "data.source=files", f"data.path={SAMPLES / 'preference.jsonl'}", "data.tokenizer=bytes",
+    "train.objective=dpo", "train.beta=0.5", "parallel.sp_size=2", "train.seq_len=256", "train.micro_batch_size=2", "train.threads=1",
+    "train.fsdp=false", "logging.progress_bar=false", "checkpoint.export_final=false",
+]
+RTOL = 1e-5
+
+
+def _short_pairs(tmp) -> Path:
+    """The sample's short records (no retrieval prompt): several pairs fill one 512-token sequence."""
+    path = Path(tmp) / "short.jsonl"
+    lines = [line for line in (SAMPLES / "preference.jsonl").read_text().splitlines() if len(line) < 160]
+    path.write_text("\n".join(lines[:48]) + "\n")
+    return path
+
+
+def _cfg(tmp, *overrides):
+    return load_validated_config(None, [*TINY, f"train.output_dir={tmp}", f"data.cache_dir={tmp}/cache", *overrides])
+
+
+def _response_logps(lm, batch, b, d):
+    """(sum of log p over the response labels, their count) of document d of row b, run alone from full logits."""
+    ids, labels, docs = batch["input_ids"][b], batch["labels"][b], batch["document_ids"][b]
+    inside = docs == d
+    tokens, targets = ids[inside][None], labels[inside]
+    logits = lm(input_ids=tokens, use_cache=False).logits[0, :-1].to(torch.float64)  # [n - 1, V]
+    valid = targets[1:] != -100
+    logp = torch.log_softmax(logits, -1).gather(1, targets[1:].clamp(min=0)[:, None]).squeeze(1)
+    return (logp * valid).sum(), valid.sum().to(torch.float64)
+
+
+def _reference_loss(policy, reference, batches, objective, beta, gamma):
+    """The standard per-pair losses from two unpacked forwards per pair, averaged over every pair of `batches`."""
+    losses, most = [], 0
+    for batch in batches:
+        for b in range(batch["input_ids"].shape[0]):
+            pair_docs = sorted(set(batch["document_ids"][b][batch["response_ids"][b] >= 0].tolist()))
+            assert len(pair_docs) % 2 == 0 and len(pair_docs) >= 2
+            most = max(most, len(pair_docs) // 2)
+            for c, r in zip(pair_docs[0::2], pair_docs[1::2], strict=True):
+                (pc, nc), (pr, nr) = _response_logps(policy, batch, b, c), _response_logps(policy, batch, b, r)
+                if objective == "dpo":
+                    with torch.no_grad():
+                        rc, rr = _response_logps(reference, batch, b, c)[0], _response_logps(reference, batch, b, r)[0]
+                    losses.append(-F.logsigmoid(beta * ((pc - rc) - (pr - rr))))
+                elif objective == "simpo":
+                    losses.append(-F.logsigmoid(beta * pc / nc - beta * pr / nr - gamma))
+                else:  # orpo
+                    mc, mr = pc / nc, pr / nr
+                    odds = torch.log(torch.exp(mc) / (1 - torch.exp(mc))) - torch.log(torch.exp(mr) / (1 - torch.exp(mr)))
+                    losses.append(-mc - beta * F.logsigmoid(odds))
+    return torch.stack(losses).mean(), most
+
+
+def _perturb(model, seed):
+    """Move the trained parameters away from the start (the same on every rank), so the policy differs from the
+    reference and LoRA's B is not zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if p.requires_grad:
+                p.add_(0.05 * noise.to(p.dtype))
+
+
+def _case(dims, cfg, accum):
+    """(distributed loss, grads by name, reference loss, reference grads, number of pairs) of one step of `accum`
+    micro-batches on `dims`, in float64."""
+    from ringtrain.model.build import build_model
+    from ringtrain.train.trainer import build_trainer
+
+    trainer = build_trainer(cfg, dims)
+    trainer.model.double()
+    if trainer.reference is not None and trainer.reference.model is not trainer.model:
+        trainer.reference.model.double()
+    step0 = trainer.forward_backward([next(trainer.loader) for _ in range(accum)])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    _perturb(trainer.model, 1)
+    micro = [next(trainer.loader) for _ in range(accum)]
+    loss = trainer.forward_backward(micro)
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    # Every DP rank's micro-batches (SP ranks hold the same ones).
+    gathered = [None] * dims.world_size
+    dist.all_gather_object(gathered, (dims.dp_rank, micro))
+    batches = [b for _, m in sorted(dict(gathered).items()) for b in m]
+    policy = build_model(cfg, None, "train").double()  # one process, the model's own attention
+    policy.load_state_dict(trainer.model.state_dict())
+    reference = build_model(cfg, None, "eval").double()  # the starting weights (adapters: B = 0, the base model)
+    tcfg = cfg.train
+    ref_loss, most = _reference_loss(policy.lm, reference.lm, batches, tcfg.objective, tcfg.beta,
+                                        tcfg.simpo_gamma)
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+    return step0, loss, grads, ref_loss.item(), ref_grads, most, trainer.preference_metrics
+
+
+def _all_cases(dims, cases):
+    from ringtrain.config import ParallelConfig
+    from ringtrain.parallel import ParallelDims
+
+    meshes = {"ring": dims, "ulysses": ParallelDims.build(ParallelConfig(sp_size=2, ulysses_size=2),
+                                                          device=dims.device, document_mask=True),
+              "dp": ParallelDims.build(ParallelConfig(sp_size=1), device=dims.device, document_mask=True)}
+    return {name: _case(meshes[mesh], cfg, accum) for name, (mesh, cfg, accum) in cases.items()}
+
+
+def test_packed_pairs_at_sp2_equal_unpacked_single_process(tmp_path):
+    """DPO (frozen copy and LoRA adapters-off references), SimPO and ORPO: the loss and every gradient at SP=2 ring
+    and Ulysses, at DP=2, with 2 accumulated micro-batches of several packed pairs each, equal one process running
+    each response alone (float64, relative 1e-5); with reference = policy DPO's first loss is ln 2."""
+    short = [f"data.path={_short_pairs(tmp_path)}", "train.seq_len=512"]
+    cases = {
+        "dpo_ring": ("ring", _cfg(tmp_path / "a", *short), 2),
+        "dpo_ulysses": ("ulysses", _cfg(tmp_path / "b", *short, "parallel.ulysses_size=2"), 1),
+        "dpo_dp": ("dp", _cfg(tmp_path / "c", *short, "parallel.sp_size=1"), 1),
+        "dpo_lora_ring": ("ring", _cfg(tmp_path / "d", *short, "peft.method=lora", "peft.r=4",
+                                          "peft.trainable_modules=[]", "peft.dropout=0.0"), 1),
+        "simpo_ring": ("ring", _cfg(tmp_path / "e", *short, "train.objective=simpo", "train.beta=2.0"), 1),
+        "orpo_ulysses": ("ulysses", _cfg(tmp_path / "f", *short, "train.objective=orpo", "parallel.ulysses_size=2"),
+                         1),
+    }
+    results = run_distributed(_all_cases, 2, cases, timeout=400)
+    for name, (step0, loss, grads, ref_loss, ref_grads, most, metrics) in results[0].items():
+        print(name, step0, loss, ref_loss, most)
+        assert most >= 2, (name, most)  # several pairs in one sequence
+        if name.startswith("dpo"):
+            assert abs(step0 - math.log(2)) < 1e-12, (name, step0)
+        assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (name, loss, ref_loss)
+        assert grads.keys() == ref_grads.keys() and grads, name
+        scale = max(g.abs().max().item() for g in ref_grads.values())
+        for n, g in ref_grads.items():
+            err = (grads[n] - g).abs().max().item()
+            assert err <= RTOL * scale, f"{name} {n}: max err {err:.3e} vs max |grad| {scale:.3e}"
+        assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"}
+        assert metrics["rewards/margin"] == pytest.approx(metrics["rewards/chosen"] - metrics["rewards/rejected"])
+    # Each rank of a mesh returns the same loss.
+    assert all(results[1][k][1] == results[0][k][1] for k in cases)
+
+
+def test_chunked_token_logprobs_match_full_logits():
+    """The chunked log-probabilities and their backward (recomputed chunk by chunk, soft-capped or not) against
+    full logits, in float64."""
+    from ringtrain.model.loss import chunked_token_logprobs
+
+    torch.manual_seed(0)
+    for cap in (None, 3.0):
+        h = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+        y = torch.randint(0, 11, (37,))
+        y[[3, 9]] = -100
+        g = torch.randn(37, dtype=torch.float64)
+        got = chunked_token_logprobs(h, w, y, chunk_tokens=5, softcap=cap)
+        grads = torch.autograd.grad((got * g).sum(), (h, w))
+        logits = h @ w.T if cap is None else cap * torch.tanh(h @ w.T / cap)
+        ref = torch.log_softmax(logits, -1).gather(1, y.clamp(min=0)[:, None]).squeeze(1) * (y != -100)
+        ref_grads = torch.autograd.grad((ref * g).sum(), (h, w))
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, ref_grads, strict=True):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: pairs packed whole, responses labelled; bad inputs one line each
+
+
+def test_pairs_are_packed_together_and_labelled(tmp_path):
+    """Plain and chat records: each pair's two documents share a sequence, and the response ids mark exactly the
+    responses' tokens (prompt tokens carry none), chosen before rejected."""
+    from ringtrain.data import build_tokenizer
+    from ringtrain.data.pipeline import build_packed_dataset
+
+    tok = build_tokenizer("bytes")
+    for path in ("preference.jsonl", "preference_chat.jsonl"):
+        cfg = _cfg(tmp_path, f"data.path={SAMPLES / path}", "train.seq_len=1024")
+        assert cfg.data.format == "preference"  # from the objective: the file needs no other key
+        ds = build_packed_dataset(cfg.data, 1024, tok)
+        records = [json.loads(line) for line in (SAMPLES / path).read_text().splitlines()]
+        responses = {(r["chosen"], r["rejected"]) for r in records}
+        batch = ds.batch(range(len(ds)))
+        ids, rid = batch["response_ids"], batch["input_ids"]
+        n = 0
+        for b in range(len(ds)):
+            texts = {}
+            for k in sorted(set(ids[b][ids[b] >= 0].tolist())):
+                texts[k] = tok.decode(rid[b][ids[b] == k].tolist())
+            pairs = sorted({k // 2 for k in texts})
+            assert len(texts) == 2 * len(pairs)
+            for p in pairs:
+                chosen, rejected = texts[2 * p], texts[2 * p + 1]
+                assert chosen.endswith("</s>") and rejected.endswith("</s>")
+                key = tuple(t.removesuffix("</s>").removesuffix("<|end|>\n") for t in (chosen, rejected))
+                assert key in responses, key
+                n += 1
+        assert n == len(records)
+
+
+def _problems(tmp, *overrides):
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp, *overrides)
+    return e.value.problems
+
+
+def test_bad_inputs_are_one_line_each(tmp_path):
+    assert _problems(tmp_path, "train.beta=0") == ["train.beta=0.0 must be > 0 (DPO's KL strength, e.g. 0.1)"]
+    assert _problems(tmp_path, "train.objective=ppo") == ["train.objective='ppo' is not one of sft, dpo, simpo, orpo"]
+    assert _problems(tmp_path, "train.objective=sft", "data.format=preference") == [
+        "data.format='preference' trains a preference objective, and train.objective='sft': set train.objective to one "
+        "of dpo, simpo, orpo"]
+    # A file whose records lack `rejected`: refused by the file check before anything loads.
+    lacking = tmp_path / "lacking.jsonl"
+    lacking.write_text("".join(json.dumps({"prompt": "a", "chosen": "b"}) + "\n" for _ in range(3)))
+    from ringtrain.data.checks import data_file_problems
+
+    cfg = _cfg(tmp_path, f"data.path={lacking}")
+    assert data_file_problems(cfg.data) == [
+        f"data.rejected_field='rejected' is not in any of the first 100 records of {lacking}: choose one of prompt, "
+        "chosen, or leave the file out of data.path"]
+    # One bad record among good ones: counted, reported with its index, refused.
+    from ringtrain.data import build_tokenizer
+    from ringtrain.data.pipeline import build_packed_dataset
+
+    mixed = tmp_path / "mixed.jsonl"
+    good = [json.loads(line) for line in (SAMPLES / "preference.jsonl").read_text().splitlines()[:9]]
+    good.insert(4, {"prompt": "Question: 1 + 1?\nAnswer: ", "chosen": "2.", "rejected": None})
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in good))
+    with pytest.raises(ConfigError) as e:
+        build_packed_dataset(_cfg(tmp_path, f"data.path={mixed}").data, 256, build_tokenizer("bytes"))
+    assert e.value.problems == [f"data.path='{mixed}': 1 of 10 records have no 'rejected' field (record 4 first, "
+                                "counting from 0): fix or remove them"]
+
+
+def test_reference_of_other_shapes_is_refused(tmp_path):
+    """train.reference: a model folder of another vocabulary is one line (before any rank works)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path / "other"
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=2)).save_pretrained(folder)
+    (line,) = _problems(tmp_path, f"train.reference={folder}")
+    assert line.startswith(f"train.reference='{folder}': model.embed_tokens.weight is [400, 32] there but [384, 32] "
+                           "in the trained model"), line
+    assert _problems(tmp_path, "train.objective=simpo", f"train.reference={folder}") == [
+        f"train.reference='{folder}' is used by objective='dpo' only (objective='simpo'): remove it"]
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGTERM and resume through real torchrun
+
+RESUME_STEPS = 12
+RESUME = [f"train.max_steps={RESUME_STEPS}", "checkpoint.every_steps=3", "logging.progress_bar=false"]
+
+
+def _torchrun(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ringtrain.cli",
+           "train", str(ROOT / "configs/tiny_dpo.yaml"), f"train.output_dir={out}", f"data.cache_dir={cache}", *RESUME,
+           *extra]
+    log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _run_records(out: Path) -> dict[int, dict]:
+    path = out / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {r["step"]: r for r in records}
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 400) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def test_sigterm_and_resume_is_exact(tmp_path):
+    """configs/tiny_dpo.yaml (LoRA, adapters-off reference) at SP=2 under torchrun: SIGTERM saves and exits, the
+    resumed run's losses and rewards equal the uninterrupted run's bitwise, and metrics.jsonl holds the rewards."""
+    cache = tmp_path / "cache"
+    ref = tmp_path / "ref"
+    assert _finish(_torchrun(ref, cache)) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    reference = _run_records(ref)
+    assert sorted(reference) == list(range(1, RESUME_STEPS + 1))
+    assert abs(reference[1]["loss"] - math.log(2)) < 1e-6  # the policy starts as its reference
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"} <= set(reference[1])
+
+    term = tmp_path / "term"
+    proc = _torchrun(term, cache)
+    deadline = time.monotonic() + 300
+    while len(_run_records(term)) < 4:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "term.log").read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _finish(proc)
+    stopped = max(_run_records(term))
+    assert stopped < RESUME_STEPS, "the run finished before the signal"
+    assert (term / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").exists()
+    assert _finish(_torchrun(term, cache)) == 0, (tmp_path / "term.log").read_text()[-3000:]
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "grad_norm")
+    got = {s: {k: r[k] for k in keys} for s, r in _run_records(term).items()}
+    assert got == {s: {k: r[k] for k in keys} for s, r in reference.items()}
