@@ -149,7 +149,6 @@ def test_packed_pairs_at_sp2_equal_unpacked_single_process(tmp_path):
     }
     results = run_distributed(_all_cases, 2, cases, timeout=400)
     for name, (step0, loss, grads, ref_loss, ref_grads, most, metrics) in results[0].items():
-        print(name, step0, loss, ref_loss, most)
         assert most >= 2, (name, most)  # several pairs in one sequence
         if name.startswith("dpo"):
             assert abs(step0 - math.log(2)) < 1e-12, (name, step0)
@@ -270,6 +269,27 @@ def test_reference_of_other_shapes_is_refused(tmp_path):
                            "in the trained model"), line
     assert _problems(tmp_path, "train.objective=simpo", f"train.reference={folder}") == [
         f"train.reference='{folder}' is used by objective='dpo' only (objective='simpo'): remove it"]
+
+
+def test_plan_counts_the_reference():
+    """`ringtrain plan`: DPO with full fine-tuning holds a frozen copy (its parameters once more) and one more
+    forward; with LoRA the reference is the base with the adapters disabled (no copy); SimPO has no reference."""
+    from ringtrain.planner import model_shape, predict, setup_from_config
+
+    results = {}
+    for name, extra in {"copy": ["peft.method=none"], "adapters": [], "simpo": ["train.objective=simpo"],
+                        "sft": ["train.objective=sft", "data.format=auto", "data.source=passkey"]}.items():
+        cfg = load_validated_config(str(ROOT / "configs/tiny_dpo.yaml"), extra)
+        setup = setup_from_config(cfg, 2, "cpu")
+        results[name] = (setup.reference, predict(model_shape(cfg.model, cfg.peft), setup))
+    (kind, copy), (kind_a, adapters) = results["copy"], results["adapters"]
+    assert (kind, kind_a, results["simpo"][0], results["sft"][0]) == ("copy", "adapters", "none", "none")
+    assert copy["components"]["reference_copy"] == copy["components"]["parameters"] > 0
+    assert adapters["components"]["reference_copy"] == 0
+    sft, simpo = results["sft"][1], results["simpo"][1]
+    assert sft["flops_per_step"] == simpo["flops_per_step"]
+    assert sft["hardware_flops_per_step"] < simpo["hardware_flops_per_step"]  # the recomputed logits
+    assert adapters["hardware_flops_per_step"] > simpo["hardware_flops_per_step"]
 
 
 # --------------------------------------------------------------------------------------------------

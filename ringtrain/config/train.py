@@ -145,6 +145,15 @@ def recompute_policy(value: bool | str) -> tuple[str, int] | None:
     return None
 
 
+def dpo_reference(train: TrainLoopConfig, adapters_enabled: bool, trainable_modules: list[str]) -> str:
+    """Which reference a run computes: 'none' (not DPO), 'adapters' (the policy with its adapters disabled: peft
+    without trainable_modules, which would differ from the start), 'copy' (a frozen copy of the starting weights or
+    of train.reference's model). The trainer builds it and the planner counts it by this one rule."""
+    if train.objective != "dpo":
+        return "none"
+    return "adapters" if not train.reference and adapters_enabled and not trainable_modules else "copy"
+
+
 def resolve_objective_format(train: TrainLoopConfig, data: DataConfig) -> None:
     """A preference objective reads preference records: data.format 'auto' becomes 'preference' (in place), so a
     JSON-lines file of prompt / chosen / rejected records needs no other key."""

@@ -109,13 +109,15 @@ def build_reference(cfg: TrainConfig, dims: ParallelDims, policy: CausalLMWithCh
     """train.objective=dpo's reference (None for the other objectives): train.reference's model, frozen; else the
     starting weights: the policy with its adapters disabled (peft without trainable_modules: no copy), or a frozen
     copy built like the policy (sharded by FSDP2 when train.fsdp), which is one more model's weights in memory."""
+    from ringtrain.config.train import dpo_reference
     from ringtrain.model.adapters import adapters_disabled
     from ringtrain.model.build import build_model
 
     tcfg = cfg.train
-    if tcfg.objective != "dpo":
+    kind = dpo_reference(tcfg, cfg.peft.enabled, cfg.peft.trainable_modules)
+    if kind == "none":
         return None
-    if not tcfg.reference and cfg.peft.enabled and not cfg.peft.trainable_modules:
+    if kind == "adapters":
         logger.info("DPO reference: the base model, with the adapters disabled")
         return Reference(policy, lambda: adapters_disabled(policy.lm), "adapters disabled")
     if tcfg.reference:
