@@ -80,39 +80,47 @@ def _reference_loss(policy, reference, batches, objective, beta, gamma):
     return torch.stack(losses).mean(), most
 
 
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _perturb(model, seed):
     """Move the trained parameters away from the start (the same on every rank), so the policy differs from the
     reference and LoRA's B is not zero."""
+    from torch.distributed.tensor import distribute_tensor
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
             if p.requires_grad:
-                p.add_(0.05 * noise.to(p.dtype))
+                moved = _full(p) + 0.05 * noise.to(p.dtype)
+                p.copy_(distribute_tensor(moved, p.device_mesh, p.placements) if hasattr(p, "full_tensor") else moved)
 
 
 def _case(dims, cfg, accum):
     """(distributed loss, grads by name, reference loss, reference grads, number of pairs) of one step of `accum`
-    micro-batches on `dims`, in float64."""
+    micro-batches on `dims`, in float64 (in float32 under FSDP2, which keeps the dtype it sharded)."""
     from ringtrain.model.build import build_model
     from ringtrain.train.trainer import build_trainer
 
     trainer = build_trainer(cfg, dims)
-    trainer.model.double()
-    if trainer.reference is not None and trainer.reference.model is not trainer.model:
-        trainer.reference.model.double()
+    if not cfg.train.fsdp:
+        trainer.model.double()
+        if trainer.reference is not None and trainer.reference.model is not trainer.model:
+            trainer.reference.model.double()
     step0 = trainer.forward_backward([next(trainer.loader) for _ in range(accum)])
     trainer.optimizer.zero_grad(set_to_none=True)
     _perturb(trainer.model, 1)
     micro = [next(trainer.loader) for _ in range(accum)]
     loss = trainer.forward_backward(micro)
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    grads = {n: _full(p.grad).double() for n, p in trainer.model.named_parameters() if p.grad is not None}
     # Every DP rank's micro-batches (SP ranks hold the same ones).
     gathered = [None] * dims.world_size
     dist.all_gather_object(gathered, (dims.dp_rank, micro))
     batches = [b for _, m in sorted(dict(gathered).items()) for b in m]
     policy = build_model(cfg, None, "train").double()  # one process, the model's own attention
-    policy.load_state_dict(trainer.model.state_dict())
+    policy.load_state_dict({k: _full(v).double() for k, v in trainer.model.state_dict().items()})
     reference = build_model(cfg, None, "eval").double()  # the starting weights (adapters: B = 0, the base model)
     tcfg = cfg.train
     ref_loss, most = _reference_loss(policy.lm, reference.lm, batches, tcfg.objective, tcfg.beta,
@@ -146,18 +154,23 @@ def test_packed_pairs_at_sp2_equal_unpacked_single_process(tmp_path):
         "simpo_ring": ("ring", _cfg(tmp_path / "e", *short, "train.objective=simpo", "train.beta=2.0"), 1),
         "orpo_ulysses": ("ulysses", _cfg(tmp_path / "f", *short, "train.objective=orpo", "parallel.ulysses_size=2"),
                          1),
+        # FSDP2 (float32): the frozen copy sharded like the policy; LoRA's adapters disabled on sharded layers.
+        "dpo_fsdp": ("ring", _cfg(tmp_path / "g", *short, "train.fsdp=true"), 1),
+        "dpo_lora_fsdp": ("ulysses", _cfg(tmp_path / "h", *short, "train.fsdp=true", "parallel.ulysses_size=2",
+                                          "peft.method=lora", "peft.r=4", "peft.trainable_modules=[]"), 1),
     }
     results = run_distributed(_all_cases, 2, cases, timeout=400)
     for name, (step0, loss, grads, ref_loss, ref_grads, most, metrics) in results[0].items():
+        rtol = 1e-4 if name.endswith("fsdp") else RTOL  # float32 against the float64 reference
         assert most >= 2, (name, most)  # several pairs in one sequence
         if name.startswith("dpo"):
-            assert abs(step0 - math.log(2)) < 1e-12, (name, step0)
-        assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (name, loss, ref_loss)
+            assert abs(step0 - math.log(2)) < rtol * 1e-3, (name, step0)
+        assert abs(loss - ref_loss) <= rtol * abs(ref_loss), (name, loss, ref_loss)
         assert grads.keys() == ref_grads.keys() and grads, name
         scale = max(g.abs().max().item() for g in ref_grads.values())
         for n, g in ref_grads.items():
             err = (grads[n] - g).abs().max().item()
-            assert err <= RTOL * scale, f"{name} {n}: max err {err:.3e} vs max |grad| {scale:.3e}"
+            assert err <= rtol * scale, f"{name} {n}: max err {err:.3e} vs max |grad| {scale:.3e}"
         assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"}
         assert metrics["rewards/margin"] == pytest.approx(metrics["rewards/chosen"] - metrics["rewards/rejected"])
     # Each rank of a mesh returns the same loss.
