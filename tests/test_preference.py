@@ -7,9 +7,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ringtrain.errors import ConfigError
-from ringtrain.testing import run_distributed
+from ringtrain.testing import finish, run_distributed, run_metrics, start_torchrun, wait_for_steps
 from ringtrain.validate import load_validated_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,26 +309,8 @@ RESUME_STEPS = 12
 RESUME = [f"train.max_steps={RESUME_STEPS}", "checkpoint.every_steps=3", "logging.progress_bar=false"]
 
 
-def _torchrun(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ringtrain.cli",
-           "train", str(ROOT / "configs/tiny_dpo.yaml"), f"train.output_dir={out}", f"data.cache_dir={cache}", *RESUME,
-           *extra]
-    log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _run_records(out: Path) -> dict[int, dict]:
-    path = out / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return {r["step"]: r for r in records}
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 400) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
+def _torchrun(out: Path, cache: Path, *extra: str):
+    return start_torchrun(ROOT / "configs/tiny_dpo.yaml", out, f"data.cache_dir={cache}", *RESUME, *extra, cwd=ROOT)
 
 
 def test_sigterm_and_resume_is_exact(tmp_path):
@@ -339,24 +318,22 @@ def test_sigterm_and_resume_is_exact(tmp_path):
     resumed run's losses and rewards equal the uninterrupted run's bitwise, and metrics.jsonl holds the rewards."""
     cache = tmp_path / "cache"
     ref = tmp_path / "ref"
-    assert _finish(_torchrun(ref, cache)) == 0, (tmp_path / "ref.log").read_text()[-3000:]
-    reference = _run_records(ref)
+    assert finish(_torchrun(ref, cache), 400) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    reference = run_metrics(ref)
     assert sorted(reference) == list(range(1, RESUME_STEPS + 1))
     assert abs(reference[1]["loss"] - math.log(2)) < 1e-6  # the policy starts as its reference
     assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy"} <= set(reference[1])
 
     term = tmp_path / "term"
     proc = _torchrun(term, cache)
-    deadline = time.monotonic() + 300
-    while len(_run_records(term)) < 4:
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "term.log").read_text()[-3000:]
-        time.sleep(0.05)
+    wait_for_steps(term, proc, 4, 300)
     os.killpg(proc.pid, signal.SIGTERM)
-    _finish(proc)
-    stopped = max(_run_records(term))
+    assert finish(proc, 400) != 0  # 75 from the ranks: torchrun reports 1
+    assert json.loads((term / "stopped.json").read_text())["exit_code"] == 75
+    stopped = max(run_metrics(term))
     assert stopped < RESUME_STEPS, "the run finished before the signal"
     assert (term / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").exists()
-    assert _finish(_torchrun(term, cache)) == 0, (tmp_path / "term.log").read_text()[-3000:]
+    assert finish(_torchrun(term, cache), 400) == 0, (tmp_path / "term.log").read_text()[-3000:]
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "grad_norm")
-    got = {s: {k: r[k] for k in keys} for s, r in _run_records(term).items()}
+    got = {s: {k: r[k] for k in keys} for s, r in run_metrics(term).items()}
     assert got == {s: {k: r[k] for k in keys} for s, r in reference.items()}
