@@ -240,6 +240,9 @@ def _problems(tmp, *overrides):
 def test_bad_inputs_are_one_line_each(tmp_path):
     assert _problems(tmp_path, "train.beta=0") == ["train.beta=0.0 must be > 0 (DPO's KL strength, e.g. 0.1)"]
     assert _problems(tmp_path, "train.objective=ppo") == ["train.objective='ppo' is not one of sft, dpo, simpo, orpo"]
+    assert _problems(tmp_path, "data.long_tokens=100", "data.long_upsample=2") == [
+        "train.objective='dpo' trains on prompt / chosen / rejected records: data.long_upsample repeats documents one by "
+        "one and would split pairs: set data.long_upsample=1 (or data.long_tokens=0)"]
     assert _problems(tmp_path, "train.objective=sft", "data.format=preference") == [
         "data.format='preference' trains a preference objective, and train.objective='sft': set train.objective to one "
         "of dpo, simpo, orpo"]

@@ -178,6 +178,9 @@ def objective_problems(train: TrainLoopConfig, data: DataConfig) -> list[str]:
         problems.append(f"{what}: data.format={data.format!r} must be 'preference' (or 'auto')")
     if data.streaming:
         problems.append(f"{what}, which are packed in pairs from a cached dataset: set data.streaming=false")
+    if data.long_tokens > 0 and data.long_upsample != 1.0:
+        problems.append(f"{what}: data.long_upsample repeats documents one by one and would split pairs: set "
+                        "data.long_upsample=1 (or data.long_tokens=0)")
     if not data.document_mask:
         problems.append(f"{what} packed as separate documents: set data.document_mask=true")
     if train.loss_weighting != "token":

@@ -199,7 +199,7 @@ def chat_template_of(cfg: DataConfig, tokenizer: Any) -> str | None:
         except OSError as err:
             raise ConfigError([f"data.chat_template={cfg.chat_template!r}: cannot read it ({err.strerror}): give a "
                                "Jinja template file, or '' for the tokenizer's own"]) from None
-    if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):  # preference records may be plain
+    if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError([f"data.format='chat' needs a chat template, and data.tokenizer={cfg.tokenizer!r} has none: "
                            "set data.chat_template to a Jinja template file, or use a tokenizer that ships one "
                            "(an instruct model's)"])

@@ -140,7 +140,8 @@ def encode_records(ds: Dataset, tokenizer: Any, cfg: DataConfig) -> Dataset:
 def record_documents(
     encoded: Dataset, cfg: DataConfig, seq_len: int, *, log: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(flat tokens, lengths, flat loss mask, which records are kept) of encoded records, after the record-level checks and data.overlong.
+    """(flat tokens, lengths, flat loss mask, which records are kept) of encoded records, after the record-level
+    checks and data.overlong.
 
     Records that cannot be used (no messages, an unknown role, ...) are refused together, one line per fault with
     their count; records longer than a sequence are dropped and counted (data.overlong=drop) or refused. A
