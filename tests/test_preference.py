@@ -118,10 +118,14 @@ def _case(dims, cfg, accum):
     batches = [b for _, m in sorted(dict(gathered).items()) for b in m]
     policy = build_model(cfg, None, "train").double()  # one process, the model's own attention
     policy.load_state_dict({k: _full(v).double() for k, v in trainer.model.state_dict().items()})
-    reference = build_model(cfg, None, "eval").double()  # the starting weights (adapters: B = 0, the base model)
     tcfg = cfg.train
-    ref_loss, most = _reference_loss(policy.lm, reference.lm, batches, tcfg.objective, tcfg.beta,
-                                        tcfg.simpo_gamma)
+    if tcfg.reference:  # another model, read by transformers itself
+        from transformers import AutoModelForCausalLM
+
+        reference = AutoModelForCausalLM.from_pretrained(tcfg.reference, dtype=torch.float64)
+    else:  # the starting weights (adapters: B = 0, the base model)
+        reference = build_model(cfg, None, "eval").double().lm
+    ref_loss, most = _reference_loss(policy.lm, reference, batches, tcfg.objective, tcfg.beta, tcfg.simpo_gamma)
     ref_loss.backward()
     ref_grads = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
     return step0, loss, grads, ref_loss.item(), ref_grads, most, trainer.preference_metrics
@@ -138,14 +142,16 @@ def _all_cases(dims, cases):
 
 
 def test_packed_pairs_at_sp2_equal_unpacked_single_process(tmp_path):
-    """DPO (frozen copy and LoRA adapters-off references), SimPO and ORPO: the loss and every gradient at SP=2 ring
+    """DPO (frozen copy, another model by path and LoRA adapters-off references), SimPO and ORPO: the loss and every gradient at SP=2 ring
     and Ulysses, at DP=2, with 2 accumulated micro-batches of several packed pairs each, equal one process running
     each response alone (float64, relative 1e-5); with reference = policy DPO's first loss is ln 2."""
     short = [f"data.path={_short_pairs(tmp_path)}", "train.seq_len=512"]
+    other = _other_model(tmp_path / "other", vocab_size=384)
     cases = {
         "dpo_ring": ("ring", _cfg(tmp_path / "a", *short), 2),
         "dpo_ulysses": ("ulysses", _cfg(tmp_path / "b", *short, "parallel.ulysses_size=2"), 1),
         "dpo_dp": ("dp", _cfg(tmp_path / "c", *short, "parallel.sp_size=1"), 1),
+        "dpo_reference_path": ("ring", _cfg(tmp_path / "i", *short, f"train.reference={other}"), 1),
         "dpo_lora_ring": ("ring", _cfg(tmp_path / "d", *short, "peft.method=lora", "peft.r=4",
                                           "peft.trainable_modules=[]", "peft.dropout=0.0"), 1),
         "simpo_ring": ("ring", _cfg(tmp_path / "e", *short, "train.objective=simpo", "train.beta=2.0"), 1),
@@ -160,7 +166,7 @@ def test_packed_pairs_at_sp2_equal_unpacked_single_process(tmp_path):
     for name, (step0, loss, grads, ref_loss, ref_grads, most, metrics) in results[0].items():
         rtol = 1e-4 if name.endswith("fsdp") else RTOL  # float32 against the float64 reference
         assert most >= 2, (name, most)  # several pairs in one sequence
-        if name.startswith("dpo"):
+        if name.startswith("dpo") and name != "dpo_reference_path":
             assert abs(step0 - math.log(2)) < rtol * 1e-3, (name, step0)
         assert abs(loss - ref_loss) <= rtol * abs(ref_loss), (name, loss, ref_loss)
         assert grads.keys() == ref_grads.keys() and grads, name
@@ -269,14 +275,20 @@ def test_bad_inputs_are_one_line_each(tmp_path):
                                 "counting from 0): fix or remove them"]
 
 
-def test_reference_of_other_shapes_is_refused(tmp_path):
-    """train.reference: a model folder of another vocabulary is one line (before any rank works)."""
+def _other_model(folder: Path, vocab_size: int) -> Path:
+    """A model folder of the test model's shape (with this vocabulary) and weights of its own."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    folder = tmp_path / "other"
-    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=2, num_attention_heads=4,
-                                                 num_key_value_heads=2)).save_pretrained(folder)
+    torch.manual_seed(7)
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=512)).save_pretrained(folder)
+    return folder
+
+
+def test_reference_of_other_shapes_is_refused(tmp_path):
+    """train.reference: a model folder of another vocabulary is one line (before any rank works)."""
+    folder = _other_model(tmp_path / "other", vocab_size=400)
     (line,) = _problems(tmp_path, f"train.reference={folder}")
     assert line.startswith(f"train.reference='{folder}': model.embed_tokens.weight is [400, 32] there but [384, 32] "
                            "in the trained model"), line
