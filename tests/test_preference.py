@@ -237,6 +237,22 @@ def test_pairs_are_packed_together_and_labelled(tmp_path):
         assert n == len(records)
 
 
+def test_chat_prompt_turns_carry_no_loss(tmp_path):
+    """A multi-turn chat prompt (an earlier assistant turn included): only the final response carries labels."""
+    from ringtrain.data import build_tokenizer
+    from ringtrain.data.pipeline import build_packed_dataset
+
+    prompt = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "EARLIER TURN"},
+              {"role": "user", "content": "Now say bye."}]
+    path = tmp_path / "turns.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": "Bye!", "rejected": "Hi!"}) + "\n")
+    tok = build_tokenizer("bytes")
+    batch = build_packed_dataset(_cfg(tmp_path, f"data.path={path}").data, 256, tok).batch([0])
+    ids, rid = batch["input_ids"][0], batch["response_ids"][0]
+    assert "EARLIER TURN" in tok.decode(ids.tolist())
+    assert [tok.decode(ids[rid == k].tolist()) for k in (0, 1)] == ["Bye!<|end|>\n</s>", "Hi!<|end|>\n</s>"]
+
+
 def _problems(tmp, *overrides):
     with pytest.raises(ConfigError) as e:
         _cfg(tmp, *overrides)
