@@ -302,6 +302,33 @@ def _other_model(folder: Path, vocab_size: int) -> Path:
     return folder
 
 
+def test_command_line_bad_inputs_exit_2_with_one_line(tmp_path):
+    """`ringtrain validate` (beta, a file lacking `rejected`) and `ringtrain data` (one bad record among good ones):
+    exit 2, one `error:` line, no traceback."""
+    import subprocess
+    import sys
+
+    lacking = tmp_path / "lacking.jsonl"
+    lacking.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    mixed = tmp_path / "mixed.jsonl"
+    lines = (SAMPLES / "preference.jsonl").read_text().splitlines()[:6]
+    mixed.write_text("\n".join([*lines[:2], json.dumps({"prompt": "Q: ", "chosen": "y", "rejected": None}), *lines[2:]])
+                     + "\n")
+    config = str(ROOT / "configs/tiny_dpo.yaml")
+    for command, override, expected in (
+            ("validate", "train.beta=-1", "error: train.beta=-1.0 must be > 0 (DPO's KL strength, e.g. 0.1)"),
+            ("validate", f"data.path={lacking}", f"error: data.rejected_field='rejected' is not in any of the first "
+                                                  f"100 records of {lacking}: choose one of prompt, chosen, or leave "
+                                                  "the file out of data.path"),
+            ("data", f"data.path={mixed}", f"error: data.path='{mixed}': 1 of 7 records have no 'rejected' field "
+                                           "(record 2 first, counting from 0): fix or remove them")):
+        proc = subprocess.run([sys.executable, "-m", "ringtrain.cli", command, config, override,
+                               f"data.cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 2 and errors == [expected] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_reference_of_other_shapes_is_refused(tmp_path):
     """train.reference: a model folder of another vocabulary is one line (before any rank works)."""
     folder = _other_model(tmp_path / "other", vocab_size=400)
