@@ -5,9 +5,15 @@ chunk and, when gradients are needed, so are the gradients with respect to the h
 output embedding (the softmax minus the one-hot target is all backward needs): backward only scales the
 stored gradients, so no chunk is recomputed and only one [chunk, vocab] fp32 buffer is alive at a time (two with
 final-logit soft-capping, Gemma 2's c * tanh(logits / c), whose derivative 1 - tanh^2 scales that gradient).
+
+The per-token log-probabilities a preference loss sums per response (`chunked_token_logprobs`) walk the same chunks
+with the same per-chunk helpers; their gradient is known only after the sums, so their backward recomputes each
+chunk's logits instead of storing gradients.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +35,11 @@ def _chunk_weights(labels: torch.Tensor, token_weights: torch.Tensor | None) -> 
     if token_weights is None:
         return valid.to(torch.float32)
     return token_weights.to(torch.promote_types(token_weights.dtype, torch.float32)) * valid
+
+
+def _chunks(n: int, chunk_tokens: int) -> Iterator[slice]:
+    """The token slices every chunked pass walks: [0, c), [c, 2c), ... over n tokens."""
+    return (slice(start, start + chunk_tokens) for start in range(0, n, chunk_tokens))
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, acc: torch.dtype, softcap: float | None
@@ -71,8 +82,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         safe_labels = labels.clamp(min=0)
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            sl = slice(start, start + chunk_tokens)
+        for sl in _chunks(hidden.shape[0], chunk_tokens):
             h, y = hidden[sl], safe_labels[sl]
             w = _chunk_weights(labels[sl], None if token_weights is None else token_weights[sl]).to(acc)  # [n]
             logits, slope = _chunk_logits(h, weight, acc, softcap)
@@ -123,8 +133,7 @@ def chunked_cross_entropy_sum(
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(hidden, weight, labels, weights, chunk, softcap)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        sl = slice(start, start + chunk)
+    for sl in _chunks(hidden.shape[0], chunk):
         logits = F.linear(hidden[sl], weight).float()
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
@@ -149,8 +158,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         valid = labels != IGNORE_INDEX
         safe_labels = labels.clamp(min=0)
         with torch.no_grad():
-            for start in range(0, hidden.shape[0], chunk_tokens):
-                sl = slice(start, start + chunk_tokens)
+            for sl in _chunks(hidden.shape[0], chunk_tokens):
                 logits, _ = _chunk_logits(hidden[sl], weight, acc, softcap)
                 out[sl] = -_log_softmax_grad_(logits, safe_labels[sl])[0] * valid[sl]
                 del logits
@@ -166,8 +174,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         w = (-grad_out.to(acc)) * (labels != IGNORE_INDEX)  # d logp = -d CE
         safe_labels = labels.clamp(min=0)
-        for start in range(0, hidden.shape[0], ctx.chunk_tokens):
-            sl = slice(start, start + ctx.chunk_tokens)
+        for sl in _chunks(hidden.shape[0], ctx.chunk_tokens):
             h = hidden[sl]
             logits, slope = _chunk_logits(h, weight, acc, ctx.softcap)
             _, probs = _log_softmax_grad_(logits, safe_labels[sl])
