@@ -73,8 +73,9 @@ class DataConfig:
     """format='chat': a Jinja chat template file to use instead of the tokenizer's own; '' keeps the tokenizer's
     (the byte tokenizer ships one)."""
     overlong: str = "drop"
-    """format='chat' / 'instruction': a record longer than a sequence (train.seq_len - 1 tokens, the EOS after it
-    counted) is 'drop'ped and counted in one warning line, or is an 'error' (exit 2). Records are never cut."""
+    """format='chat' / 'instruction' / 'preference': a record longer than a sequence (train.seq_len - 1 tokens, the EOS
+    after it counted; a preference record's two documents with an EOS each) is 'drop'ped and counted in one warning
+    line, or is an 'error' (exit 2). Records are never cut."""
     text_sample_by: str = "paragraph"
     """Text files: what one document is: a 'line', a blank-line separated 'paragraph', or the whole 'document'."""
     tokenizer: str = "auto"
