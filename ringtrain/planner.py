@@ -31,6 +31,11 @@ the H200 measurements and CPU runs). The formulas follow what this trainer alloc
   temporary, the tiled MLP's gradient sums and FSDP2's gradient buffers count only what trains (frozen base weights
   get none); a frozen output head gets no weight gradient in the loss. The adapters' own activations (r values per
   token and adapted projection) are left out: a few per mille of a layer's.
+- Preference objectives (train.objective dpo / simpo / orpo): the loss is the chunked log-probability pass, whose
+  buffers are those of the fused loss above; its backward recomputes each chunk's logits (2 x vocab x hidden FLOPs per
+  token more). DPO's reference: with adapters, the policy with the adapters disabled (one more forward per step, no
+  memory beyond its no-grad transients); otherwise a frozen copy, one more model's parameters sharded like the
+  policy's, and one more forward per step.
 
 The peak is the largest of five moments: the end of forward (loss), the loss backward, the backward of the last
 layer (all inputs still stored) and of the first (all layer gradients accumulated), and the optimizer step.
@@ -187,6 +192,10 @@ class Setup:
     dtype_bytes: int = 2
     device: str = "cuda"
     layout: str = "zigzag"
+    objective: str = "sft"
+    """train.objective."""
+    reference: str = "none"
+    """DPO's reference: 'none', 'adapters' (adapters disabled, no copy) or 'copy' (a frozen sharded copy)."""
 
     @property
     def dp(self) -> int:
@@ -219,6 +228,7 @@ class Setup:
 def setup_from_config(cfg: Any, world: int | None = None, device: str = "cuda") -> Setup:
     """The Setup of a loaded TrainConfig on `world` ranks (default: parallel.sp_size x parallel.dp_size)."""
     from ringtrain.config import resolve_layout
+    from ringtrain.config.train import dpo_reference
     from ringtrain.model.causal_lm import resolve_dtype
 
     par, tr = cfg.parallel, cfg.train
@@ -231,7 +241,8 @@ def setup_from_config(cfg: Any, world: int | None = None, device: str = "cuda") 
                  recompute={"none": "none", "full": "full"}.get(policy[0], f"every:{policy[1]}"),
                  tiled_mlp=tr.tiled_mlp, mlp_tile_tokens=tr.mlp_tile_tokens, offload=tr.offload_activations,
                  fsdp=tr.fsdp, loss_chunk=tr.loss_chunk_tokens, dtype_bytes=dtype_bytes, device=device,
-                 layout="zigzag" if layout == "balanced" else layout)
+                 layout="zigzag" if layout == "balanced" else layout, objective=tr.objective,
+                 reference=dpo_reference(tr, cfg.peft.enabled, cfg.peft.trainable_modules))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,7 +405,8 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
     rope = 2 * a * shape.head_dim * n  # cos, sin: shared by every layer
     final_norm = rmsnorm_saved(d, a, fresh_input=True) * n
     loss = loss_bytes(shape, setup)
-    static = {"parameters": params, "optimizer": optimizer, "gradients": grads_accum}
+    reference_copy = shape.params * a / w if setup.reference == "copy" else 0  # frozen, no gradient or state
+    static = {"parameters": params, "optimizer": optimizer, "gradients": grads_accum, "reference_copy": reference_copy}
     acts = {"checkpointed_inputs": ckpt_device, "stored_layers": stored_layers, "other_activations": rope}
 
     def moment(**parts: float) -> dict[str, float]:
@@ -422,7 +434,7 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
                                         **mixer,
                                         gradients=grads_before_first, **first_acts),
         "optimizer step": {"parameters": params, "gradients": shape.trained * a / w, "optimizer": optimizer,
-                           "optimizer_step_temp": shape.trained * a / w},
+                           "optimizer_step_temp": shape.trained * a / w, "reference_copy": reference_copy},
     }
     totals = {k: sum(v.values()) for k, v in moments.items()}
     peak_moment = max(totals, key=totals.get)
@@ -433,12 +445,16 @@ def predict(shape: ModelShape, setup: Setup) -> dict[str, Any]:
     tiled_per_token = 2 * L * shape.mlp_params if setup.tiled_mlp else 0
     # Frozen decoder weights get no weight-gradient matmul in backward (2 FLOPs per weight and token fewer).
     frozen_per_token = -2 * L * (shape.layer_params - shape.layer_trained)
+    # Preference objectives: the log-probability pass recomputes each chunk's logits in backward; DPO's reference
+    # runs one more forward (a third of a training step's model FLOPs).
+    preference_per_token = 2 * shape.vocab * d if setup.objective != "sft" else 0
+    reference_per_token = model_per_token / 3 if setup.reference != "none" else 0
     return {
         "peak_bytes": totals[peak_moment], "peak_moment": peak_moment, "components": moments[peak_moment],
         "moments": totals, "offload_host_bytes": n_ckpt * a * d * n * setup.offload,
         "flops_per_step": model_per_token * tokens_per_step,
-        "hardware_flops_per_step": (model_per_token + recompute_per_token + tiled_per_token + frozen_per_token)
-        * tokens_per_step,
+        "hardware_flops_per_step": (model_per_token + recompute_per_token + tiled_per_token + frozen_per_token
+                                    + preference_per_token + reference_per_token) * tokens_per_step,
         "offload_bytes_per_step": 2 * n_ckpt * a * d * n * setup.grad_accum * setup.offload,
     }
 
@@ -585,6 +601,9 @@ def format_plan(result: dict[str, Any], setup: Setup) -> str:
              f"{result['device']} rank(s): {setup.describe()}; {setup.seq_len:,} tokens x {setup.micro_batch} per "
              f"micro-batch ({setup.local_tokens:,} per rank), {setup.dtype_bytes}-byte parameters",
              f"predicted peak per rank: {result['peak_memory_gib_per_rank']:.2f} GiB, at the {result['peak_moment']}",
+             *([f"objective {setup.objective}" + {"none": "", "adapters": ": reference = the base model with the adapters "
+                "disabled (one more forward per step, no copy)", "copy": ": reference = a frozen copy of the model "
+                "(sharded like it, one more forward per step)"}[setup.reference]] if setup.objective != "sft" else []),
              "", "| component | GiB/rank |", "|---|---|"]
     lines += [f"| {k.replace('_', ' ')} | {v:.2f} |" for k, v in result["components_gib"].items() if v]
     lines += ["", "| moment | GiB/rank |", "|---|---|"]

@@ -8,13 +8,18 @@ timeout, so a distributed bug fails a test instead of stalling CI.
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing as mp
 import os
 import queue
+import signal
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,6 +149,45 @@ def run_distributed(
             p.join(timeout=10)
         results.close()
     return [outputs[r] for r in range(world_size)]
+
+
+def start_torchrun(config: str | os.PathLike, out: Path, *overrides: str, nproc: int = 2,
+                   cwd: str | os.PathLike | None = None) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node=<nproc> -m ringtrain.cli train <config> train.output_dir=<out>
+    <overrides>` in a session of its own (a signal to its process group reaches torchrun as a terminal's would), its
+    output appended to <out>.log beside the run folder."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ringtrain.cli", "train", str(config), f"train.output_dir={out}", *overrides]
+    log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
+    """The exit code of a `start_torchrun` job; past `timeout` seconds its process group is killed and the timeout
+    raised."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def run_metrics(out: Path) -> dict[int, dict[str, Any]]:
+    """The records of <out>/metrics.jsonl by step ({} before the first)."""
+    path = out / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {r["step"]: r for r in records}
+
+
+def wait_for_steps(out: Path, proc: subprocess.Popen, steps: int, timeout: float = 240) -> None:
+    """Return once <out>/metrics.jsonl holds `steps` steps; fail if the job ends first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while len(run_metrics(out)) < steps:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended with {proc.returncode} before step {steps}; see {out}.log")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"step {steps} not reached in {timeout:.0f}s; see {out}.log")
+        time.sleep(0.05)
 
 
 class HostStagedComm(RingComm):

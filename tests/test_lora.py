@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ringtrain.errors import ConfigError
-from ringtrain.testing import run_distributed
+from ringtrain.testing import finish, run_distributed, run_metrics, start_torchrun, wait_for_steps
 from ringtrain.validate import load_validated_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,29 +301,15 @@ RESUME = [f"train.max_steps={RESUME_STEPS}", "train.seq_len=256", "train.micro_b
 
 
 def _torchrun(out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ringtrain.cli",
-           "train", str(ROOT / "configs/tiny_lora.yaml"), f"train.output_dir={out}", *RESUME, *extra]
-    log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return start_torchrun(ROOT / "configs/tiny_lora.yaml", out, *RESUME, *extra, cwd=ROOT)
 
 
 def _run_losses(out: Path) -> dict[int, float]:
-    import json
-
-    path = out / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return {r["step"]: r["loss"] for r in records}
+    return {step: r["loss"] for step, r in run_metrics(out).items()}
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 400) -> int:
-    import os
-    import signal
-
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
+    return finish(proc, timeout)
 
 
 def _folder_bytes(path: Path) -> int:
@@ -335,7 +321,6 @@ def test_sigterm_and_resume_is_exact_and_the_checkpoint_is_small(tmp_path):
     bitwise; the checkpoint holds no frozen weight (a fraction of full fine-tuning's); another base is refused."""
     import os
     import signal
-    import time
 
     ref = tmp_path / "ref"
     assert _finish(_torchrun(ref)) == 0, (tmp_path / "ref.log").read_text()[-3000:]
@@ -344,10 +329,7 @@ def test_sigterm_and_resume_is_exact_and_the_checkpoint_is_small(tmp_path):
 
     term = tmp_path / "term"
     proc = _torchrun(term)
-    deadline = time.monotonic() + 300
-    while len(_run_losses(term)) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "term.log").read_text()[-3000:]
-        time.sleep(0.05)
+    wait_for_steps(term, proc, 3, 300)
     os.killpg(proc.pid, signal.SIGTERM)
     _finish(proc)
     stopped = max(_run_losses(term))

@@ -9,9 +9,9 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
+
+from ringtrain.testing import finish, start_torchrun, wait_for_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -22,11 +22,7 @@ OVERRIDES = [
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ringtrain.cli", "train", str(ROOT / "configs/tiny_cpu.yaml"), f"train.output_dir={out}",
-           *OVERRIDES, *extra]
-    log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return start_torchrun(ROOT / "configs/tiny_cpu.yaml", out, *OVERRIDES, *extra, cwd=ROOT)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -38,21 +34,11 @@ def _losses(out: Path) -> dict[int, float]:
 
 
 def _wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(_losses(out)) >= step:
-            return
-        assert proc.poll() is None, f"run ended early with {proc.returncode}; see {out}.log"
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
+    wait_for_steps(out, proc, step, timeout)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
+    return finish(proc, timeout)
 
 
 def _checkpoints(out: Path) -> list[int]:

@@ -10,10 +10,11 @@ from typing import Any
 from ringtrain.config.rules import one_of
 
 SOURCES = ("passkey", "files", "hub")
-FORMATS = ("auto", "json", "parquet", "text", "chat", "instruction")
+FORMATS = ("auto", "json", "parquet", "text", "chat", "instruction", "preference")
 # Record formats: each record is one conversation / one prompt-completion pair, read from json or parquet files (or
-# the hub) and rendered into one document with a loss mask (data/chat.py).
-RECORD_FORMATS = ("chat", "instruction")
+# the hub) and rendered into one document with a loss mask (data/chat.py); a preference record into two (prompt +
+# chosen, prompt + rejected), packed together.
+RECORD_FORMATS = ("chat", "instruction", "preference")
 LOSS_ON = ("assistant", "all")
 OVERLONG = ("drop", "error")
 # Keys a data.sources entry may set: its own name and weight, and the per-source subset of DataConfig's keys.
@@ -49,13 +50,22 @@ class DataConfig:
     """files: 'json' (.jsonl/.json), 'parquet', 'text' (.txt/.md), or 'auto' to pick from the extension; or a record
     format, read from json / parquet files by their extension (or the hub): 'chat' (a list of {role, content} messages
     per record, rendered with the tokenizer's chat template, loss per data.loss_on) or 'instruction' (prompt and
-    completion fields, loss on the completion and the EOS after it). A record is one document."""
+    completion fields, loss on the completion and the EOS after it). A record is one document. 'preference' (the
+    format of train.objective dpo / simpo / orpo, which picks it from 'auto'): prompt, chosen and rejected fields,
+    plain text or chat messages (the prompt a list of messages, each response a string or a list of assistant
+    messages, rendered with the chat template); a record is two documents, prompt + chosen and prompt + rejected,
+    packed whole into one sequence."""
     messages_field: str = "messages"
     """format='chat': the field holding the list of {role, content} messages (roles: system, user, assistant, tool)."""
     prompt_field: str = "prompt"
     """format='instruction': the field holding the prompt (no loss)."""
     completion_field: str = "completion"
     """format='instruction': the field holding the completion (loss)."""
+    chosen_field: str = "chosen"
+    """format='preference': the field holding the preferred response (a string, or a list of assistant messages)."""
+    rejected_field: str = "rejected"
+    """format='preference': the field holding the dispreferred response (a string, or a list of assistant
+    messages)."""
     loss_on: str = "assistant"
     """format='chat': which tokens carry loss: 'assistant' (each assistant turn's rendered text, from the end of the
     template's generation prompt to the end of the turn, end-of-turn marker included) or 'all' (every token)."""
@@ -63,8 +73,9 @@ class DataConfig:
     """format='chat': a Jinja chat template file to use instead of the tokenizer's own; '' keeps the tokenizer's
     (the byte tokenizer ships one)."""
     overlong: str = "drop"
-    """format='chat' / 'instruction': a record longer than a sequence (train.seq_len - 1 tokens, the EOS after it
-    counted) is 'drop'ped and counted in one warning line, or is an 'error' (exit 2). Records are never cut."""
+    """format='chat' / 'instruction' / 'preference': a record longer than a sequence (train.seq_len - 1 tokens, the EOS
+    after it counted; a preference record's two documents with an EOS each) is 'drop'ped and counted in one warning
+    line, or is an 'error' (exit 2). Records are never cut."""
     text_sample_by: str = "paragraph"
     """Text files: what one document is: a 'line', a blank-line separated 'paragraph', or the whole 'document'."""
     tokenizer: str = "auto"
@@ -256,7 +267,9 @@ def _record_format_problems(cfg: DataConfig) -> list[tuple[str, str]]:
     if cfg.split_documents:
         problems.append(("split_documents", f"split_documents=true with format={cfg.format!r} would cut "
                                             "conversations over sequences: leave it unset (records stay whole)"))
-    for name in ("messages_field",) if cfg.format == "chat" else ("prompt_field", "completion_field"):
+    fields = {"chat": ("messages_field",), "instruction": ("prompt_field", "completion_field"),
+              "preference": ("prompt_field", "chosen_field", "rejected_field")}[cfg.format]
+    for name in fields:
         if not getattr(cfg, name):
             problems.append((name, f"{name}='' must name the record's field"))
     return problems

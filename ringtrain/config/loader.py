@@ -26,7 +26,7 @@ from ringtrain.config.optim import OptimConfig
 from ringtrain.config.parallel import ParallelConfig
 from ringtrain.config.peft import AdapterConfig
 from ringtrain.config.rope import RopeConfig
-from ringtrain.config.train import TrainLoopConfig
+from ringtrain.config.train import TrainLoopConfig, objective_problems, resolve_objective_format
 from ringtrain.errors import ConfigError
 
 
@@ -44,6 +44,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def _validate(self) -> list[tuple[str, str]]:
+        """Checks across sections (each message names its full keys)."""
+        return [("", p) for p in objective_problems(self.train, self.data)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,6 +305,8 @@ def parse_config(path: str | Path | None = None, overrides: list[str] | tuple[st
     for key, value in parse_overrides(list(overrides), problems):
         _set_dotted(data, key, value)
     cfg = _build(TrainConfig, data, "", problems, TrainConfig)
+    if cfg is not None and cfg.train is not None and cfg.data is not None:
+        resolve_objective_format(cfg.train, cfg.data)
     _validate_tree(cfg, "", problems)
     return cfg, problems
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ringtrain.config.rules import at_least, one_of
 
+if TYPE_CHECKING:
+    from ringtrain.config.data import DataConfig
+
 NONFINITE_ACTIONS = ("skip", "stop")
 LOSS_WEIGHTINGS = ("token", "sequence")
+# Preference objectives train on records with prompt, chosen and rejected (data.format='preference'); "sft" is the
+# next-token objective. DPO compares with a reference model; SimPO and ORPO need none.
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
+OBJECTIVES = ("sft", *PREFERENCE_OBJECTIVES)
 NONFINITE_FRACTION_FROM_STEP = 20  # max_nonfinite_fraction is judged from this step on: earlier, one step is 5%+
 
 
@@ -59,6 +67,23 @@ class TrainLoopConfig:
     or 'sequence' (each document's / conversation's own mean loss, the documents weighted equally: LongAlign's loss
     weighting, so that long conversations packed with short ones do not dominate). Exact under SP, DP, packing and
     gradient accumulation. A document split over two sequences counts once per sequence. Needs data.document_mask."""
+    objective: str = "sft"
+    """What the run minimises: 'sft' (next-token cross-entropy on every target token) or a preference objective on
+    records with prompt, chosen and rejected (data.format='preference', the default format with these): 'dpo'
+    (sigmoid DPO against the reference model, train.reference), 'simpo' (SimPO: length-normalised log-probabilities
+    and a margin, no reference) or 'orpo' (ORPO: the chosen response's mean NLL plus beta x the odds-ratio loss, no
+    reference). Each pair's chosen and rejected responses are packed as two documents of one sequence."""
+    beta: float = 0.1
+    """Preference objectives: DPO's beta (the KL strength, 0.1 typical), SimPO's beta (2.0 typical), ORPO's lambda
+    (the weight of the odds-ratio term, 0.1 typical). Must be > 0."""
+    simpo_gamma: float = 0.5
+    """objective='simpo': the target reward margin gamma (SimPO's paper uses 0.5 to 1.6 with beta 2.0 to 2.5)."""
+    reference: str = ""
+    """objective='dpo': the reference model. '' = the starting weights: with peft adapters (and no
+    peft.trainable_modules) the base model with the adapters disabled, in the same forward (no copy); otherwise a
+    frozen copy of the starting weights, sharded like the model (one more model's weights in memory, spread over the
+    ranks with FSDP, and one more forward per step). A model folder: that model, frozen, which must have the
+    trained model's shapes and vocabulary."""
     fsdp: bool = True
     """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (fully_shard)."""
     threads: int = 0
@@ -79,6 +104,13 @@ class TrainLoopConfig:
                                                        "in (0, 1] (1 = never stop on the fraction of skipped steps)"))
         problems += one_of(self, "loss_weighting", LOSS_WEIGHTINGS)
         problems += one_of(self, "on_nonfinite", NONFINITE_ACTIONS)
+        problems += one_of(self, "objective", OBJECTIVES)
+        if not self.beta > 0:
+            problems.append(("beta", f"beta={self.beta} must be > 0 (DPO's KL strength, e.g. 0.1)"))
+        problems += at_least(self, "simpo_gamma", 0, ">= 0 (SimPO's target margin, e.g. 0.5)")
+        if self.reference and self.objective != "dpo":
+            problems.append(("reference", f"reference={self.reference!r} is used by objective='dpo' only "
+                                          f"(objective={self.objective!r}): remove it"))
         policy = recompute_policy(self.activation_checkpointing)
         if policy is None:
             problems.append(("activation_checkpointing", f"activation_checkpointing={self.activation_checkpointing!r} "
@@ -111,3 +143,47 @@ def recompute_policy(value: bool | str) -> tuple[str, int] | None:
         if k >= 1:
             return ("full", 1) if k == 1 else ("every", k)
     return None
+
+
+def dpo_reference(train: TrainLoopConfig, adapters_enabled: bool, trainable_modules: list[str]) -> str:
+    """Which reference a run computes: 'none' (not DPO), 'adapters' (the policy with its adapters disabled: peft
+    without trainable_modules, which would differ from the start), 'copy' (a frozen copy of the starting weights or
+    of train.reference's model). The trainer builds it and the planner counts it by this one rule."""
+    if train.objective != "dpo":
+        return "none"
+    return "adapters" if not train.reference and adapters_enabled and not trainable_modules else "copy"
+
+
+def resolve_objective_format(train: TrainLoopConfig, data: DataConfig) -> None:
+    """A preference objective reads preference records: data.format 'auto' becomes 'preference' (in place), so a
+    JSON-lines file of prompt / chosen / rejected records needs no other key."""
+    if train.objective in PREFERENCE_OBJECTIVES and data.format == "auto" and not data.sources:
+        data.format = "preference"
+
+
+def objective_problems(train: TrainLoopConfig, data: DataConfig) -> list[str]:
+    """What train.objective needs of the data section, one line each (full keys)."""
+    preference = train.objective in PREFERENCE_OBJECTIVES
+    if not preference:
+        if data.format == "preference":
+            return [f"data.format='preference' trains a preference objective, and train.objective={train.objective!r}:"
+                    f" set train.objective to one of {', '.join(PREFERENCE_OBJECTIVES)}"]
+        return []
+    what = f"train.objective={train.objective!r} trains on prompt / chosen / rejected records"
+    problems = []
+    if data.sources:
+        problems.append(f"{what}, and data.sources mixes sources: give one data.path (mixtures of preference data "
+                        "are not built)")
+    elif data.format != "preference":
+        problems.append(f"{what}: data.format={data.format!r} must be 'preference' (or 'auto')")
+    if data.streaming:
+        problems.append(f"{what}, which are packed in pairs from a cached dataset: set data.streaming=false")
+    if data.long_tokens > 0 and data.long_upsample != 1.0:
+        problems.append(f"{what}: data.long_upsample repeats documents one by one and would split pairs: set "
+                        "data.long_upsample=1 (or data.long_tokens=0)")
+    if not data.document_mask:
+        problems.append(f"{what} packed as separate documents: set data.document_mask=true")
+    if train.loss_weighting != "token":
+        problems.append(f"{what}: train.loss_weighting={train.loss_weighting!r} weighs tokens of a next-token loss; "
+                        "a preference loss is a mean over pairs: leave train.loss_weighting=token")
+    return problems

@@ -110,24 +110,59 @@ class EncodeRecords:
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(next(iter(batch.values())))
         out: dict[str, list] = {"input_ids": [], "loss_mask": [], "problem": [], "straddling": []}
+        if self.format == "preference":
+            out["chosen_tokens"] = []  # the record's first document (prompt + chosen); the rest is prompt + rejected
         for i in range(n):
             try:
-                text, spans = self.record(batch, i)
+                documents = self.preference(batch, i) if self.format == "preference" else [self.record(batch, i)]
             except (ValueError, TypeError, TemplateError) as err:  # refused by the template (raise_exception)
-                text, spans = None, str(err) if isinstance(err, TemplateNotPrefixError) else \
-                    f"are refused by the chat template ({err})"
-            if text is None:
-                out["input_ids"].append(np.zeros(0, np.int32))
-                out["loss_mask"].append(np.zeros(0, bool))
-                out["problem"].append(spans)
-                out["straddling"].append(0)
-                continue
-            ids, mask, crossing = encode_segments(self.tokenizer, text, spans)
-            out["input_ids"].append(ids)
-            out["loss_mask"].append(mask)
-            out["problem"].append("")
-            out["straddling"].append(crossing)
+                documents = [(None, str(err) if isinstance(err, TemplateNotPrefixError) else
+                              f"are refused by the chat template ({err})")]
+            problem = next((spans for text, spans in documents if text is None), None)
+            if problem is not None:
+                documents = []
+            encoded = [encode_segments(self.tokenizer, text, spans) for text, spans in documents]
+            out["input_ids"].append(np.concatenate([e[0] for e in encoded]) if encoded else np.zeros(0, np.int32))
+            out["loss_mask"].append(np.concatenate([e[1] for e in encoded]) if encoded else np.zeros(0, bool))
+            out["problem"].append(problem or "")
+            out["straddling"].append(sum(e[2] for e in encoded))
+            if "chosen_tokens" in out:
+                out["chosen_tokens"].append(len(encoded[0][0]) if encoded else 0)
         return out
+
+    def preference(self, batch: dict[str, list], i: int) -> list[tuple[str | None, Any]]:
+        """[(prompt + chosen, loss spans), (prompt + rejected, loss spans)] of record i, or [(None, problem)].
+
+        Plain text: the prompt string then the response, loss on the response. Chat: a prompt that is a list of
+        messages (or a response that is one) is rendered with the template, the prompt's messages followed by the
+        response (a string is one assistant message); loss on the response's assistant turns only."""
+        prompt_field, chosen_field, rejected_field = self.fields
+        prompt = batch[prompt_field][i] if prompt_field in batch else None
+        if prompt is None or not isinstance(prompt, (str, list)):
+            return [(None, f"have no string or message list in the {prompt_field!r} field")]
+        documents = []
+        for field in (chosen_field, rejected_field):
+            response = batch[field][i] if field in batch else None
+            if response is None:
+                return [(None, f"have no {field!r} field")]
+            if not isinstance(response, (str, list)):
+                return [(None, f"have a {field!r} field that is neither a string nor a list of messages")]
+            if not response:
+                return [(None, f"have an empty {field!r} field (nothing to compare)")]
+            if isinstance(prompt, str) and isinstance(response, str):
+                documents.append((prompt + response, [(len(prompt), len(prompt) + len(response))]))
+                continue
+            context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            reply = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+            problem = messages_problem(context, prompt_field) or messages_problem(reply, field)
+            if problem:
+                return [(None, problem)]
+            if not any(m["role"] == "assistant" for m in reply):
+                return [(None, f"have no assistant message in the {field!r} field")]
+            text, spans = chat_spans(self.tokenizer, context + reply, self.template)
+            before = sum(m["role"] == "assistant" for m in context)  # the prompt's own assistant turns carry no loss
+            documents.append((text, spans[before:]))
+        return documents
 
     def record(self, batch: dict[str, list], i: int) -> tuple[str | None, Any]:
         """(text, loss spans) of record i, or (None, problem)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from ringtrain.config.data import DataConfig, source_config, source_name
+from ringtrain.config.data import RECORD_FORMATS, DataConfig, source_config, source_name
 from ringtrain.data.files import non_empty_files, resolve_files
 
 SAMPLED_RECORDS = 100  # JSON lines read per file to look for the text field
@@ -31,7 +31,7 @@ def text_field_problem(path: str, builder: str, cfg: DataConfig) -> str | None:
             return None  # not JSON lines (one JSON document): datasets checks it when loading
         where = f"in any of the first {SAMPLED_RECORDS} records of"
     choice = f"choose one of {', '.join(fields)}" if fields else "it has no fields"
-    if cfg.format not in ("chat", "instruction") and fields == ["text"]:
+    if cfg.format not in RECORD_FORMATS and fields == ["text"]:
         return None  # a file whose only field is 'text' is read as the text, whatever data.text_field says
     for key, name in record_fields(cfg):
         if name not in fields:
@@ -45,6 +45,9 @@ def record_fields(cfg: DataConfig) -> list[tuple[str, str]]:
         return [("messages_field", cfg.messages_field)]
     if cfg.format == "instruction":
         return [("prompt_field", cfg.prompt_field), ("completion_field", cfg.completion_field)]
+    if cfg.format == "preference":
+        return [("prompt_field", cfg.prompt_field), ("chosen_field", cfg.chosen_field),
+                ("rejected_field", cfg.rejected_field)]
     return [("text_field", cfg.text_field)]
 
 

@@ -37,7 +37,7 @@ class PackedDataset:
         self, input_ids: np.ndarray, segments: np.ndarray, *, document_mask: bool = True,
         answer_mask: np.ndarray | None = None, num_documents: int = 0, answer_loss_fraction: float = 0.0,
         loss_mask: np.ndarray | None = None, source_ids: np.ndarray | None = None,
-        source_names: Sequence[str] = (),
+        source_names: Sequence[str] = (), pairs: bool = False,
     ) -> None:
         self.input_ids = input_ids  # [N, S] int32
         self.segments = segments  # [N, S] int64, see the class docstring
@@ -48,6 +48,7 @@ class PackedDataset:
         self.loss_mask = loss_mask  # [N, S] bool or None: tokens whose labels carry loss (chat, instruction)
         self.source_ids = source_ids  # [N, S] int16 or None: each token's source in a mixture, -1 on padding
         self.source_names = list(source_names)
+        self.pairs = pairs  # documents 2k and 2k + 1 are pair k's chosen and rejected responses (preference data)
 
     def source_tokens(self, indices: Sequence[int] | np.ndarray) -> dict[str, int]:
         """Tokens (padding excluded) of each source in these sequences; {} without a mixture."""
@@ -79,7 +80,8 @@ class PackedDataset:
         token: predicting it from the previous document is not part of any document's loss), document_ids
         (0, 1, ... per sequence, non-decreasing; all 0 without document_mask), attention_mask (1 real, 0
         padding), all int64; answer_mask (bool, True on passkey answer tokens) when the source provides it;
-        token_weights (float32) when answer_loss_fraction > 0, see `answer_token_weights`.
+        token_weights (float32) when answer_loss_fraction > 0, see `answer_token_weights`; response_ids (int64)
+        with preference pairs, see `pair_response_ids`.
         """
         idx = np.asarray(indices, dtype=np.int64)
         input_ids = self.input_ids[idx].astype(np.int64)
@@ -103,6 +105,8 @@ class PackedDataset:
             "document_ids": torch.from_numpy(document_ids),
             "attention_mask": torch.from_numpy((~padding).astype(np.int64)),
         }
+        if self.pairs:
+            out["response_ids"] = torch.from_numpy(pair_response_ids(seg, labels != IGNORE_INDEX))
         if self.answer_mask is not None:
             answer = self.answer_mask[idx] & ~padding
             out["answer_mask"] = torch.from_numpy(answer)
@@ -110,6 +114,17 @@ class PackedDataset:
                 weights = answer_token_weights(labels != IGNORE_INDEX, answer, segment_ids, self.answer_loss_fraction)
                 out["token_weights"] = torch.from_numpy(weights)
         return out
+
+
+def pair_response_ids(segments: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """[B, S] int64: which response each label belongs to, 2 p + r for the batch's pair p (numbered 0, 1, ... in
+    sequence order over the batch) and r = 0 chosen / 1 rejected; -1 where the label carries no loss (the prompt,
+    padding). `segments` as `PackedDataset` holds them (document k is 2k; pair k's documents are 2k and 2k + 1)."""
+    document = segments // 2
+    pair = np.unique(document[valid] // 2, return_inverse=True)[1]
+    out = np.full(segments.shape, -1, dtype=np.int64)
+    out[valid] = 2 * pair.reshape(-1) + document[valid] % 2
+    return out
 
 
 def ignore_cross_document_labels(
@@ -186,6 +201,7 @@ def pack_documents(
     loss_masks: Sequence[np.ndarray] | np.ndarray | None = None,
     eos_loss: bool | np.ndarray = True,
     document_sources: np.ndarray | None = None,
+    pairs: bool = False,
 ) -> PackedDataset:
     """Pack token documents into `seq_len` sequences: each document then EOS, cut every `seq_len` tokens.
 
@@ -197,7 +213,9 @@ def pack_documents(
     `answer_loss_fraction` > 0 then adds `token_weights` to each batch. `loss_masks` (per document, or one flat
     array over all tokens) marks the tokens whose labels carry loss (chat and instruction data); the EOS after a
     document carries loss when `eos_loss`. `document_sources` (one int per document) names each document's source in
-    a mixture; batches then count each source's tokens (`PackedDataset.source_tokens`).
+    a mixture; batches then count each source's tokens (`PackedDataset.source_tokens`). `pairs`: documents 2k and
+    2k + 1 are one preference pair (prompt + chosen, prompt + rejected), placed together in one sequence, best-fit
+    (needs split_documents=False; batches then hold `response_ids`).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} must be >= 2")
@@ -226,14 +244,25 @@ def pack_documents(
     if document_sources is not None:
         document_sources = np.asarray(document_sources, dtype=np.int64)[lengths > 0]
     eos_loss = np.broadcast_to(np.asarray(eos_loss, dtype=bool), lengths.shape)[lengths > 0]
+    if pairs and (split_documents or lengths.size % 2 or not (lengths > 0).all()):
+        raise ValueError("pairs=True packs non-empty documents two by two, whole: pass an even number of them and "
+                         "split_documents=False")
     lengths = lengths[lengths > 0]  # empty documents contribute no tokens, so `flat` is unchanged
     if lengths.size == 0:
         raise ValueError("no tokens to pack: every document is empty (check data.text_field and the files)")
 
     with_eos = lengths + 1  # EOS closes (and belongs to) each document
     if not split_documents:
-        # Place whole documents first, then lay the documents out in the order of their places.
-        dest_start = best_fit_starts(with_eos, seq_len)
+        # Place whole documents (or pairs) first, then lay the documents out in the order of their places.
+        if pairs:
+            pair_sizes = with_eos[0::2] + with_eos[1::2]
+            if pair_sizes.max() > seq_len:
+                raise ValueError(f"a pair of documents holds {pair_sizes.max()} tokens with its EOS: more than "
+                                 f"seq_len={seq_len}")
+            first = np.repeat(best_fit_starts(pair_sizes, seq_len), 2)
+            dest_start = first + np.where(np.arange(with_eos.size) % 2 == 1, np.repeat(with_eos[0::2], 2), 0)
+        else:
+            dest_start = best_fit_starts(with_eos, seq_len)
         order = np.argsort(dest_start, kind="stable")
         token_order = _document_token_order(lengths, order)
         flat, lengths, dest_start = flat[token_order], lengths[order], dest_start[order]
@@ -289,7 +318,7 @@ def pack_documents(
     return PackedDataset(
         input_ids.reshape(num_sequences, seq_len), segments.reshape(num_sequences, seq_len),
         document_mask=document_mask, answer_mask=answer, num_documents=n_docs,
-        answer_loss_fraction=answer_loss_fraction, loss_mask=loss_mask, source_ids=source_ids,
+        answer_loss_fraction=answer_loss_fraction, loss_mask=loss_mask, source_ids=source_ids, pairs=pairs,
     )
 
 

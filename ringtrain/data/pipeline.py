@@ -130,7 +130,8 @@ def encode_records(ds: Dataset, tokenizer: Any, cfg: DataConfig) -> Dataset:
     from ringtrain.data.chat import EncodeRecords, chat_template_of
 
     template = chat_template_of(cfg, tokenizer)
-    fields = (cfg.messages_field,) if cfg.format == "chat" else (cfg.prompt_field, cfg.completion_field)
+    fields = {"chat": (cfg.messages_field,), "instruction": (cfg.prompt_field, cfg.completion_field),
+              "preference": (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)}[cfg.format]
     fn = EncodeRecords(tokenizer, cfg.format, fields, cfg.loss_on, template)
     return ds.map(fn, batched=True, batch_size=64, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
                   remove_columns=ds.column_names, desc=f"rendering {cfg.format} records")
@@ -138,11 +139,14 @@ def encode_records(ds: Dataset, tokenizer: Any, cfg: DataConfig) -> Dataset:
 
 def record_documents(
     encoded: Dataset, cfg: DataConfig, seq_len: int, *, log: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(flat tokens, lengths, flat loss mask) of encoded records, after the record-level checks and data.overlong.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(flat tokens, lengths, flat loss mask, which records are kept) of encoded records, after the record-level
+    checks and data.overlong.
 
     Records that cannot be used (no messages, an unknown role, ...) are refused together, one line per fault with
-    their count; records longer than a sequence are dropped and counted (data.overlong=drop) or refused.
+    their count; records longer than a sequence are dropped and counted (data.overlong=drop) or refused. A
+    preference record is its two documents (prompt + chosen, prompt + rejected) back to back, each closed by an EOS
+    when packed: the pair must fit one sequence.
     """
     import pyarrow.compute as pc
 
@@ -165,7 +169,9 @@ def record_documents(
     if crossing and log:
         logger.warning("data: %d token(s) of %s cross an assistant turn's boundary in the tokenized text; each "
                        "carries loss when it starts inside the turn", crossing, where)
-    long = lengths + 1 > seq_len  # the EOS after a record shares its sequence
+    eos = 2 if cfg.format == "preference" else 1  # the EOS after each of a record's documents shares its sequence
+    long = lengths + eos > seq_len
+    kept = ~long
     if long.any():
         if cfg.overlong == "error" or long.all():
             why = "all of them" if long.all() else "data.overlong=error"
@@ -177,7 +183,7 @@ def record_documents(
             logger.warning("data: %d of %d records of %s are longer than train.seq_len=%d (the EOS counted): dropped "
                            "(data.overlong=drop), never cut", int(long.sum()), len(lengths), where, seq_len)
         flat, loss, lengths = flat[keep], loss[keep], lengths[~long]
-    return flat, lengths, loss
+    return flat, lengths, loss, kept
 
 
 def rank_zero_first(load: Callable[[], T], dims: ParallelDims | None, *, what: str) -> T:
@@ -227,10 +233,12 @@ def build_packed_dataset(
         if mesh is None or mesh.rank == 0:
             logger.info("data upsampling: " + describe_upsampling(cfg.path, cfg, docs, index, 1.0)
                         .replace("; 100.0% -> %s of all tokens", ""))
-    # Records (chat, instruction) stay whole (validated), placed best-fit.
+    # Records (chat, instruction) stay whole (validated), placed best-fit; a preference record's two documents
+    # share one sequence.
     return pack_documents((flat, lengths), seq_len, eos_id, pad_id,
                           split_documents=split_documents and cfg.format not in RECORD_FORMATS,
-                          document_mask=cfg.document_mask, loss_masks=loss, eos_loss=eos_loss)
+                          document_mask=cfg.document_mask, loss_masks=loss, eos_loss=eos_loss,
+                          pairs=cfg.format == "preference")
 
 
 class SourceDocuments:
@@ -248,8 +256,11 @@ def source_documents(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: Parall
     if cfg.format in RECORD_FORMATS:
         encoded = rank_zero_first(lambda: encode_records(load_documents(cfg), tokenizer, cfg), mesh,
                                   what=f"loading and encoding {cfg.path}")
-        flat, lengths, loss = record_documents(encoded, cfg, seq_len, log=log)
-        return SourceDocuments(flat, lengths, loss, cfg.format == "instruction")
+        flat, lengths, loss, kept = record_documents(encoded, cfg, seq_len, log=log)
+        if cfg.format == "preference":  # each record -> its two documents, prompt + chosen then prompt + rejected
+            chosen = np.asarray(encoded.data.column("chosen_tokens").to_numpy(), dtype=np.int64)[kept]
+            lengths = np.stack([chosen, lengths - chosen], axis=1).reshape(-1)
+        return SourceDocuments(flat, lengths, loss, cfg.format in ("instruction", "preference"))
 
     def load_and_tokenize() -> tuple[Dataset, Dataset]:
         documents = load_documents(cfg)

@@ -23,7 +23,8 @@ from ringtrain.ring.layout import Layout
 
 # Per-token tensors the data pipeline may add (docs/data.md). Label-aligned ones describe the label at t (the
 # prediction of token t), so they shift with the labels; token-aligned ones describe token t and only shard.
-LABEL_ALIGNED_KEYS = ("token_weights", "answer_mask")
+LABEL_ALIGNED_KEYS = ("token_weights", "answer_mask", "response_ids")
+NO_LABEL_VALUES = {"response_ids": -1}  # what a label-aligned key holds where no label is (else 0 / False)
 TOKEN_ALIGNED_KEYS = ("document_ids",)
 
 
@@ -73,8 +74,8 @@ def shard_batch(
         position of each sequence and every padding position hold `ignore_index`. Do not shift these again,
       - `num_label_tokens` (0-d LongTensor): non-ignored labels in the full batch, the same on every rank of the
         group: divide the summed local loss by it (and by its sum over data-parallel ranks) to get a mean,
-      - `token_weights`, `answer_mask` if given: shifted exactly like the labels (aligned with `shift_labels`;
-        0 / False at the last position), and `document_ids` [B, S_local] if given (non-decreasing per row):
+      - `token_weights`, `answer_mask`, `response_ids` if given: shifted exactly like the labels (aligned with
+        `shift_labels`; 0 / False / -1 at the last position), and `document_ids` [B, S_local] if given (non-decreasing per row):
         sharded, not shifted. The label of a document's last token (the next document's first token) is
         ignored: no loss crosses a document boundary,
       - `documents` (with `document_ids`): a `RingDocuments` built from the full ids, without communication; pass
@@ -138,7 +139,7 @@ def shard_batch(
             value = batch[key]
             if value.shape != input_ids.shape:
                 raise ValueError(f"{key} shape {tuple(value.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            shifted = torch.zeros_like(value)  # 0 / False: the last position has no label
+            shifted = torch.full_like(value, NO_LABEL_VALUES.get(key, 0))  # the last position has no label
             shifted[:, :-1] = value[:, 1:]
             out[key] = sp.shard(shifted)
     for key in TOKEN_ALIGNED_KEYS:

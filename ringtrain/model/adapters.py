@@ -11,10 +11,12 @@ embeddings and norms) train in place, as plain parameters with `requires_grad`; 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +104,23 @@ def apply_adapters(lm: nn.Module, cfg: AdapterConfig) -> list[str]:
         for p in modules[name].parameters():
             p.requires_grad_(True)
     return names
+
+
+@contextlib.contextmanager
+def adapters_disabled(lm: nn.Module) -> Iterator[None]:
+    """Run `lm` as its base model inside the block: every peft layer's adapters off (peft's public
+    `enable_adapters`), then on again with the trainable flags they had. The DPO reference of an adapter run."""
+    tuners = [m for m in lm.modules() if _is_tuner(m)]
+    trainable = [(p, p.requires_grad) for m in tuners for p in m.parameters()]
+    for m in tuners:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in tuners:
+            m.enable_adapters(True)
+        for p, flag in trainable:  # enable_adapters(True) marks the adapters trainable; keep what was
+            p.requires_grad_(flag)
 
 
 def trained_module_names(lm: nn.Module) -> list[str]:

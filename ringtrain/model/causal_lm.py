@@ -17,7 +17,7 @@ from torch import nn
 
 from ringtrain.config import ModelConfig
 from ringtrain.log import get_logger
-from ringtrain.model.loss import chunked_cross_entropy_sum
+from ringtrain.model.loss import chunked_cross_entropy_sum, chunked_token_logprobs
 from ringtrain.model.moe import BalancingLoss, RouterStats, balancing_loss
 
 if TYPE_CHECKING:
@@ -196,7 +196,11 @@ class CausalLMWithChunkedLoss(nn.Module):
         """This rank's router statistics from the last forward (with `balancing`)."""
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                token_weights: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_weights: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                response_ids: torch.Tensor | None = None, num_responses: int = 0) -> torch.Tensor:
+        """The summed (weighted) token loss of these tokens; with `response_ids` ([B, S_local], aligned with the
+        labels: the response each label belongs to, -1 for none) instead the [num_responses] sums of the labels'
+        log-probabilities per response over these tokens (fp32 at least), for a preference loss."""
         # document_ids reach the ring attention function through transformers' public **kwargs path.
         extra = {} if document_ids is None else {"document_ids": document_ids}
         if self.balancing is not None:
@@ -214,5 +218,10 @@ class CausalLMWithChunkedLoss(nn.Module):
         if self.logit_scale not in (None, 1.0):
             hidden = hidden * self.logit_scale
         weight = self.lm.get_output_embeddings().weight
+        if response_ids is not None:
+            logps = chunked_token_logprobs(hidden, weight, labels, chunk_tokens=self.chunk_tokens,
+                                           softcap=self.logit_softcap)  # [N], 0 where no label
+            sums = logps.new_zeros(num_responses)
+            return sums.index_add(0, response_ids.reshape(-1).clamp(min=0), logps)
         return chunked_cross_entropy_sum(hidden, weight, labels, chunk_tokens=self.chunk_tokens,
                                          token_weights=token_weights, softcap=self.logit_softcap)

@@ -185,7 +185,7 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
                        "router: set train.tiled_mlp=false, or model.config.router_aux_loss_coef=0.0")
     if refused:
         return refused
-    problems = adapter_problems(cfg, lm)
+    problems = adapter_problems(cfg, lm) + reference_problems(cfg, lm)
     if model.path is not None and Path(model.path).expanduser().is_dir():
         shapes = checkpoint_shapes(Path(model.path).expanduser())
         wrong = [(name, list(t.shape), shapes[name]) for name, t in unique_state(lm).items()
@@ -203,6 +203,32 @@ def _built_model_problems(cfg: TrainConfig, config: Any, where: str) -> list[str
         problems += [f"parallel.ulysses_size={u}: {problem} (model: {heads} query heads, {kv} key/value heads)"
                      for problem in ulysses_head_problems(heads, kv, u)]
     return problems
+
+
+def reference_problems(cfg: TrainConfig, lm: torch.nn.Module) -> list[str]:
+    """train.reference (DPO's reference model by path) against the trained model `lm` (meta device): a model folder
+    whose tensors have the trained model's names and shapes (the vocabulary included)."""
+    from ringtrain.model.weights import checkpoint_shapes, unique_state
+
+    path = cfg.train.reference if cfg.train is not None else ""
+    if not path or cfg.train.objective != "dpo":  # the train section refuses a reference the objective does not use
+        return []
+    where = f"train.reference={path!r}"
+    problems = [p.replace(f"model.path={path!r}", where) for p in _path_problems(path)]
+    if problems:
+        return problems
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return [f"{where} is not a local model folder: download the reference model and point train.reference at it"]
+    shapes = checkpoint_shapes(folder)
+    built = {name: list(t.shape) for name, t in unique_state(lm).items()}
+    wrong = [(name, shapes.get(name), shape) for name, shape in built.items() if shapes.get(name) != shape]
+    if not wrong:
+        return []
+    name, there, here = wrong[0]
+    return [f"{where}: {name} is {there if there is not None else 'missing'} there but {here} in the trained model "
+            f"({len(wrong)} tensor(s) differ): point train.reference at a model of the trained model's shapes and "
+            "vocabulary, or leave it empty for the starting weights"]
 
 
 def adapter_problems(cfg: TrainConfig, lm: torch.nn.Module) -> list[str]:

@@ -132,9 +132,14 @@ class SequenceParallel:
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """MAX of `t` over every rank of the SP group, in place (ring and Ulysses groups in turn: their product is
         the SP group). Used for checks that every rank must pass or fail together."""
+        return self.all_reduce(t, dist.ReduceOp.MAX)
+
+    def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+        """`op` (default SUM) of `t` over every rank of the SP group, in place: per-sequence quantities whose tokens
+        the SP ranks hold in parts (a preference pair's log-probabilities)."""
         for group, size in ((self.ring_group, self.ring_world), (self.ulysses_group, self.ulysses_world)):
             if size > 1:
-                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+                dist.all_reduce(t, op=op, group=group)
         return t
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:

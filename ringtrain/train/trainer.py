@@ -46,10 +46,14 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, dims: ParallelDims, model: CausalLMWithChunkedLoss,
                  lm: nn.Module, tokenizer: Any, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 checkpoints: Any, flops_per_token: float):
+                 checkpoints: Any, flops_per_token: float, reference: Any = None):
         self.cfg, self.dims, self.model, self.lm, self.tokenizer = cfg, dims, model, lm, tokenizer
         self.loader, self.optimizer, self.scheduler, self.checkpoints = loader, optimizer, scheduler, checkpoints
         self.flops_per_token = flops_per_token
+        self.reference = reference
+        """train.objective=dpo: the reference model's log-probabilities (`ringtrain.train.preference.Reference`)."""
+        self.preference_metrics: dict[str, float] = {}
+        """The last step's rewards and accuracy with a preference objective."""
         from ringtrain.train.metrics import peak_tflops
 
         name = torch.cuda.get_device_name(dims.device) if dims.device.type == "cuda" else None
@@ -159,7 +163,8 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------------
     def forward_backward(self, micro: list[dict[str, torch.Tensor]]) -> float:
-        """Accumulate the gradient of the global mean token loss over `micro` (full-sequence batches).
+        """Accumulate the gradient of the step's loss over `micro` (full-sequence batches): the global mean token loss,
+        or with a preference objective the mean pair loss (`ringtrain.train.preference`).
 
         Returns that loss. Gradients end up summed over the whole mesh (FSDP reduce-scatter, or an
         all-reduce without FSDP), so they equal the single-process gradient of the same global batch. An MoE model's
@@ -176,6 +181,36 @@ class Trainer:
         local = [shard_batch(b, self.dims.sp,
                              document_positions=dcfg.document_positions if dcfg.document_mask else "global")
                  for b in micro]
+        self._aux_sum = torch.zeros((), device=dims.device)
+        if tcfg.objective != "sft":
+            from ringtrain.train.preference import num_responses, preference_forward_backward
+
+            loss, self.preference_metrics = preference_forward_backward(
+                self.model, self.reference, dims, tcfg, local, [num_responses(b["response_ids"]) for b in micro],
+                self.with_balancing)
+        else:
+            loss = self.token_forward_backward(local)
+        if not tcfg.fsdp:
+            all_reduce_gradients(self.model, dims)
+        if self.model.balancing is not None:
+            dist.all_reduce(self._aux_sum)
+            self.aux_loss = self._aux_sum.item() / len(local)
+        return loss
+
+    def with_balancing(self, objective: torch.Tensor, n_micro: int) -> torch.Tensor:
+        """`objective` plus an MoE model's balancing loss of the micro-batch just run (unchanged for a dense model):
+        its formula is a mean over the batch's tokens, so counts are summed over the whole mesh first
+        (ringtrain.model.moe); the model's own weight, averaged over the `n_micro` micro-batches."""
+        balancing = self.model.balancing
+        if balancing is None:
+            return objective
+        aux = balancing.local_part(self.model.router_stats)
+        self._aux_sum += aux.detach()
+        return objective + balancing.coef / n_micro * aux
+
+    def token_forward_backward(self, local: list[dict[str, Any]]) -> float:
+        """train.objective=sft on the sharded micro-batches: the global mean token loss, its gradient accumulated."""
+        dims, dcfg = self.dims, self.cfg.data
         # Normalise by the valid tokens of the whole step (all micro-batches, SP and DP ranks), so the
         # gradient is that of the mean token loss over the global batch, whatever the mesh or accumulation.
         weights = [b.get("token_weights") for b in local]
@@ -184,9 +219,8 @@ class Trainer:
         dist.all_reduce(n_global)
         n_global = n_global.clamp(min=1.0)
         loss_sum = torch.zeros((), device=dims.device)
-        aux_sum = torch.zeros((), device=dims.device)
         for i, batch in enumerate(local):
-            if tcfg.fsdp:
+            if self.cfg.train.fsdp:
                 # Reduce-scatter once, after the last micro-batch; earlier ones accumulate locally.
                 self.model.set_requires_gradient_sync(i == len(local) - 1)
             # With data.document_mask, attention stays inside each packed document.
@@ -196,23 +230,9 @@ class Trainer:
                 batch["shift_labels"].to(dims.device),
                 None if weights[i] is None else weights[i].to(dims.device), docs,
             )
-            objective = part / n_global
-            balancing = self.model.balancing
-            if balancing is not None:
-                # The router's balancing loss of this micro-batch: its formula is a mean over the batch's tokens, so
-                # counts are summed over the whole mesh first (ringtrain.model.moe); the model's own weight, averaged
-                # over the micro-batches.
-                aux = balancing.local_part(self.model.router_stats)
-                objective = objective + balancing.coef / len(local) * aux
-                aux_sum += aux.detach()
-            objective.backward()
+            self.with_balancing(part / n_global, len(local)).backward()
             loss_sum += part.detach()
-        if not tcfg.fsdp:
-            all_reduce_gradients(self.model, dims)
         dist.all_reduce(loss_sum)
-        if self.model.balancing is not None:
-            dist.all_reduce(aux_sum)
-            self.aux_loss = aux_sum.item() / len(local)
         return (loss_sum / n_global).item()
 
     def train_step(self) -> dict[str, float]:
@@ -260,6 +280,7 @@ class Trainer:
             record["mfu"] = tflops / self.peak_tflops
         if self.aux_loss is not None:
             record["aux_loss"] = self.aux_loss
+        record.update(self.preference_metrics)
         # data.sources: each source's tokens in this step's global batch and since the run began (padding excluded).
         for name, count in counts.items():
             self.source_tokens[name] = self.source_tokens.get(name, 0) + count
@@ -425,6 +446,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = Non
     from ringtrain.model.build import build_model
     from ringtrain.train.checkpoint import CheckpointManager
     from ringtrain.train.optim import build_optimizer, build_scheduler
+    from ringtrain.train.preference import build_reference
 
     tcfg = cfg.train
     from ringtrain.data.tokenizer import tokenizer_name
@@ -444,7 +466,9 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = Non
                     "tokenizer": tokenizer_fingerprint(tokenizer_id, tokenizer)}
     checkpoints = CheckpointManager(cfg.checkpoint, tcfg.output_dir, dims, run_id=run_id,
                                     run_meta={"fingerprints": fingerprints})
-    return Trainer(cfg, dims, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token)
+    reference = build_reference(cfg, dims, model)  # DPO's; None for the other objectives
+    return Trainer(cfg, dims, model, lm, tokenizer, loader, optimizer, scheduler, checkpoints, flops_per_token,
+                   reference)
 
 
 def train(cfg: TrainConfig) -> Trainer:
