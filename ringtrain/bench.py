@@ -448,7 +448,7 @@ def run_steps(build: Callable[[], Callable[[], float]], steps: int,
             "cpu_total_s": time.process_time() - c_start}
 
 
-def ringtrain_rank(mesh: Any, spec: dict[str, Any]) -> dict[str, Any]:
+def ringtrain_rank(dims: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """A spawned rank (`ringtrain.testing.run_distributed`): the real Trainer, fed the same synthetic sequence every
     step through `train_step`, fp32, one thread; spec['steps'] steps, the ranks starting each after a barrier."""
     import itertools
@@ -463,9 +463,9 @@ def ringtrain_rank(mesh: Any, spec: dict[str, Any]) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
     with tempfile.TemporaryDirectory() as out:
         def build() -> Callable[[], float]:
-            cfg = load_validated_config(None, [*trainer_overrides(spec, mesh.sp_size, out), "model.dtype=float32",
+            cfg = load_validated_config(None, [*trainer_overrides(spec, dims.sp_size, out), "model.dtype=float32",
                                                "train.threads=1"])
-            trainer = build_trainer(cfg, mesh)
+            trainer = build_trainer(cfg, dims)
             # The loader, bypassed: every rank of the SP group gets the same full sequence, as the loader would give.
             trainer.loader = itertools.repeat({"input_ids": seeded_tokens(spec["seq_len"],
                                                                           spec["model"]["vocab_size"])})

@@ -72,7 +72,7 @@ def _load_packed(mesh, path: str, cache: str) -> tuple:
     from ringtrain.data import build_packed_dataset
 
     try:
-        ds = build_packed_dataset(DataConfig(source="files", path=path, cache_dir=cache), seq_len=16, mesh=mesh)
+        ds = build_packed_dataset(DataConfig(source="files", path=path, cache_dir=cache), seq_len=16, dims=mesh)
     except ConfigError as err:
         return None, (str(err), err.agreed)
     return ds.batch(list(range(len(ds))))["input_ids"].tolist(), None

@@ -284,7 +284,7 @@ def test_digest_is_canonical():
 
 
 def test_should_save_schedule():
-    mgr = CheckpointManager(CheckpointConfig(every_steps=3), "unused", mesh=None)
+    mgr = CheckpointManager(CheckpointConfig(every_steps=3), "unused", dims=None)
     assert [s for s in range(10) if mgr.should_save(s)] == [3, 6, 9]
 
 
@@ -297,7 +297,7 @@ def test_config_validation_names_value_and_fix():
         "resume": "resume=' ' must be 'auto', 'none' or the path of a step_* checkpoint folder",
     }
     with pytest.raises(ValueError, match=r"checkpoint\.every_steps=-5 .*; checkpoint\.keep_last=0 "):
-        CheckpointManager(CheckpointConfig(every_steps=-5, keep_last=0), "unused", mesh=None)
+        CheckpointManager(CheckpointConfig(every_steps=-5, keep_last=0), "unused", dims=None)
 
 
 def _signal_on_one_rank(mesh, sig: int, sender: int):

@@ -97,7 +97,7 @@ def test_too_small_dataset_and_bad_ranks_raise():
 
 
 def _first_batches(mesh):
-    loader = build_dataloader(DataConfig(seed=3), seq_len=4, batch_size=2, mesh=mesh, dataset=_numbered(24))
+    loader = build_dataloader(DataConfig(seed=3), seq_len=4, batch_size=2, dims=mesh, dataset=_numbered(24))
     return {"dp": mesh.dp_rank, "seqs": _take(loader, 5), "state": loader.state_dict()}
 
 

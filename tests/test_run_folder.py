@@ -140,10 +140,10 @@ def test_cleanup_spares_a_live_holders_temporary_folders(tmp_path: Path) -> None
     for folder in (mine, live, dead, legacy):
         folder.mkdir()
     assert [temporary_owner(p) for p in (mine, live, dead, legacy)] == ["me", "live0", "gone", None]
-    CheckpointManager(CheckpointConfig(), tmp_path, mesh=None, run_id="me")._sweep()
+    CheckpointManager(CheckpointConfig(), tmp_path, dims=None, run_id="me")._sweep()
     assert sorted(p.name for p in root.iterdir()) == [live.name]
     lock.release()
-    CheckpointManager(CheckpointConfig(), tmp_path, mesh=None, run_id="me")._sweep()  # nobody holds it now
+    CheckpointManager(CheckpointConfig(), tmp_path, dims=None, run_id="me")._sweep()  # nobody holds it now
     assert list(root.iterdir()) == []
 
 
@@ -196,7 +196,7 @@ def test_a_run_whose_lock_was_taken_over_stops_before_saving(tmp_path: Path) -> 
     from ringtrain.train.runlock import acquire
 
     mine = acquire(tmp_path, "mine")
-    manager = CheckpointManager(CheckpointConfig(), tmp_path, mesh=None, run_id="mine")
+    manager = CheckpointManager(CheckpointConfig(), tmp_path, dims=None, run_id="mine")
     assert manager._before_save(tmp_path / "checkpoints" / "step_00000001")[0] == "mine"
     mine.release()
     acquire(tmp_path, "other")

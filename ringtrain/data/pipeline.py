@@ -199,17 +199,17 @@ def rank_zero_first(load: Callable[[], T], dims: ParallelDims | None, *, what: s
 
 
 def build_packed_dataset(
-    cfg: DataConfig, seq_len: int, tokenizer: Any | None = None, mesh: ParallelDims | None = None
+    cfg: DataConfig, seq_len: int, tokenizer: Any | None = None, dims: ParallelDims | None = None
 ) -> PackedDataset:
     """Load (or generate), tokenize and pack the documents of `cfg` into `seq_len`-token sequences.
 
     `tokenizer` defaults to `build_tokenizer(cfg.tokenizer)`; pass the model's to keep one source of truth.
-    With a `mesh` of several ranks, rank 0 fills the datasets cache first and the others then read it.
+    With `dims` of several ranks, rank 0 fills the datasets cache first and the others then read it.
     """
     check_data_config(cfg)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer)
     if cfg.sources:
-        return build_mixture(cfg, seq_len, tokenizer, mesh)
+        return build_mixture(cfg, seq_len, tokenizer, dims)
     split_documents = cfg.split_documents if cfg.split_documents is not None else cfg.source != "passkey"
     eos_id, pad_id = tokenizer.eos_token_id, pad_id_of(tokenizer)
     if cfg.source == "passkey":
@@ -225,12 +225,12 @@ def build_packed_dataset(
         return pack_documents(docs, seq_len, eos_id, pad_id, split_documents=split_documents,
                               document_mask=cfg.document_mask, answer_masks=masks,
                               answer_loss_fraction=cfg.answer_loss_fraction)
-    docs = source_documents(cfg, seq_len, tokenizer, mesh)
+    docs = source_documents(cfg, seq_len, tokenizer, dims)
     flat, lengths, loss, eos_loss = docs.flat, docs.lengths, docs.loss, docs.eos_loss
     if cfg.long_tokens > 0 and cfg.long_upsample != 1.0:  # long documents repeated in place, file order kept
         index = np.repeat(np.arange(len(docs.lengths)), long_repeats(docs.lengths, cfg, [cfg.seed, 26, 0, 0]))
         flat, lengths, loss, eos_loss = gather_documents([docs], np.zeros_like(index), index)
-        if mesh is None or mesh.rank == 0:
+        if dims is None or dims.rank == 0:
             logger.info("data upsampling: " + describe_upsampling(cfg.path, cfg, docs, index, 1.0)
                         .replace("; 100.0% -> %s of all tokens", ""))
     # Records (chat, instruction) stay whole (validated), placed best-fit; a preference record's two documents
@@ -250,11 +250,11 @@ class SourceDocuments:
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
-def source_documents(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelDims | None) -> SourceDocuments:
+def source_documents(cfg: DataConfig, seq_len: int, tokenizer: Any, dims: ParallelDims | None) -> SourceDocuments:
     """The documents of one files / hub source, in file order (records checked, over-long ones per data.overlong)."""
-    log = mesh is None or mesh.rank == 0
+    log = dims is None or dims.rank == 0
     if cfg.format in RECORD_FORMATS:
-        encoded = rank_zero_first(lambda: encode_records(load_documents(cfg), tokenizer, cfg), mesh,
+        encoded = rank_zero_first(lambda: encode_records(load_documents(cfg), tokenizer, cfg), dims,
                                   what=f"loading and encoding {cfg.path}")
         flat, lengths, loss, kept = record_documents(encoded, cfg, seq_len, log=log)
         if cfg.format == "preference":  # each record -> its two documents, prompt + chosen then prompt + rejected
@@ -266,7 +266,7 @@ def source_documents(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: Parall
         documents = load_documents(cfg)
         return documents, tokenize_documents(documents, tokenizer, cfg)
 
-    documents, tokenized = rank_zero_first(load_and_tokenize, mesh, what=f"loading and tokenizing {cfg.path}")
+    documents, tokenized = rank_zero_first(load_and_tokenize, dims, what=f"loading and tokenizing {cfg.path}")
     skipped = records_without_text(documents, text_column(documents, cfg))
     if skipped and log:
         logger.warning("data: %d of %d records of %s have no text in data.text_field=%r (missing, null or empty): "
@@ -302,19 +302,19 @@ def describe_upsampling(name: str, cfg: DataConfig, docs: SourceDocuments, index
             f"tokens; {100 * before:.1f}% -> %s of all tokens")
 
 
-def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelDims | None) -> PackedDataset:
+def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, dims: ParallelDims | None) -> PackedDataset:
     """data.sources: data.num_samples documents drawn from the sources by weight (`mixture_draws`), then packed.
 
     Sources with records (chat, instruction) keep every document whole (the whole mixture is then placed best-fit);
     text sources follow data.split_documents. Batches of the packed dataset count each source's tokens.
     """
-    if (cfg.path or cfg.format != "auto" or cfg.source != "passkey") and (mesh is None or mesh.rank == 0):
+    if (cfg.path or cfg.format != "auto" or cfg.source != "passkey") and (dims is None or dims.rank == 0):
         logger.info("data.sources is set: data.source=%r, data.path=%r and data.format=%r are ignored (each source "
                     "names its own)", cfg.source, cfg.path, cfg.format)
     names = [source_name(e) for e in cfg.sources]
     weights = np.asarray([float(e.get("weight", 1.0)) for e in cfg.sources])
     subs = [source_config(cfg, e) for e in cfg.sources]
-    docs = [source_documents(sub, seq_len, tokenizer, mesh) for sub in subs]
+    docs = [source_documents(sub, seq_len, tokenizer, dims) for sub in subs]
     counts = mixture_counts(weights, cfg.num_samples)
     sizes = np.asarray([len(d.lengths) for d in docs], dtype=np.int64)
     empty = [n for n, c, z in zip(names, counts, sizes, strict=True) if c and not z]
@@ -329,7 +329,7 @@ def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelD
                             split_documents=split_documents, document_mask=cfg.document_mask, loss_masks=loss,
                             eos_loss=eos_loss, document_sources=source)
     packed.source_names = names
-    if mesh is None or mesh.rank == 0:
+    if dims is None or dims.rank == 0:
         tokens = packed.source_tokens(np.arange(len(packed)))
         total = max(sum(tokens.values()), 1)
         logger.info("data mixture of %d documents: %s", cfg.num_samples, "; ".join(
@@ -345,19 +345,19 @@ def build_mixture(cfg: DataConfig, seq_len: int, tokenizer: Any, mesh: ParallelD
 
 
 def build_dataloader(
-    cfg: DataConfig, *, seq_len: int, batch_size: int, mesh: ParallelDims | None = None, tokenizer: Any | None = None,
+    cfg: DataConfig, *, seq_len: int, batch_size: int, dims: ParallelDims | None = None, tokenizer: Any | None = None,
     dataset: PackedDataset | None = None, dp_size: int | None = None,
 ) -> PackedDataLoader | Any:
-    """The loader of this rank: `batch_size` sequences per step, DP slice from `mesh` (dp_rank, dp_size; without a
-    mesh DP rank 0 of `dp_size`, default 1); with data.streaming a `StreamingLoader` (data/streaming.py)."""
+    """The loader of this rank: `batch_size` sequences per step, DP slice from `dims` (dp_rank, dp_size; without
+    them DP rank 0 of `dp_size`, default 1); with data.streaming a `StreamingLoader` (data/streaming.py)."""
     if cfg.streaming and dataset is None:
         from ringtrain.data.streaming import StreamingLoader
 
         check_data_config(cfg)
-        dp_rank, dp_size = (mesh.dp_rank, mesh.dp_size) if mesh is not None else (0, dp_size or 1)
+        dp_rank, dp_size = (dims.dp_rank, dims.dp_size) if dims is not None else (0, dp_size or 1)
         return StreamingLoader(cfg, tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer), seq_len,
                                batch_size, dp_rank=dp_rank, dp_size=dp_size)
-    dataset = dataset if dataset is not None else build_packed_dataset(cfg, seq_len, tokenizer, mesh)
-    dp_rank, dp_size = (mesh.dp_rank, mesh.dp_size) if mesh is not None else (0, dp_size or 1)
+    dataset = dataset if dataset is not None else build_packed_dataset(cfg, seq_len, tokenizer, dims)
+    dp_rank, dp_size = (dims.dp_rank, dims.dp_size) if dims is not None else (0, dp_size or 1)
     return PackedDataLoader(dataset, batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed,
                             shuffle=cfg.shuffle)

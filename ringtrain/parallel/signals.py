@@ -73,7 +73,7 @@ class SignalFlag:
                         name, signal.Signals(self.received).name, 128 + signum)
         os._exit(128 + signum)
 
-    def agreed(self, mesh: ParallelDims) -> int:
+    def agreed(self, dims: ParallelDims) -> int:
         """The signal number if any rank received one, else 0; the same on every rank.
 
         Collective (one tiny all_reduce): call it on all ranks at every step boundary. Without
@@ -82,13 +82,13 @@ class SignalFlag:
         """
         if not self.enabled:
             return 0
-        flag = torch.tensor([self.received], dtype=torch.int64, device=mesh.device)
+        flag = torch.tensor([self.received], dtype=torch.int64, device=dims.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
 
-    def should_save_and_exit(self, mesh: ParallelDims) -> bool:
+    def should_save_and_exit(self, dims: ParallelDims) -> bool:
         """Whether any rank received SIGINT, SIGTERM or SIGUSR1 (collective, like `agreed`)."""
-        return self.agreed(mesh) != 0
+        return self.agreed(dims) != 0
 
     def __enter__(self) -> SignalFlag:
         return self.install()

@@ -54,7 +54,7 @@ def path_problems(cfg: TrainConfig) -> list[str]:
     return [*output_dir_problems(cfg.train.output_dir, write=False), *data_file_problems(cfg.data, cfg.model.path)]
 
 
-def check_before_training(cfg: TrainConfig, mesh: ParallelDims) -> str:
+def check_before_training(cfg: TrainConfig, dims: ParallelDims) -> str:
     """Every path problem of the run, before the model and data are built, and the run folder's lock (collective).
 
     Each rank writes into the output folder (on several nodes it must be a filesystem they share); rank 0 then
@@ -67,7 +67,7 @@ def check_before_training(cfg: TrainConfig, mesh: ParallelDims) -> str:
     from ringtrain.train.checkpoint import CheckpointManager
     from ringtrain.train.runlock import acquire, new_run_id
 
-    found: list[list[str] | None] = [None] * mesh.world_size
+    found: list[list[str] | None] = [None] * dims.world_size
     dist.all_gather_object(found, output_dir_problems(cfg.train.output_dir, write=True))
 
     def decide() -> str:
@@ -77,7 +77,7 @@ def check_before_training(cfg: TrainConfig, mesh: ParallelDims) -> str:
         lock = acquire(cfg.train.output_dir, new_run_id())
         try:
             problems += [*data_file_problems(cfg.data, cfg.model.path),
-                         *CheckpointManager(cfg.checkpoint, cfg.train.output_dir, mesh).run_folder_problems()]
+                         *CheckpointManager(cfg.checkpoint, cfg.train.output_dir, dims).run_folder_problems()]
             if problems:
                 raise ConfigError(problems)
         except BaseException:

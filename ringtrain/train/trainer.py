@@ -459,7 +459,7 @@ def build_trainer(cfg: TrainConfig, dims: ParallelDims, run_id: str | None = Non
     flops_per_token = model_flops_per_token(lm, tcfg.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
-    loader = build_dataloader(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size, mesh=dims,
+    loader = build_dataloader(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.micro_batch_size, dims=dims,
                               tokenizer=tokenizer)
     # What the run trains on, recorded in every checkpoint: a resume on other data or tokens is refused.
     fingerprints = {"data": data_fingerprint(cfg.data, loader.dataset),

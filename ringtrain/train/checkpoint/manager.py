@@ -103,7 +103,7 @@ class CheckpointManager:
     `complete_checkpoints` and `should_save`, which only read the filesystem or the config.
     """
 
-    def __init__(self, cfg: CheckpointConfig, output_dir: str | os.PathLike, mesh: ParallelDims,
+    def __init__(self, cfg: CheckpointConfig, output_dir: str | os.PathLike, dims: ParallelDims,
                  run_id: str | None = None, run_meta: dict[str, Any] | None = None) -> None:
         """`run_id`: the run holding the folder's lock (train/runlock.py); a save then first checks that it still
         does. Temporary folders carry the run id (rank 0's: a random one without it), so cleanup can tell a live
@@ -114,7 +114,7 @@ class CheckpointManager:
             raise ValueError("invalid checkpoint config: " + "; ".join(f"checkpoint.{m}" for _, m in problems))
         self.cfg = cfg
         self.root = Path(output_dir) / "checkpoints"
-        self.mesh = mesh
+        self.dims = dims
         self.locked = run_id is not None
         self.run_id = run_id or new_run_id()
         self.run_meta = dict(run_meta or {})
@@ -218,7 +218,7 @@ class CheckpointManager:
             logger.info("checkpoint %s has no %s: its files cannot be verified", path, CHECKSUMS)
             return None
         mine = None
-        for name in sorted(sums)[self.mesh.rank::self.mesh.world_size]:
+        for name in sorted(sums)[self.dims.rank::self.dims.world_size]:
             file = path / name
             if not file.is_file():
                 mine = f"is missing its file {name}"
@@ -226,7 +226,7 @@ class CheckpointManager:
                 mine = f"has a file {name} that does not match its checksum in {CHECKSUMS} (damaged since it was saved)"
             if mine:
                 break
-        found: list[str | None] = [None] * self.mesh.world_size
+        found: list[str | None] = [None] * self.dims.world_size
         dist.all_gather_object(found, mine)
         return next((p for p in found if p), None)
 
@@ -251,7 +251,7 @@ class CheckpointManager:
         Deletes the step folders after the resumed one (an abandoned continuation, or left over from a failed
         save: the resumed run replaces them), or with `overwrite` an earlier run's checkpoints.
         """
-        if self.mesh.rank == 0:
+        if self.dims.rank == 0:
             inside = resumed is not None and resumed.resolve().parent == self.root.resolve()
             if inside:
                 doomed = [p for p in self.step_folders() if step_of(p) > step_of(resumed)]
@@ -317,7 +317,7 @@ class CheckpointManager:
 
     def _warn_skipped(self, path: Path, problem: str) -> None:
         self._skipped.add(path)
-        if self.mesh.rank == 0:  # every rank knows; one line for the job
+        if self.dims.rank == 0:  # every rank knows; one line for the job
             logger.warning("skipping checkpoint %s: it %s", path, problem)
 
     def _no_usable_checkpoint(self, plan: list[tuple[str, str | None]]) -> ConfigError:
@@ -360,7 +360,7 @@ class CheckpointManager:
             free = disk_full(err, self.root)
             if free is None:
                 raise
-            if self.mesh.rank == 0:
+            if self.dims.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the run stops here
             last = self.latest()
             raise DiskFull(
@@ -379,15 +379,15 @@ class CheckpointManager:
         dcp.save(state, checkpoint_id=tmp)
         # RNG state is per rank (dropout masks, sampling) and cannot be resharded, so each rank keeps its own file.
         (tmp / RNG_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{self.mesh.rank}.pt")
+        torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{self.dims.rank}.pt")
         # Each rank hashes what it wrote (a share of the reading, and from its own writes, not a copy seen later).
-        mine = {name: file_sha256(tmp / name) for name in written_by(tmp, self.mesh.rank) if (tmp / name).is_file()} \
+        mine = {name: file_sha256(tmp / name) for name in written_by(tmp, self.dims.rank) if (tmp / name).is_file()} \
             if self.cfg.checksums else {}
 
         # Every rank's files are on disk (and hashed) before rank 0 declares the checkpoint complete.
-        sums: list[dict[str, str]] = [{}] * self.mesh.world_size
+        sums: list[dict[str, str]] = [{}] * self.dims.world_size
         dist.all_gather_object(sums, mine)
-        if self.mesh.rank == 0:
+        if self.dims.rank == 0:
             merged = {name: h for part in sums for name, h in part.items()} if self.cfg.checksums else None
             self._finalize(tmp, final, step, meta or {}, merged)
         # Nobody returns (and possibly exits on a signal) before the checkpoint is visible and pruned.
@@ -427,7 +427,7 @@ class CheckpointManager:
             mine: tuple[str | None, str | None] = (digest(extra), None)
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             mine = (None, describe_exception(err))
-        digests: list[Any] = [None] * self.mesh.world_size
+        digests: list[Any] = [None] * self.dims.world_size
         dist.all_gather_object(digests, mine)
         failed = [(r, error) for r, (_, error) in enumerate(digests) if error is not None]
         if failed:
@@ -453,9 +453,9 @@ class CheckpointManager:
             **more,
             "step": step,
             "run_id": self.run_id,
-            "world_size": self.mesh.world_size,
-            "dp_size": self.mesh.dp_size,
-            "sp_size": self.mesh.sp_size,
+            "world_size": self.dims.world_size,
+            "dp_size": self.dims.dp_size,
+            "sp_size": self.dims.sp_size,
             "torch_version": torch.__version__,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -535,15 +535,15 @@ class CheckpointManager:
         extra = _unpickled(state["extra"])
 
         if restore_rng:
-            rng_file = path / RNG_DIR / f"rank_{self.mesh.rank}.pt"
-            if meta["world_size"] != self.mesh.world_size:
+            rng_file = path / RNG_DIR / f"rank_{self.dims.rank}.pt"
+            if meta["world_size"] != self.dims.world_size:
                 logger.warning(
                     "checkpoint %s was saved with world size %d, resuming with %d: model and optimizer are "
                     "resharded, but per-rank RNG states are not restored (dropout/sampling will differ)",
-                    path, meta["world_size"], self.mesh.world_size,
+                    path, meta["world_size"], self.dims.world_size,
                 )
             elif not rng_file.exists():
-                logger.warning("checkpoint %s has no RNG state for rank %d", path, self.mesh.rank)
+                logger.warning("checkpoint %s has no RNG state for rank %d", path, self.dims.rank)
             else:
                 # Restored last: get_state_dict's optimizer initialisation above must not consume the restored stream.
                 _set_rng_state(torch.load(rng_file, weights_only=False))
