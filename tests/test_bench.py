@@ -29,11 +29,14 @@ def test_timer_measures_a_sleep_in_wall_time_and_no_cpu_time():
 def test_timer_counts_cpu_time_of_work():
     timer = bench.SyncedTimer()
     with timer.region():
-        t0 = time.process_time()
-        while time.process_time() - t0 < 0.1:
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.1:
             pass
-    assert timer.cpu_s[0] >= 0.1
-    assert timer.wall_s[0] >= timer.cpu_s[0] * 0.99  # one thread: CPU time cannot exceed wall time
+        spent = time.thread_time() - t0
+    # The process's CPU time holds this thread's; this thread's cannot exceed the wall time. (Not the process's:
+    # other threads of the pytest process, datasets' or torch's pools, may run beside it and push it past the wall.)
+    assert timer.cpu_s[0] >= spent >= 0.1
+    assert timer.wall_s[0] >= spent
 
 
 def test_measure_keeps_warmup_apart_and_lines_ranks_up_before_every_call():
