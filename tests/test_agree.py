@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from ringtrain.errors import ConfigError
+from ringtrain.errors import ConfigError, RunStopped
 from ringtrain.parallel.agree import agree
 from ringtrain.testing import run_distributed
 
@@ -36,7 +36,12 @@ def _agree_cases(mesh) -> dict:
         calls.append(rank)
         raise OSError(f"disk gone on rank {rank}")
 
-    out = {name: _outcome(decide) for name, decide in (("value", value), ("refused", refused), ("crashed", crashed))}
+    def stopped():
+        calls.append(rank)
+        raise RunStopped(f"the folder was taken over (seen by rank {rank})")
+
+    out = {name: _outcome(decide) for name, decide in (("value", value), ("refused", refused), ("crashed", crashed),
+                                                       ("stopped", stopped))}
     # Every rank is still in step after the errors: one more agreement over a group of both ranks.
     out["after"] = agree(lambda: "in step", group=dist.new_group([0, 1]))
     out["calls"] = calls
@@ -46,7 +51,7 @@ def _agree_cases(mesh) -> dict:
 def test_every_rank_gets_rank_0s_value_or_error():
     r0, r1 = run_distributed(_agree_cases, 2, timeout=60)
     # decide() ran on rank 0 alone, once per agreement.
-    assert r0["calls"] == [0, 0, 0] and r1["calls"] == []
+    assert r0["calls"] == [0, 0, 0, 0] and r1["calls"] == []
     assert r0["value"] == r1["value"] == ({"rank": 0, "nonce": [0, "x"]}, None)
     # A ConfigError is the same agreed error everywhere (rank 0 alone reports it).
     assert r0["refused"] == r1["refused"] == (None, ("ConfigError", "train.x=0 is wrong: set it to 1\nsecond problem",
@@ -54,6 +59,8 @@ def test_every_rank_gets_rank_0s_value_or_error():
     # Any other error: itself on rank 0, named with rank 0's message on the others, instead of a hang.
     assert r0["crashed"] == (None, ("OSError", "disk gone on rank 0", None))
     assert r1["crashed"] == (None, ("RuntimeError", "rank 0 failed while testing: OSError: disk gone on rank 0", None))
+    # A RunStopped is the same one-line stop everywhere (the CLI prints it without a traceback).
+    assert r0["stopped"] == r1["stopped"] == (None, ("RunStopped", "the folder was taken over (seen by rank 0)", None))
     assert r0["after"] == r1["after"] == "in step"
 
 

@@ -200,5 +200,7 @@ def test_a_run_whose_lock_was_taken_over_stops_before_saving(tmp_path: Path) -> 
     assert manager._before_save(tmp_path / "checkpoints" / "step_00000001")[0] == "mine"
     mine.release()
     acquire(tmp_path, "other")
-    with pytest.raises(RuntimeError, match=f"this run \\(id mine\\) no longer holds {tmp_path}: another run took it over"):
+    from ringtrain.errors import RunStopped
+
+    with pytest.raises(RunStopped, match=f"this run \\(id mine\\) no longer holds {tmp_path}: another run took it over"):
         manager._before_save(tmp_path / "checkpoints" / "step_00000001")

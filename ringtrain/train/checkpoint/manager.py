@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from ringtrain.config import RESUME_MODES, CheckpointConfig
-from ringtrain.errors import ConfigError, DiskFull
+from ringtrain.errors import ConfigError, DiskFull, RunStopped
 from ringtrain.log import describe_exception, get_logger
 from ringtrain.parallel.agree import agree
 from ringtrain.train.checkpoint.files import (
@@ -398,7 +398,7 @@ class CheckpointManager:
         if self.locked:
             holder = read_lock(self.root.parent)
             if not holder or holder.get("run_id") != self.run_id:
-                raise RuntimeError(
+                raise RunStopped(
                     f"this run (id {self.run_id}) no longer holds {self.root.parent}: another run took it over; "
                     "stopping without saving, so as not to mix two runs' checkpoints")
         self._sweep()
