@@ -196,8 +196,9 @@ def plan_cost(shape: AttentionShape, sp: int, ulysses: int, layout: str, costs: 
 def rank_plans(shape: AttentionShape, sp: int, costs: DeviceCosts, *, document_ids: torch.Tensor | None = None,
                ranks_per_node: int | None = None, layouts: tuple[str, ...] | None = None) -> list[PlanCost]:
     """Every (U, layout) plan for `sp` ranks, cheapest first (plans that cannot run last, with the reason). Layouts
-    default to zigzag, and balanced too with documents."""
-    layouts = layouts or (("balanced", "zigzag") if document_ids is not None else ("zigzag",))
+    default to zigzag without documents and balanced with them: balanced is chosen per batch from the real documents,
+    so it stays balanced on packs unlike the one priced here, where zigzag can leave a rank with most of the work."""
+    layouts = layouts or (("balanced",) if document_ids is not None else ("zigzag",))
     out = []
     for u in (d for d in range(1, sp + 1) if sp % d == 0):
         for layout in (layouts if u < sp else layouts[:1]):
