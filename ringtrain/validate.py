@@ -7,6 +7,7 @@ entry point loads its config through `load_validated_config`, so every problem i
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import sys
@@ -28,10 +29,12 @@ def parallel_problems(cfg: TrainConfig, world_size: int | None = None) -> list[s
         problems.append(f"parallel.layout={par.layout!r} is not one of {', '.join(LAYOUT_NAMES)}, auto")
     if par.attention_kernel not in ("auto", *KERNELS):
         problems.append(f"parallel.attention_kernel={par.attention_kernel!r} is not one of auto, {', '.join(KERNELS)}")
+    if par.ulysses_size == 0:
+        # auto left unresolved: no exact plan fits, or the model could not be read (the model checks say so). The
+        # pure ring's rules name what to change (the sequence length, the sizes against the world).
+        par = dataclasses.replace(par, ulysses_size=1)
     sp, u = par.sp_size, par.ulysses_size
     layout = resolve_layout(par, cfg.data.document_mask)
-    if u == 0:  # auto: resolve_sequence_plan chose a size unless the model could not be read (reported elsewhere)
-        return problems
     if sp >= 1 and u >= 1 and sp % u == 0 and seq_len >= 1 and layout in LAYOUT_NAMES:
         multiple = required_multiple(sp // u, layout, u)
         if seq_len % multiple:
@@ -89,7 +92,8 @@ def resolve_sequence_plan(cfg: TrainConfig, device: str | None = None) -> str | 
     chose and why, one line (None when there was nothing to choose, or the model cannot be read: its problem is
     reported by the model checks)."""
     par = cfg.parallel
-    if par.ulysses_size != 0 or cfg.train is None or par.sp_size < 1:
+    if (par.ulysses_size != 0 or cfg.train is None or par.sp_size < 1 or cfg.train.seq_len < 1
+            or par.layout not in (*LAYOUT_NAMES, "auto")):  # parallel_problems reports a bad value
         return None
     import torch
 
@@ -112,7 +116,7 @@ def resolve_sequence_plan(cfg: TrainConfig, device: str | None = None) -> str | 
                        layouts=layouts)
     best = plans[0]
     if best.refused:
-        return None  # no plan can run: the ulysses=1 checks name the constraint
+        return None  # no plan can run: parallel_problems applies the pure ring's rules, which name the fix
     par.ulysses_size = best.ulysses
     if par.layout == "auto" and best.layout != "-":
         par.layout = best.layout

@@ -96,3 +96,28 @@ def test_an_unresolved_auto_size_is_refused_by_the_mesh():
         resolve_parallel_sizes(ParallelConfig(sp_size=2, ulysses_size=0), 2)
     with pytest.raises(ConfigError, match=r"ulysses_size=-1 must be >= 1 \(1 = the pure ring\), or 0 for auto"):
         load_validated_config(None, ["model.arch=llama", "train.output_dir=runs/x", "parallel.ulysses_size=-1"])
+
+
+@pytest.mark.parametrize("overrides,world,expected", [
+    (["parallel.sp_size=2", "train.seq_len=129"], 2,
+     ["train.seq_len=129 is not a multiple of 4 (2 x parallel.sp_size=2, zigzag layout): use train.seq_len=132"]),
+    (["parallel.sp_size=3", "train.seq_len=132"], 4,
+     ["parallel.sp_size=3 does not divide world size 4: choose sp_size among 1, 2, 4"]),
+    (["parallel.layout=zigzg"], None, ["parallel.layout='zigzg' is not one of zigzag, contiguous, balanced, auto"]),
+], ids=["no-plan-fits", "world", "bad-layout"])
+def test_auto_with_bad_values_is_the_usual_config_error(overrides, world, expected):
+    """No exact plan (every one refused), sizes against the world, a mistyped layout: the same one-line problems as
+    with ulysses_size=1, never a ValueError or an unresolved size reaching the mesh."""
+    base = ["model.arch=llama", "model.config.num_attention_heads=4", "model.config.hidden_size=32",
+            "model.config.intermediate_size=64", "model.config.num_hidden_layers=1", "train.output_dir=runs/x",
+            "data.document_mask=false", "parallel.layout=zigzag", "parallel.ulysses_size=0"]
+    with pytest.raises(ConfigError) as err:
+        load_validated_config(None, [*base, *overrides], world_size=world)
+    assert err.value.problems == expected
+
+
+def test_a_ulysses_group_across_a_node_boundary_is_priced_on_the_network():
+    shape = AttentionShape(1, 65536, 32, 8, 128, 128, 2)
+    inside = plan_cost(shape, 8, 4, "zigzag", CUDA, ranks_per_node=8)
+    across = plan_cost(shape, 8, 4, "zigzag", CUDA, ranks_per_node=6)  # ranks 4-7 of a group span two nodes
+    assert across.all_to_all_s == pytest.approx(inside.all_to_all_s * CUDA.intra_bytes_s / CUDA.inter_bytes_s)

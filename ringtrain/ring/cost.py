@@ -135,6 +135,13 @@ def _rank_work(shape: AttentionShape, ring: int, rank: int, layout: str, docs: R
     return entries, calls, merged, summed
 
 
+def _inside_nodes(group: int, per_node: int) -> bool:
+    """Whether every group of `group` consecutive ranks (aligned to multiples of `group`, as the mesh lays out the
+    Ulysses and SP groups) stays inside one node of `per_node` ranks: with 6 per node, ranks 4-7 of a group of 4 do
+    not."""
+    return per_node % group == 0
+
+
 def plan_cost(shape: AttentionShape, sp: int, ulysses: int, layout: str, costs: DeviceCosts,
               document_ids: torch.Tensor | None = None, ranks_per_node: int | None = None) -> PlanCost:
     """The modelled cost of Ulysses over `ulysses` ranks x a ring of sp / ulysses ranks in `layout` (ignored for a
@@ -178,14 +185,14 @@ def plan_cost(shape: AttentionShape, sp: int, ulysses: int, layout: str, costs: 
     n_steps = (docs.classification(True, None, None).n_steps if docs is not None
                else len(build_plan(ring, 0, layout_name, shape.seq_len).steps))
     if n_steps > 1:
-        link = costs.intra_bytes_s if sp <= per_node else costs.inter_bytes_s
+        link = costs.intra_bytes_s if _inside_nodes(sp, per_node) else costs.inter_bytes_s
         kv_bytes = local_tokens * ulysses * kv * dims * shape.dtype_bytes  # S / R tokens of this rank's KV heads
         # forward: K, V each step; backward: K, V and the fp32 dK, dV travelling with them.
         traffic = (n_steps - 1) * kv_bytes * (1 + 1 + 4 / shape.dtype_bytes)
         exposed = max(0.0, traffic / link - min(c for c, _ in per_rank))
     a2a = 0.0
     if ulysses > 1:
-        link = costs.intra_bytes_s if ulysses <= per_node else costs.inter_bytes_s
+        link = costs.intra_bytes_s if _inside_nodes(ulysses, per_node) else costs.inter_bytes_s
         kv_sent = shape.kv_heads * kv_replicas(shape.kv_heads, ulysses)
         elems = local_tokens * (shape.heads * (shape.head_dim + shape.value_dim) + kv_sent * dims)
         # q, k, v there and the output back; the same volume again in backward.
