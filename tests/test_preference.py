@@ -253,6 +253,35 @@ def test_chat_prompt_turns_carry_no_loss(tmp_path):
     assert [tok.decode(ids[rid == k].tolist()) for k in (0, 1)] == ["Bye!<|end|>\n</s>", "Hi!<|end|>\n</s>"]
 
 
+def test_an_empty_prompt_is_a_bad_record(tmp_path):
+    """An empty plain prompt would make each response open its document, whose first token is never a label: both
+    responses would silently lose a token. It is refused with the other bad records, counted and named."""
+    from ringtrain.data import build_tokenizer
+    from ringtrain.data.pipeline import build_packed_dataset
+
+    path = tmp_path / "empty_prompt.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ({"prompt": "Q: 1+1? A: ", "chosen": "2", "rejected": "3"},
+                                                      {"prompt": "", "chosen": "yes", "rejected": "no"})) + "\n")
+    with pytest.raises(ConfigError) as err:
+        build_packed_dataset(_cfg(tmp_path, f"data.path={path}").data, 256, build_tokenizer("bytes"))
+    assert err.value.problems == [f"data.path='{path}': 1 of 2 records have an empty 'prompt' field (a response "
+                                  "needs a prompt before it) (record 1 first, counting from 0): fix or remove them"]
+
+
+def test_orpo_stays_finite_for_a_response_predicted_with_certainty():
+    """A response whose every token has probability 1 in fp32 has mean log-probability exactly 0: log(1 - e^0) is
+    -inf, and the log odds would be inf - inf. ORPO's loss and gradient stay finite."""
+    from ringtrain.train.preference import preference_losses
+
+    for certain in (0, 1):
+        policy = torch.tensor([[-3.0, -5.0]], requires_grad=True)
+        with torch.no_grad():
+            policy[0, certain] = 0.0
+        loss, _ = preference_losses("orpo", policy, torch.tensor([[3.0, 5.0]]), None, beta=0.1)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(policy.grad).all(), (certain, loss, policy.grad)
+
+
 def _problems(tmp, *overrides):
     with pytest.raises(ConfigError) as e:
         _cfg(tmp, *overrides)

@@ -140,6 +140,10 @@ class EncodeRecords:
         prompt = batch[prompt_field][i] if prompt_field in batch else None
         if prompt is None or not isinstance(prompt, (str, list)):
             return [(None, f"have no string or message list in the {prompt_field!r} field")]
+        if not prompt:
+            # The response would open its document, and a document's first token is never a label: both responses
+            # would lose their first token's log-probability.
+            return [(None, f"have an empty {prompt_field!r} field (a response needs a prompt before it)")]
         documents = []
         for field in (chosen_field, rejected_field):
             response = batch[field][i] if field in batch else None

@@ -75,7 +75,10 @@ def preference_losses(objective: str, policy: torch.Tensor, counts: torch.Tensor
         rewards = beta * mean
         return -F.logsigmoid(rewards[:, 0] - rewards[:, 1] - gamma), rewards
     if objective == "orpo":
-        log_odds = mean - torch.log(-torch.expm1(mean))  # log(1 - e^m) as log(-expm1(m)): exact near m = 0
+        # log(1 - e^m) as log(-expm1(m)): exact near m = 0; m is kept below 0 by the dtype's smallest normal, since a
+        # response predicted with certainty rounds its mean to exactly 0 (log 0 = -inf, then inf - inf = nan).
+        m = mean.clamp(max=-torch.finfo(mean.dtype).tiny)
+        log_odds = m - torch.log(-torch.expm1(m))
         return -mean[:, 0] - beta * F.logsigmoid(log_odds[:, 0] - log_odds[:, 1]), beta * mean
     raise ValueError(f"objective={objective!r} is not one of dpo, simpo, orpo")
 
