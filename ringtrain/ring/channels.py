@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -23,10 +24,20 @@ from ringtrain.ring.comm import AllToAllComm
 from ringtrain.ring.layout import Layout, gathered_positions
 
 
+def _host_order(seq_len: int, layout: Layout, ring: int) -> torch.Tensor | None:
+    pos = gathered_positions(seq_len, layout, ring)  # on the host: no device sync to test it
+    return None if torch.equal(pos, torch.arange(seq_len)) else pos
+
+
+_static_order = functools.lru_cache(maxsize=64)(_host_order)  # a data-independent layout: once per shape
+
+
 def _natural_order(seq_len: int, layout: Layout, ring: int, device: torch.device) -> torch.Tensor | None:
-    """Where each token of the ring shards laid end to end belongs; None when that is already the natural order."""
-    pos = gathered_positions(seq_len, layout, ring, device=device)
-    return None if bool((pos == torch.arange(seq_len, device=device)).all()) else pos
+    """Where each token of the ring shards laid end to end belongs; None when that is already the natural order.
+    Computed on the host (cached for a static layout: each mixer layer exchanges four times a step, more under
+    recompute), then copied to `device`."""
+    pos = (_static_order if layout.static else _host_order)(seq_len, layout, ring)
+    return None if pos is None else pos.to(device, non_blocking=True)
 
 
 def _to_channels(x: torch.Tensor, ring: AllToAllComm, ulysses: AllToAllComm, layout: Layout) -> torch.Tensor:
