@@ -53,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace, world_size: int | None):
+    from ringtrain.log import setup_logging
     from ringtrain.validate import load_validated_config
+
+    setup_logging()  # before the config: loading it may log (parallel.ulysses_size=0 says what it chose)
 
     # plan reads shapes only: a model folder with just its config.json (not downloaded yet) can be planned.
     # `data` builds no model: its weights need not be there either.

@@ -10,15 +10,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import sys
 from pathlib import Path
 
 from ringtrain.config import TrainConfig, parse_config, resolve_layout, resolve_parallel_sizes
 from ringtrain.errors import ConfigError
+from ringtrain.log import get_logger
 from ringtrain.model.causal_lm import resolve_dtype
 from ringtrain.model.checks import model_problems
 from ringtrain.ring.kernels import KERNELS
 from ringtrain.ring.layout import LAYOUT_NAMES, padded_length, required_multiple
+
+logger = get_logger(__name__)
 
 
 def parallel_problems(cfg: TrainConfig, world_size: int | None = None) -> list[str]:
@@ -136,13 +138,12 @@ def load_validated_config(
 
     `weights=False` accepts a model.path folder that holds only config.json (`ringtrain plan` needs the shapes, not
     the weights: a model can be planned before it is downloaded). parallel.ulysses_size=0 is resolved here, for
-    `device` ('cuda' or 'cpu'; default this machine's), and rank 0 says the choice on stderr."""
+    `device` ('cuda' or 'cpu'; default this machine's), and the choice is logged (rank 0, INFO)."""
     cfg, problems = parse_config(path, overrides)
     if cfg is not None and cfg.parallel is not None and cfg.model is not None and cfg.data is not None and not problems:
         chosen = resolve_sequence_plan(cfg, device)
-        if chosen and os.environ.get("RANK", "0") == "0":
-            # Before any logging is set up (this runs first in every entry point): straight to stderr, once per run.
-            print(f"ringtrain: {chosen}", file=sys.stderr, flush=True)
+        if chosen:
+            logger.info("%s", chosen)  # rank 0 says it (setup_logging); the CLI sets logging up before loading
     if cfg is not None and cfg.parallel is not None and cfg.data is not None and cfg.model is not None:
         # Values are checked even when some keys were rejected (those keep their defaults), so one run of
         # `ringtrain validate` lists every problem.

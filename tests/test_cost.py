@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -76,19 +78,52 @@ def test_typical_documents_fill_the_sequence():
     assert bool((ids[:, 1:] >= ids[:, :-1]).all()) and int(ids.max()) >= 3
 
 
-def test_ulysses_size_auto_resolves_in_validated_configs(capsys):
-    cfg = load_validated_config(None, ["model.arch=llama", "model.config.num_attention_heads=4",
-                                       "model.config.num_key_value_heads=2", "model.config.hidden_size=32",
-                                       "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
-                                       "train.output_dir=runs/x", "train.seq_len=256", "parallel.sp_size=4",
-                                       "parallel.ulysses_size=0", "data.document_mask=false"])
-    assert cfg.parallel.ulysses_size in (1, 2, 4) and cfg.parallel.layout in ("zigzag", "balanced", "auto")  # auto: a ring of one
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_ulysses_size_auto_resolves_in_validated_configs():
+    log = logging.getLogger("ringtrain.validate")
+    said, level = _Lines(), log.level
+    log.addHandler(said)
+    log.setLevel(logging.INFO)
+    try:
+        cfg = _auto_config()
+    finally:
+        log.removeHandler(said)
+        log.setLevel(level)
+    # layout auto stays for a ring of one
+    assert cfg.parallel.ulysses_size in (1, 2, 4) and cfg.parallel.layout in ("zigzag", "balanced", "auto")
     # what it chose is one of the plans the cost model ranks first
     shape = AttentionShape(1, 256, 4, 2, 8, 8, 4)
     best = rank_plans(shape, 4, CPU)[0]
     assert cfg.parallel.ulysses_size == best.ulysses
-    said = capsys.readouterr().err
-    assert said.count("ringtrain: parallel.ulysses_size=0 (auto) -> ") == 1 and "cpu costs" in said
+    chosen = [line for line in said.lines if line.startswith("parallel.ulysses_size=0 (auto) -> ")]
+    assert len(chosen) == 1 and "cpu costs" in chosen[0], said.lines
+
+
+def _auto_config():
+    return load_validated_config(None, ["model.arch=llama", "model.config.num_attention_heads=4",
+                                       "model.config.num_key_value_heads=2", "model.config.hidden_size=32",
+                                       "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
+                                       "train.output_dir=runs/x", "train.seq_len=256", "parallel.sp_size=4",
+                                       "parallel.ulysses_size=0", "data.document_mask=false"])
+
+
+def test_the_command_line_says_the_choice(capsys):
+    from pathlib import Path
+
+    from ringtrain.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    assert main(["validate", str(config), "parallel.ulysses_size=0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("parallel.ulysses_size=0 (auto) -> ") == 1, err
 
 
 def test_an_unresolved_auto_size_is_refused_by_the_mesh():
